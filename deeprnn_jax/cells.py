@@ -1,0 +1,137 @@
+"""The recurrent cell equations: the one place they are written.
+
+Each cell is split into an input part, which depends only on the layer's input ``X_t`` and so can
+be computed for all time steps at once, and a recurrent part, which needs ``H_{t-1}``::
+
+    gx_t = X_t W_xh + b_xh                         (input_gates)
+    H_t  = step(params, H_{t-1}, gx_t)             (rnn_step, gru_step, lstm_step)
+
+Parameters follow the chapter's names, with gates fused along the last axis in PyTorch's order:
+
+    W_xh <float32>[num_inputs, G * num_hiddens]   (PyTorch's weight_ih, transposed)
+    W_hh <float32>[num_hiddens, G * num_hiddens]  (PyTorch's weight_hh, transposed)
+    b_xh <float32>[G * num_hiddens]               (PyTorch's bias_ih)
+    b_hh <float32>[G * num_hiddens]               (PyTorch's bias_hh)
+
+with G = 1 for the RNN, 3 for the GRU (gates r, z, n) and 4 for the LSTM (gates i, f, g, o).
+The chapter's single bias is ``b_h = b_xh + b_hh``; it is kept as two so that PyTorch weights
+convert both ways exactly and the GRU's ``b_hn`` can sit inside ``r ⊙ (·)`` as PyTorch has it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Carry = Any  # <float32>[batch, hiddens] for RNN and GRU, a pair (H, C) of those for LSTM.
+
+NUM_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
+def input_gates(params: dict, x: Array) -> Array:
+  """``X W_xh + b_xh`` for any leading axes.
+
+  ``x`` is either ``<float32>[..., num_inputs]`` or token indices ``<int32>[...]``, which stand
+  for one-hot rows: multiplying a one-hot row by ``W_xh`` selects a row, so it is a gather.
+  """
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return jnp.take(params["W_xh"], x, axis=0) + params["b_xh"]
+  return x @ params["W_xh"] + params["b_xh"]
+
+
+def rnn_step(params: dict, h: Array, gx: Array, activation: str = "tanh") -> tuple[Array, Array]:
+  """H_t = φ(X_t W_xh + b_xh + H_{t-1} W_hh + b_hh)."""
+  h = ACTIVATIONS[activation](gx + h @ params["W_hh"] + params["b_hh"])
+  return h, h
+
+
+def gru_step(params: dict, h: Array, gx: Array) -> tuple[Array, Array]:
+  """PyTorch's GRU.
+
+  R_t = σ(X W_xr + b_xr + H W_hr + b_hr)
+  Z_t = σ(X W_xz + b_xz + H W_hz + b_hz)
+  N_t = tanh(X W_xn + b_xn + R_t ⊙ (H W_hn + b_hn))
+  H_t = (1 - Z_t) ⊙ N_t + Z_t ⊙ H_{t-1}
+  """
+  gh = h @ params["W_hh"] + params["b_hh"]
+  xr, xz, xn = jnp.split(gx, 3, axis=-1)
+  hr, hz, hn = jnp.split(gh, 3, axis=-1)
+  r = jax.nn.sigmoid(xr + hr)
+  z = jax.nn.sigmoid(xz + hz)
+  n = jnp.tanh(xn + r * hn)
+  h = (1.0 - z) * n + z * h
+  return h, h
+
+
+def lstm_step(params: dict, carry: tuple[Array, Array], gx: Array) -> tuple[tuple[Array, Array], Array]:
+  """PyTorch's LSTM.
+
+  [I; F; G; O] = X W_xh + b_xh + H_{t-1} W_hh + b_hh
+  C_t = σ(F) ⊙ C_{t-1} + σ(I) ⊙ tanh(G)
+  H_t = σ(O) ⊙ tanh(C_t)
+  """
+  h, c = carry
+  i, f, g, o = jnp.split(gx + h @ params["W_hh"] + params["b_hh"], 4, axis=-1)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  h = jax.nn.sigmoid(o) * jnp.tanh(c)
+  return (h, c), h
+
+
+def step(cell: str, params: dict, carry: Carry, gx: Array, activation: str = "tanh"):
+  """One time step of ``cell``: ``(carry, gx <float32>[batch, G*hiddens]) -> (carry, H_t)``."""
+  if cell == "rnn":
+    return rnn_step(params, carry, gx, activation)
+  if cell == "gru":
+    return gru_step(params, carry, gx)
+  if cell == "lstm":
+    return lstm_step(params, carry, gx)
+  raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(NUM_GATES)}")
+
+
+def zero_carry(cell: str, batch_size: int, num_hiddens: int, dtype=jnp.float32) -> Carry:
+  h = jnp.zeros((batch_size, num_hiddens), dtype)
+  return (h, h) if cell == "lstm" else h
+
+
+class Cell(nn.Module):
+  """One recurrent layer's parameters and one time step of it.
+
+  Initialised as PyTorch's ``nn.RNN/GRU/LSTM`` (and d2l): every parameter
+  ``~ U(-1/√num_hiddens, 1/√num_hiddens)``.
+
+  Attributes:
+    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    num_inputs: width of ``X_t`` (the vocabulary size for layer 0 with one-hot inputs).
+    num_hiddens: width of ``H_t``.
+    activation: φ for the RNN, ``"tanh"`` or ``"relu"``; ignored by GRU and LSTM.
+  """
+
+  cell: str
+  num_inputs: int
+  num_hiddens: int
+  activation: str = "tanh"
+
+  def setup(self):
+    width = NUM_GATES[self.cell] * self.num_hiddens
+    bound = 1.0 / self.num_hiddens**0.5
+    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    self.W_xh = self.param("W_xh", init, (self.num_inputs, width))
+    self.W_hh = self.param("W_hh", init, (self.num_hiddens, width))
+    self.b_xh = self.param("b_xh", init, (width,))
+    self.b_hh = self.param("b_hh", init, (width,))
+
+  @property
+  def weights(self) -> dict:
+    return {"W_xh": self.W_xh, "W_hh": self.W_hh, "b_xh": self.b_xh, "b_hh": self.b_hh}
+
+  def input_gates(self, x: Array) -> Array:
+    return input_gates(self.weights, x)
+
+  def __call__(self, carry: Carry, x: Array):
+    """``(carry, X_t <float32>[batch, num_inputs]) -> (carry, H_t <float32>[batch, hiddens])``."""
+    return step(self.cell, self.weights, carry, self.input_gates(x), self.activation)

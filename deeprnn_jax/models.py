@@ -1,0 +1,221 @@
+"""Deep (stacked) recurrent networks and the character language model built on them.
+
+Two ways to run the same parameters, chosen by ``impl``:
+
+* ``"scan"`` — the chapter, literally: ``nn.scan`` carries all L stacked cells through time, one
+  time step at a time, with one-hot inputs. This is the reference.
+* ``"layerwise"`` — the fast path: layer by layer, the input part ``H^(l-1) W_xh + b_xh`` of every
+  time step is one matrix product (a row gather for one-hot tokens) hoisted out of the time loop,
+  and ``lax.scan`` runs only the recurrent part. Same equations (``cells.step``), same numbers.
+
+Parameters (``params`` of :class:`RNNLM`)::
+
+    rnn/layer_{l}/{W_xh, W_hh, b_xh, b_hh}   see ``cells``
+    W_hq <float32>[num_hiddens, vocab_size]
+    b_q  <float32>[vocab_size]
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deeprnn_jax import cells
+from deeprnn_jax.errors import UsageError
+
+Array = jax.Array
+IMPLS = ("scan", "layerwise")
+
+
+def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
+  """φ_l for each layer: one name for all layers, or a sequence of ``num_layers`` names."""
+  names = (activation,) * num_layers if isinstance(activation, str) else tuple(activation)
+  if len(names) != num_layers:
+    raise UsageError(f"got {len(names)} activations for {num_layers} layers")
+  for name in names:
+    if name not in cells.ACTIVATIONS:
+      raise UsageError(f"unknown activation {name!r}; choose one of {sorted(cells.ACTIVATIONS)}")
+  return names
+
+
+def check_model_args(
+    vocab_size: int, num_hiddens: int, num_layers: int, cell: str, activation, dropout: float,
+    impl: str = "layerwise",
+) -> None:
+  """Raises :class:`UsageError` for hyperparameters no model can have."""
+  if cell not in cells.NUM_GATES:
+    raise UsageError(f"unknown cell {cell!r}; choose one of {sorted(cells.NUM_GATES)}")
+  for name, value in (("vocab size", vocab_size), ("hidden units", num_hiddens),
+                      ("layers", num_layers)):
+    if int(value) != value or value < 1:
+      raise UsageError(f"number of {name} must be a positive integer, got {value}")
+  layer_activations(activation, num_layers)
+  if not 0.0 <= dropout < 1.0:
+    raise UsageError(f"dropout must be in [0, 1), got {dropout}")
+  if impl not in IMPLS:
+    raise UsageError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+
+
+def state_to_carries(cell: str, state) -> list:
+  """d2l layout ``[L, batch, hiddens]`` (LSTM: a pair) -> one carry per layer."""
+  if cell == "lstm":
+    h, c = state
+    return [(h[l], c[l]) for l in range(h.shape[0])]
+  return [state[l] for l in range(state.shape[0])]
+
+
+def carries_to_state(cell: str, carries: Sequence):
+  """One carry per layer -> d2l layout ``[L, batch, hiddens]`` (LSTM: a pair)."""
+  if cell == "lstm":
+    return (jnp.stack([h for h, _ in carries]), jnp.stack([c for _, c in carries]))
+  return jnp.stack(list(carries))
+
+
+class StackStep(nn.Module):
+  """One time step through all L layers: ``H_t^(l) = cell_l(H_{t-1}^(l), H_t^(l-1))``.
+
+  ``(carries, X_t <float32>[batch, num_inputs]) -> (carries, H_t^(L) <float32>[batch, hiddens])``
+  with one carry per layer.
+
+  Attributes:
+    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    num_inputs: width of ``X_t`` (the vocabulary size for one-hot inputs).
+    num_hiddens: width of every layer's hidden state.
+    activations: φ_l for each layer (RNN only).
+    dropout: drop probability between layers.
+    deterministic: ``False`` applies dropout (needs a ``"dropout"`` PRNG key).
+  """
+
+  cell: str
+  num_inputs: int
+  num_hiddens: int
+  activations: tuple[str, ...]
+  dropout: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, carries, x):
+    new_carries = []
+    for l, activation in enumerate(self.activations):
+      if l > 0 and self.dropout > 0.0:  # Between layers only, as PyTorch.
+        x = nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
+      num_inputs = self.num_inputs if l == 0 else self.num_hiddens
+      carry, x = cells.Cell(self.cell, num_inputs, self.num_hiddens, activation,
+                            name=f"layer_{l}")(carries[l], x)
+      new_carries.append(carry)
+    return tuple(new_carries), x
+
+
+# The chapter's deep RNN: ``nn.scan`` carries the L stacked cells through time, parameters
+# broadcast over time, a fresh dropout mask at every step. Same attributes as StackStep;
+# ``(carries, inputs <float32>[batch, steps, num_inputs]) -> (carries, <float32>[batch, steps,
+# hiddens])``.
+DeepRNN = nn.scan(
+    StackStep,
+    variable_broadcast="params",
+    split_rngs={"params": False, "dropout": True},
+    in_axes=1,
+    out_axes=1,
+)
+
+
+class LayerwiseRNN(nn.Module):
+  """The fast path to the same function as :data:`DeepRNN`, with the same parameters.
+
+  Layer by layer: the input part of every time step is one matrix product hoisted out of the
+  time loop (a row gather for token indices), then ``lax.scan`` runs the recurrent part.
+  ``inputs`` may be ``<float32>[batch, steps, num_inputs]`` or tokens ``<int32>[batch, steps]``
+  standing for one-hot rows. Attributes as :class:`StackStep`.
+  """
+
+  cell: str
+  num_inputs: int
+  num_hiddens: int
+  activations: tuple[str, ...]
+  dropout: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, carries, inputs: Array):
+    # Time-major inside, so lax.scan slices the leading axis.
+    xs = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
+    new_carries = []
+    for l, activation in enumerate(self.activations):
+      if l > 0 and self.dropout > 0.0:
+        xs = nn.Dropout(self.dropout)(xs, deterministic=self.deterministic)
+      num_inputs = self.num_inputs if l == 0 else self.num_hiddens
+      layer = cells.Cell(self.cell, num_inputs, self.num_hiddens, activation, name=f"layer_{l}")
+      gx = layer.input_gates(xs)  # <float32>[steps, batch, G * hiddens]
+      weights = layer.weights
+      carry, xs = jax.lax.scan(
+          lambda c, g, a=activation: cells.step(self.cell, weights, c, g, a), carries[l], gx
+      )
+      new_carries.append(carry)
+    return tuple(new_carries), jnp.swapaxes(xs, 0, 1)
+
+
+class RNNLM(nn.Module):
+  """A character (or word) language model: one-hot inputs, a deep RNN, a linear head.
+
+  ``O_t = H_t^(L) W_hq + b_q``. The head is initialised as PyTorch's ``nn.Linear``:
+  ``U(-1/√num_hiddens, 1/√num_hiddens)``.
+
+  Attributes:
+    vocab_size: number of tokens.
+    num_hiddens: hidden units per layer.
+    num_layers: L.
+    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    activation: φ for RNN layers, one name or one per layer.
+    dropout: drop probability between recurrent layers (training only).
+    impl: ``"layerwise"`` (fast, default) or ``"scan"`` (the chapter's reference formulation).
+  """
+
+  vocab_size: int
+  num_hiddens: int = 256
+  num_layers: int = 2
+  cell: str = "lstm"
+  activation: str | tuple[str, ...] = "tanh"
+  dropout: float = 0.0
+  impl: str = "layerwise"
+
+  def __post_init__(self):
+    check_model_args(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
+                     self.activation, self.dropout, self.impl)
+    super().__post_init__()
+
+  def begin_state(self, batch_size: int = 1):
+    """Zeros in d2l/PyTorch layout: ``<float32>[num_layers, batch, num_hiddens]`` (LSTM: ``(H, C)``)."""
+    h = jnp.zeros((self.num_layers, batch_size, self.num_hiddens), jnp.float32)
+    return (h, h) if self.cell == "lstm" else h
+
+  @nn.compact
+  def __call__(self, X: Array, state=None, deterministic: bool = True):
+    """Runs the model over a minibatch.
+
+    Args:
+      X: token indices ``<int32>[batch, steps]``.
+      state: from :meth:`begin_state` or a previous call; zeros when ``None``.
+      deterministic: ``False`` applies dropout (needs a ``"dropout"`` PRNG key).
+
+    Returns:
+      ``(logits <float32>[batch, steps, vocab_size], state)``.
+    """
+    if state is None:
+      state = self.begin_state(X.shape[0])
+    if self.impl == "scan":
+      rnn, inputs = DeepRNN, jax.nn.one_hot(X, self.vocab_size, dtype=jnp.float32)
+    else:
+      rnn, inputs = LayerwiseRNN, X
+    carries, hs = rnn(
+        self.cell, self.vocab_size, self.num_hiddens,
+        layer_activations(self.activation, self.num_layers), self.dropout, deterministic,
+        name="rnn",
+    )(tuple(state_to_carries(self.cell, state)), inputs)
+    bound = 1.0 / self.num_hiddens**0.5
+    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    W_hq = self.param("W_hq", init, (self.num_hiddens, self.vocab_size))
+    b_q = self.param("b_q", init, (self.vocab_size,))
+    return hs @ W_hq + b_q, carries_to_state(self.cell, carries)
