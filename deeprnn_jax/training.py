@@ -1,0 +1,124 @@
+"""Loss, optimiser, jitted train step and whole-epoch training (d2l's ``train_epoch_ch8``).
+
+The hot path is :func:`make_train_epoch`: one jitted call runs every minibatch of an epoch under
+``lax.scan`` with the parameters and optimiser state donated, and returns the per-minibatch losses
+with no host sync in between.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from deeprnn_jax.errors import UsageError
+from deeprnn_jax.models import RNNLM
+
+Array = jax.Array
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(lr: float, clip_norm: float, name: str = "sgd") -> optax.GradientTransformation:
+  """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam."""
+  if not lr > 0:
+    raise UsageError(f"learning rate must be > 0, got {lr}")
+  if not clip_norm > 0:
+    raise UsageError(f"clipping norm must be > 0, got {clip_norm}")
+  if name == "sgd":
+    opt = optax.sgd(lr)
+  elif name == "adam":
+    opt = optax.adam(lr)
+  else:
+    raise UsageError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+  return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+
+
+def cross_entropy(logits: Array, Y: Array) -> Array:
+  """Mean per-token softmax cross-entropy: ``logits <float32>[..., vocab]``, ``Y <int32>[...]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
+
+
+def perplexity(mean_loss) -> float:
+  return float(np.exp(mean_loss))
+
+
+class TrainState(NamedTuple):
+  params: dict
+  opt_state: optax.OptState
+
+
+def init_train_state(model: RNNLM, optimizer, key: Array, batch_size: int = 1,
+                     num_steps: int = 1) -> TrainState:
+  X = jnp.zeros((batch_size, num_steps), jnp.int32)
+  params = model.init(key, X)["params"]
+  return TrainState(params, optimizer.init(params))
+
+
+def make_train_step(model: RNNLM, optimizer) -> Callable:
+  """``(train_state, state, X, Y, key) -> (train_state, state, loss)`` for one minibatch.
+
+  ``X`` and ``Y`` are ``<int32>[batch, steps]``; ``state`` is the model state entering the
+  minibatch. The returned state is detached (``stop_gradient``), as d2l's ``state.detach_()``.
+  """
+
+  def loss_fn(params, state, X, Y, key):
+    logits, state = model.apply({"params": params}, X, state, deterministic=model.dropout == 0.0,
+                                rngs={"dropout": key})
+    return cross_entropy(logits, Y), state
+
+  def train_step(ts: TrainState, state, X, Y, key):
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts.params, state, X, Y, key)
+    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+    params = optax.apply_updates(ts.params, updates)
+    return TrainState(params, opt_state), jax.lax.stop_gradient(state), loss
+
+  return train_step
+
+
+def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) -> Callable:
+  """A jitted ``(train_state, Xs, Ys, key) -> (train_state, losses <float32>[num_batches])``.
+
+  ``Xs`` and ``Ys`` are ``<int32>[num_batches, batch, steps]``. Sequential partitioning starts
+  the epoch from a zero state and carries it across minibatches; random partitioning starts every
+  minibatch from zeros. The train state's buffers are donated.
+  """
+  train_step = make_train_step(model, optimizer)
+
+  def epoch(ts: TrainState, Xs, Ys, key):
+    zeros = model.begin_state(Xs.shape[1])
+
+    def body(carry, batch):
+      ts, state = carry
+      X, Y, k = batch
+      if use_random_iter:
+        state = zeros
+      ts, state, loss = train_step(ts, state, X, Y, k)
+      return (ts, state), loss
+
+    keys = jax.random.split(key, Xs.shape[0])
+    (ts, _), losses = jax.lax.scan(body, (ts, zeros), (Xs, Ys, keys))
+    return ts, losses
+
+  return jax.jit(epoch, donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_loss(model: RNNLM, params, X, Y):
+  logits, _ = model.apply({"params": params}, X)
+  return cross_entropy(logits, Y)
+
+
+def evaluate(model: RNNLM, params, corpus) -> float:
+  """Perplexity of ``corpus <int32>[n]`` (n >= 2), reading it once from a zero state.
+
+  The state is carried through the whole text (batch 1), so every token after the first is
+  predicted with all the context before it.
+  """
+  corpus = np.asarray(corpus, dtype=np.int32)
+  if corpus.size < 2:
+    raise UsageError(f"evaluation needs at least 2 tokens, got {corpus.size}")
+  return perplexity(_mean_loss(model, params, corpus[None, :-1], corpus[None, 1:]))
