@@ -101,6 +101,20 @@ def load_checkpoint(run_dir) -> Checkpoint:
     raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {e}") from None
 
 
+def restore(template, state_dict, what: str = "checkpoint"):
+  """``template``'s pytree filled from a saved state dict, checking structure and shapes."""
+  try:
+    tree = flax.serialization.from_state_dict(template, state_dict)
+  except (KeyError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{what} does not fit the model: {e}") from None
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(template),
+                               jax.tree_util.tree_leaves(tree)):
+    if np.shape(want) != np.shape(got):
+      raise CheckpointError(f"{what} does not fit the model: {jax.tree_util.keystr(path)} has "
+                            f"shape {np.shape(got)}, the model needs {np.shape(want)}")
+  return tree
+
+
 def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
   """A resumed run must build the same model from the same data."""
   fields = MODEL_FIELDS + ("corpus", "clean", "max_tokens", "batch_size", "num_steps",

@@ -8,6 +8,7 @@ with no host sync in between.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -43,7 +44,11 @@ def cross_entropy(logits: Array, Y: Array) -> Array:
 
 
 def perplexity(mean_loss) -> float:
-  return float(np.exp(mean_loss))
+  """``exp(mean loss)``; ``inf`` where that overflows, ``nan`` for a ``nan`` loss."""
+  try:
+    return math.exp(float(mean_loss))
+  except OverflowError:
+    return math.inf
 
 
 class TrainState(NamedTuple):
@@ -112,13 +117,18 @@ def _mean_loss(model: RNNLM, params, X, Y):
   return cross_entropy(logits, Y)
 
 
-def evaluate(model: RNNLM, params, corpus) -> float:
-  """Perplexity of ``corpus <int32>[n]`` (n >= 2), reading it once from a zero state.
+def evaluate(model: RNNLM, params, corpus, num_rows: int = 1) -> float:
+  """Perplexity of ``corpus <int32>[n]`` (n >= 2), reading it from a zero state.
 
-  The state is carried through the whole text (batch 1), so every token after the first is
-  predicted with all the context before it.
+  The text is cut into ``num_rows`` contiguous rows read in parallel, each carrying its state
+  through to its end; with one row (the default) every token after the first is predicted with
+  all the context before it. Tokens past the last full row are left out.
   """
   corpus = np.asarray(corpus, dtype=np.int32)
   if corpus.size < 2:
     raise UsageError(f"evaluation needs at least 2 tokens, got {corpus.size}")
-  return perplexity(_mean_loss(model, params, corpus[None, :-1], corpus[None, 1:]))
+  num_rows = max(1, min(num_rows, corpus.size - 1))
+  n = (corpus.size - 1) // num_rows * num_rows
+  X = corpus[:n].reshape(num_rows, -1)
+  Y = corpus[1 : n + 1].reshape(num_rows, -1)
+  return perplexity(_mean_loss(model, params, X, Y))

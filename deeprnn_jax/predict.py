@@ -1,0 +1,45 @@
+"""``python -m deeprnn_jax.predict``: continue a prefix with a trained run's model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from deeprnn_jax import checkpoint, cli, generate
+from deeprnn_jax.errors import UsageError
+
+
+def load_model(run_dir):
+  """``(model, params, vocab)`` from a run folder's checkpoint."""
+  saved = checkpoint.load_checkpoint(run_dir)
+  model = saved.config.model(len(saved.vocab))
+  template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  params = checkpoint.restore(template["params"], saved.params, f"checkpoint in {run_dir}")
+  return model, jax.tree_util.tree_map(jnp.asarray, params), saved.vocab
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m deeprnn_jax.predict", description=__doc__)
+  p.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.msgpack)")
+  p.add_argument("--prefix", default="time traveller")
+  p.add_argument("--num-preds", type=int, default=50)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (d2l)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  if args.num_preds < 0:
+    raise UsageError(f"--num-preds must be >= 0, got {args.num_preds}")
+  model, params, vocab = load_model(args.checkpoint)
+  print(generate.predict(args.prefix, args.num_preds, params, model, vocab, args.temperature,
+                         jax.random.PRNGKey(args.seed)))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(_main, argv, prog="deeprnn_jax.predict")
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

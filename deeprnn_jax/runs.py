@@ -1,0 +1,218 @@
+"""A whole training run and its folder: d2l's ``train_ch8`` with everything a run should keep.
+
+``run_dir`` receives ``config.json``, ``metrics.jsonl`` (one row per epoch), ``summary.json``,
+``perplexity.png``/``.svg`` and ``checkpoint.msgpack``. Only files this module writes are ever
+replaced, each atomically, and a checkpoint is only written from finite parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deeprnn_jax import checkpoint as ckpt
+from deeprnn_jax import data, generate, plots, training
+from deeprnn_jax.cli import Diverged
+from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.errors import UsageError
+
+
+def device_name(device=None) -> str:
+  """``cpu`` or ``cuda:0``, as PyTorch names devices (and d2l prints them)."""
+  device = device or jax.devices()[0]
+  return "cpu" if device.platform == "cpu" else f"cuda:{device.id}"
+
+
+def default_prefixes(config: TrainConfig, corpus: np.ndarray, vocab: data.Vocab) -> tuple[str, str]:
+  """d2l's ``time traveller`` and ``traveller``; the first two words of any other corpus."""
+  if Path(config.corpus).name == "timemachine.txt" and config.clean == "d2l":
+    return "time traveller", "traveller"
+  words = "".join(vocab.to_tokens([int(i) for i in corpus[:200]])).split()
+  if not words:
+    return (vocab.to_tokens(int(corpus[0])),) * 2
+  first = " ".join(words[:2])
+  return first, words[1] if len(words) > 1 else words[0]
+
+
+def _write_json(path: Path, obj) -> None:
+  ckpt.atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
+  if not path.is_file():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      break  # A line cut short by a crash: everything after it is unreliable.
+    if row.get("epoch", math.inf) <= up_to_epoch:
+      rows.append(row)
+  return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How a run reports and saves, as opposed to what it trains (:class:`TrainConfig`)."""
+
+  log_every: int = 10
+  checkpoint_every: int = 50
+  quiet: bool = False
+  progress: bool | None = None  # None: a bar on stderr when it is a terminal.
+
+  def validate(self) -> "RunOptions":
+    if self.log_every < 1:
+      raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
+    if self.checkpoint_every < 1:
+      raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+    return self
+
+
+def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
+              options: RunOptions = RunOptions(), out: TextIO | None = None,
+              err: TextIO | None = None) -> dict:
+  """Trains as ``config`` says, writing everything into ``run_dir``; returns the summary.
+
+  Raises:
+    UsageError: bad configuration, corpus or checkpoint (nothing in ``run_dir`` is touched).
+    Diverged: a non-finite loss; the last good checkpoint and the metrics before it are kept.
+  """
+  t_start = time.perf_counter()
+  out, err = out or sys.stdout, err or sys.stderr
+  config.validate()
+  options.validate()
+  run_dir = Path(run_dir)
+  ckpt_file = ckpt.checkpoint_path(run_dir)
+  saved = None
+  if resume:
+    saved = ckpt.load_checkpoint(run_dir)
+    ckpt.check_compatible(saved.config, config)
+  elif ckpt_file.exists():
+    raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                     "or choose another --out")
+
+  corpus, vocab = data.load_corpus(config.corpus, clean=config.clean, max_tokens=config.max_tokens)
+  if saved is not None and saved.vocab.idx_to_token != vocab.idx_to_token:
+    raise ckpt.CheckpointError("checkpoint's vocabulary differs from the corpus' vocabulary")
+  train_corpus, valid_corpus = data.split_corpus(corpus, config.valid_fraction)
+  if config.valid_fraction > 0 and len(valid_corpus) < 2:
+    raise UsageError(f"valid fraction {config.valid_fraction} leaves fewer than 2 tokens "
+                     f"of {len(corpus)} for validation")
+  loader = data.SeqDataLoader(train_corpus, config.batch_size, config.num_steps,
+                              config.use_random_iter, seed=config.seed)
+  model = config.model(len(vocab))
+  optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer)
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = training.init_train_state(model, optimizer, init_key)
+  start_epoch = 0
+  if saved is not None:
+    state = training.TrainState(
+        jax.tree_util.tree_map(jnp.asarray, ckpt.restore(state.params, saved.params)),
+        jax.tree_util.tree_map(jnp.asarray, ckpt.restore(state.opt_state, saved.opt_state)))
+    if saved.data_rng_state is not None:
+      loader.rng_state = saved.data_rng_state
+    start_epoch = saved.epoch
+    if start_epoch >= config.num_epochs:
+      raise UsageError(f"checkpoint is at epoch {start_epoch}; ask for more with --num-epochs")
+
+  run_dir.mkdir(parents=True, exist_ok=True)
+  _write_json(run_dir / "config.json", config.to_json())
+  metrics_file = run_dir / "metrics.jsonl"
+  rows = _read_metrics(metrics_file, start_epoch)
+  ckpt.atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+  prefix, short_prefix = default_prefixes(config, corpus, vocab)
+  predict = lambda p: generate.predict(p, 50, state.params, model, vocab)
+  say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
+  epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter)
+  compiled, compile_seconds = {}, 0.0
+  eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
+
+  def save(epoch: int) -> None:
+    ckpt.save_checkpoint(run_dir, params=state.params, opt_state=state.opt_state, epoch=epoch,
+                         vocab=vocab, config=config, data_rng_state=loader.rng_state)
+
+  show_bar = options.progress if options.progress is not None else err.isatty()
+  bar = None
+  if show_bar and not options.quiet:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=config.num_epochs, initial=start_epoch, file=err, unit="epoch",
+               dynamic_ncols=True)
+
+  last_saved = start_epoch if saved is not None else None
+  tokens = seconds = 0.0
+  ppl = valid_ppl = math.nan
+  with metrics_file.open("a") as metrics:
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+      Xs, Ys = loader.epoch()
+      key = jax.random.fold_in(train_key, epoch)
+      if Xs.shape not in compiled:
+        t = time.perf_counter()
+        compiled[Xs.shape] = epoch_fn.lower(state, Xs, Ys, key).compile()
+        compile_seconds += time.perf_counter() - t
+      t = time.perf_counter()
+      new_state, losses = compiled[Xs.shape](state, Xs, Ys, key)
+      losses = np.asarray(losses)  # The epoch's one host sync.
+      dt = time.perf_counter() - t
+      if not np.all(np.isfinite(losses)):
+        where = (f"the checkpoint of epoch {last_saved} is kept" if last_saved is not None
+                 else "no checkpoint had been saved")
+        if bar is not None:
+          bar.close()
+        raise Diverged(f"non-finite loss at epoch {epoch} (try a lower --lr or --clip); "
+                       f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
+      state = new_state
+      ppl = training.perplexity(losses.mean())
+      logged = epoch % options.log_every == 0 or epoch == config.num_epochs
+      valid_ppl = None
+      if len(valid_corpus) and logged:
+        valid_ppl = training.evaluate(model, state.params, valid_corpus, eval_rows)
+      if epoch > start_epoch + 1 or epoch == config.num_epochs:
+        tokens, seconds = tokens + Xs.size, seconds + dt
+      row = {"epoch": epoch, "train_perplexity": ppl, "valid_perplexity": valid_ppl,
+             "tokens_per_sec": Xs.size / dt, "seconds": dt}
+      rows.append(row)
+      metrics.write(json.dumps(row) + "\n")
+      metrics.flush()
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(perplexity=f"{ppl:.2f}")
+      if logged and not options.quiet:
+        valid_text = f", valid perplexity {valid_ppl:.1f}" if valid_ppl is not None else ""
+        line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix)}"
+        bar.write(line, file=out) if bar is not None else say(line)
+      if epoch % options.checkpoint_every == 0 or epoch == config.num_epochs:
+        save(epoch)
+        last_saved = epoch
+  if bar is not None:
+    bar.close()
+
+  speed = tokens / seconds if seconds else 0.0
+  summary = {
+      "train_perplexity": ppl,
+      "valid_perplexity": valid_ppl,
+      "tokens_per_sec": speed,
+      "compile_seconds": compile_seconds,
+      "wall_seconds": time.perf_counter() - t_start,
+      "device": device_name(),
+      "epochs": config.num_epochs,
+  }
+  _write_json(run_dir / "summary.json", summary)
+  plots.plot_perplexity(rows, run_dir / "perplexity",
+                        title=f"{config.num_layers}-layer {config.cell.upper()}, "
+                              f"{config.num_hiddens} hidden units")
+  say(f"compile time {compile_seconds:.1f} sec")
+  say(f"perplexity {ppl:.1f}, {speed:.1f} tokens/sec on {summary['device']}")
+  say(predict(prefix))
+  say(predict(short_prefix))
+  return summary

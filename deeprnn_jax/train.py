@@ -1,0 +1,84 @@
+"""``python -m deeprnn_jax.train``: the chapter's run (a 2-layer LSTM on The Time Machine).
+
+Every flag defaults to d2l's setting, so the bare command reproduces the chapter. See
+``--help``; the library behind it is :func:`deeprnn_jax.runs.train_run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from typing import Sequence
+
+from deeprnn_jax import cli
+from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.runs import RunOptions, train_run
+
+_D = TrainConfig()
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m deeprnn_jax.train",
+      description="Train a deep RNN/GRU/LSTM character language model (defaults: d2l's run).",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  m = p.add_argument_group("model")
+  m.add_argument("--cell", default=_D.cell, help="rnn, gru or lstm")
+  m.add_argument("--num-layers", type=int, default=_D.num_layers)
+  m.add_argument("--num-hiddens", type=int, default=_D.num_hiddens)
+  m.add_argument("--activation", default=_D.activation,
+                 help="RNN φ: tanh or relu, or one per layer separated by commas (relu,tanh)")
+  m.add_argument("--dropout", type=float, default=_D.dropout, help="between layers")
+  m.add_argument("--impl", default=_D.impl, help="layerwise (fast) or scan (reference)")
+  d = p.add_argument_group("data")
+  d.add_argument("--corpus", default=_D.corpus, help="a known corpus name or a path to UTF-8 text")
+  d.add_argument("--clean", default=_D.clean, help="d2l (letters, lower case) or none")
+  d.add_argument("--max-tokens", type=int, default=_D.max_tokens, help="-1 for the whole corpus")
+  d.add_argument("--valid-fraction", type=float, default=_D.valid_fraction,
+                 help="held-out tail of the corpus (0 = d2l: no validation)")
+  d.add_argument("--batch-size", type=int, default=_D.batch_size)
+  d.add_argument("--num-steps", type=int, default=_D.num_steps)
+  d.add_argument("--random-iter", action="store_true", help="random instead of sequential partitioning")
+  o = p.add_argument_group("optimisation")
+  o.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
+  o.add_argument("--lr", type=float, default=_D.lr)
+  o.add_argument("--clip", type=float, default=_D.clip, help="global gradient norm")
+  o.add_argument("--num-epochs", type=int, default=_D.num_epochs)
+  o.add_argument("--seed", type=int, default=_D.seed)
+  r = p.add_argument_group("run")
+  r.add_argument("--out", default=None, help="run folder (default runs/<timestamp>/)")
+  r.add_argument("--resume", action="store_true", help="continue the run in --out")
+  r.add_argument("--checkpoint-every", type=int, default=RunOptions.checkpoint_every)
+  r.add_argument("--log-every", type=int, default=RunOptions.log_every)
+  r.add_argument("--quiet", action="store_true", help="print only the final lines")
+  return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+  activation = tuple(a.strip() for a in args.activation.split(","))
+  return TrainConfig(
+      cell=args.cell, num_layers=args.num_layers, num_hiddens=args.num_hiddens,
+      activation=activation[0] if len(activation) == 1 else activation, dropout=args.dropout,
+      batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, clip=args.clip,
+      num_epochs=args.num_epochs, max_tokens=args.max_tokens, use_random_iter=args.random_iter,
+      seed=args.seed, corpus=args.corpus, clean=args.clean, valid_fraction=args.valid_fraction,
+      optimizer=args.optimizer, impl=args.impl).validate()
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  config = config_from_args(args)
+  if args.resume and args.out is None:
+    raise cli.UsageError("--resume needs --out RUN_DIR, the run to continue")
+  out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+  train_run(config, out, resume=args.resume,
+            options=RunOptions(args.log_every, args.checkpoint_every, args.quiet))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(_main, argv, prog="deeprnn_jax.train")
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

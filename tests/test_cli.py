@@ -1,0 +1,195 @@
+"""The train and predict commands end to end: output lines, run-folder artifacts, bad input."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deeprnn_jax import checkpoint, predict, train
+
+SMALL = ["--num-hiddens", "16", "--num-layers", "2", "--max-tokens", "3000", "--batch-size", "8",
+         "--num-steps", "10"]
+
+
+def run_train(args, capsys):
+  code = train.main(SMALL + list(args))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, capsys):
+  run = tmp_path / "run"
+  code, out, err = run_train(["--num-epochs", "6", "--log-every", "3", "--valid-fraction", "0.1",
+                              "--checkpoint-every", "2", "--out", str(run)], capsys)
+  assert code == 0, err
+  lines = out.splitlines()
+  assert len(lines) == 6
+  for line, epoch in zip(lines[:2], (3, 6)):
+    m = re.fullmatch(rf"epoch {epoch}, perplexity (\d+\.\d), valid perplexity (\d+\.\d): "
+                     r"time traveller(.{50})", line)
+    assert m, line
+  assert re.fullmatch(r"compile time \d+\.\d sec", lines[2])
+  m = re.fullmatch(r"perplexity (\d+\.\d), (\d+\.\d) tokens/sec on (cpu|cuda:\d+)", lines[3])
+  assert m, lines[3]
+  assert lines[4].startswith("time traveller") and len(lines[4]) == len("time traveller") + 50
+  assert lines[5].startswith("traveller") and len(lines[5]) == len("traveller") + 50
+
+  assert {p.name for p in run.iterdir()} == {
+      "config.json", "metrics.jsonl", "summary.json", "perplexity.png", "perplexity.svg",
+      "checkpoint.msgpack"}
+  config = json.loads((run / "config.json").read_text())
+  assert config["num_hiddens"] == 16 and config["valid_fraction"] == 0.1
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in rows] == list(range(1, 7))
+  assert set(rows[0]) == {"epoch", "train_perplexity", "valid_perplexity", "tokens_per_sec",
+                          "seconds"}
+  assert [r["valid_perplexity"] is not None for r in rows] == [False, False, True] * 2
+  assert all(r["tokens_per_sec"] > 0 and r["seconds"] > 0 for r in rows)
+  summary = json.loads((run / "summary.json").read_text())
+  assert set(summary) == {"train_perplexity", "valid_perplexity", "tokens_per_sec",
+                          "compile_seconds", "wall_seconds", "device", "epochs"}
+  assert summary["epochs"] == 6 and summary["device"] == m.group(3)
+  assert f"{summary['train_perplexity']:.1f}" == m.group(1)
+  assert summary["train_perplexity"] == pytest.approx(rows[-1]["train_perplexity"])
+  assert summary["valid_perplexity"] == pytest.approx(rows[-1]["valid_perplexity"])
+  assert summary["wall_seconds"] > summary["compile_seconds"] > 0
+  assert (run / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "<svg" in (run / "perplexity.svg").read_text()
+  saved = checkpoint.load_checkpoint(run)
+  assert saved.epoch == 6 and len(saved.vocab) == 28 and saved.config.num_hiddens == 16
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, capsys):
+  straight, split = tmp_path / "a", tmp_path / "b"
+  assert run_train(["--num-epochs", "4", "--quiet", "--out", str(straight)], capsys)[0] == 0
+  assert run_train(["--num-epochs", "2", "--quiet", "--out", str(split)], capsys)[0] == 0
+  code, out, _ = run_train(["--num-epochs", "4", "--quiet", "--resume", "--out", str(split)],
+                           capsys)
+  assert code == 0
+  a = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+  b = [json.loads(l) for l in (split / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+  np.testing.assert_allclose([r["train_perplexity"] for r in b],
+                             [r["train_perplexity"] for r in a], rtol=1e-5)
+  pa = checkpoint.load_checkpoint(straight).params
+  pb = checkpoint.load_checkpoint(split).params
+  np.testing.assert_allclose(pa["W_hq"], pb["W_hq"], rtol=1e-5, atol=1e-7)
+
+
+def test_predict_command_continues_a_prefix(tmp_path, capsys):
+  run = tmp_path / "run"
+  assert run_train(["--num-epochs", "2", "--quiet", "--out", str(run)], capsys)[0] == 0
+  assert predict.main(["--checkpoint", str(run), "--prefix", "the time", "--num-preds", "7"]) == 0
+  out = capsys.readouterr().out.rstrip("\n")
+  assert out.startswith("the time") and len(out) == len("the time") + 7
+  assert predict.main(["--checkpoint", str(run), "--prefix", "the", "--num-preds", "30",
+                       "--temperature", "1.0", "--seed", "3"]) == 0
+  sampled = capsys.readouterr().out.rstrip("\n")
+  assert predict.main(["--checkpoint", str(run), "--prefix", "the", "--num-preds", "30",
+                       "--temperature", "1.0", "--seed", "3"]) == 0
+  assert capsys.readouterr().out.rstrip("\n") == sampled
+
+
+def test_divergence_exits_3_and_keeps_last_good_checkpoint_and_metrics(tmp_path, capsys):
+  run = tmp_path / "run"
+  assert run_train(["--num-epochs", "2", "--quiet", "--out", str(run)], capsys)[0] == 0
+  before = checkpoint.checkpoint_path(run).read_bytes()
+  code, out, err = run_train(["--num-epochs", "5", "--lr", "1e38", "--resume", "--out", str(run),
+                              "--checkpoint-every", "1"], capsys)
+  assert code == 3
+  assert "non-finite loss at epoch 3" in err and len(err.strip().splitlines()) == 1
+  assert checkpoint.checkpoint_path(run).read_bytes() == before
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def _write(tmp_path, name, payload: bytes) -> str:
+  path = tmp_path / name
+  path.write_bytes(payload)
+  return str(path)
+
+
+@pytest.mark.parametrize("case", [
+    "missing", "directory", "empty", "nothing_left", "non_utf8", "too_short", "layers", "hiddens",
+    "batch", "steps", "lr", "clip", "dropout_high", "dropout_negative", "cell", "activation",
+    "optimizer", "resume_without_checkpoint", "resume_without_out", "impl", "valid_fraction",
+    "epochs"])
+def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
+  out_dir = str(tmp_path / "run")
+  args = {
+      "missing": ["--corpus", str(tmp_path / "nope.txt")],
+      "directory": ["--corpus", str(tmp_path)],
+      "empty": ["--corpus", _write(tmp_path, "e.txt", b"")],
+      "nothing_left": ["--corpus", _write(tmp_path, "n.txt", b"123 !!\n4 5 6\n")],
+      "non_utf8": ["--corpus", _write(tmp_path, "b.txt", b"abc\xff\xfedef")],
+      "too_short": ["--corpus", _write(tmp_path, "s.txt", b"hello world\n" * 5)],
+      "layers": ["--num-layers", "0"],
+      "hiddens": ["--num-hiddens", "0"],
+      "batch": ["--batch-size", "0"],
+      "steps": ["--num-steps", "-1"],
+      "lr": ["--lr", "0"],
+      "clip": ["--clip", "-1"],
+      "dropout_high": ["--dropout", "1.0"],
+      "dropout_negative": ["--dropout", "-0.1"],
+      "cell": ["--cell", "transformer"],
+      "activation": ["--cell", "rnn", "--activation", "sigmoid"],
+      "optimizer": ["--optimizer", "lbfgs"],
+      "resume_without_checkpoint": ["--resume"],
+      "resume_without_out": ["--resume"],
+      "impl": ["--impl", "cudnn9"],
+      "valid_fraction": ["--valid-fraction", "1.5"],
+      "epochs": ["--num-epochs", "0"],
+  }[case]
+  if case != "resume_without_out":
+    args += ["--out", out_dir]
+  code = train.main(SMALL + ["--num-epochs", "1"] + args if case != "epochs" else SMALL + args)
+  out, err = capsys.readouterr()
+  assert code == 2, (out, err)
+  assert len(err.strip().splitlines()) == 1 and err.startswith("deeprnn_jax.train: error: ")
+  assert "Traceback" not in err
+  if case == "non_utf8":
+    assert "b.txt" in err and "offset 3" in err
+  if case == "too_short":
+    assert re.search(r"at least \d+ are needed", err)
+  assert not os.path.exists(os.path.join(out_dir, "checkpoint.msgpack"))
+
+
+def test_existing_run_is_never_overwritten_and_other_config_is_refused(tmp_path, capsys):
+  run = tmp_path / "run"
+  assert run_train(["--num-epochs", "1", "--quiet", "--out", str(run)], capsys)[0] == 0
+  before = {p.name: p.read_bytes() for p in run.iterdir()}
+  code, _, err = run_train(["--num-epochs", "1", "--out", str(run)], capsys)
+  assert code == 2 and "--resume" in err
+  code, _, err = run_train(["--num-epochs", "3", "--cell", "gru", "--resume", "--out", str(run)],
+                           capsys)
+  assert code == 2 and "another configuration" in err and "cell" in err
+  assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "checkpoint.msgpack").write_bytes(b"\x93not a checkpoint")
+  assert predict.main(["--checkpoint", str(run)]) == 2
+  err = capsys.readouterr().err
+  assert "corrupt" in err and len(err.strip().splitlines()) == 1
+  code, _, err = run_train(["--resume", "--out", str(run)], capsys)
+  assert code == 2 and "corrupt" in err
+  assert predict.main(["--checkpoint", str(tmp_path / "none")]) == 2
+  assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+  env = dict(os.environ)
+  proc = subprocess.run(
+      [sys.executable, "-m", "deeprnn_jax.train", "--corpus", str(tmp_path / "missing.txt"),
+       "--out", str(tmp_path / "run")],
+      capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"deeprnn_jax.train: error: corpus file not found: {tmp_path / 'missing.txt'}"]

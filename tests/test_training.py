@@ -1,0 +1,169 @@
+"""Training library: loss, clipping, the jitted epoch, evaluation and generation."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deeprnn_jax import data, generate, training
+from deeprnn_jax.errors import UsageError
+from deeprnn_jax.models import RNNLM
+
+VOCAB = 11
+
+
+def _setup(cell="lstm", layers=2, hiddens=16, lr=1.0, clip=1.0, name="sgd", dropout=0.0):
+  model = RNNLM(VOCAB, hiddens, layers, cell, dropout=dropout)
+  opt = training.make_optimizer(lr, clip, name)
+  ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+  return model, opt, ts
+
+
+def _corpus(n=700, seed=0):
+  return np.random.default_rng(seed).integers(0, VOCAB, n).astype(np.int32)
+
+
+def test_cross_entropy_is_mean_per_token_nll():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (3, 4, VOCAB))
+  Y = jax.random.randint(jax.random.PRNGKey(1), (3, 4), 0, VOCAB)
+  logp = jax.nn.log_softmax(logits)
+  expected = -np.mean(np.take_along_axis(np.asarray(logp), np.asarray(Y)[..., None], -1))
+  np.testing.assert_allclose(training.cross_entropy(logits, Y), expected, rtol=1e-6)
+
+
+def test_uniform_model_perplexity_equals_vocab_size():
+  model, _, ts = _setup()
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, ts.params)
+  ppl = training.evaluate(model, zeros, _corpus(200))
+  assert ppl == pytest.approx(VOCAB, rel=1e-5)
+
+
+@pytest.mark.parametrize("norm_scale", [0.3, 5.0])
+def test_clipping_matches_d2l_grad_clipping(norm_scale):
+  grads = {"a": jnp.arange(6.0).reshape(2, 3) * norm_scale, "b": jnp.ones(4) * norm_scale}
+  theta = 1.0
+  norm = math.sqrt(sum(float(jnp.sum(g**2)) for g in grads.values()))
+  d2l = {k: g * (theta / norm if norm > theta else 1.0) for k, g in grads.items()}
+  opt = training.make_optimizer(lr=1.0, clip_norm=theta)
+  updates, _ = opt.update(grads, opt.init(grads))
+  for k in grads:  # SGD with lr 1: the update is minus the clipped gradient.
+    np.testing.assert_allclose(-updates[k], d2l[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("lr,clip,name", [(0, 1, "sgd"), (-1, 1, "sgd"), (1, 0, "sgd"),
+                                          (1, 1, "rmsprop")])
+def test_make_optimizer_rejects_bad_settings(lr, clip, name):
+  with pytest.raises(UsageError):
+    training.make_optimizer(lr, clip, name)
+
+
+@pytest.mark.parametrize("use_random_iter", [False, True])
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_jitted_epoch_equals_python_loop_of_steps(use_random_iter, cell):
+  model, opt, ts = _setup(cell)
+  fn = data.random_epoch if use_random_iter else data.sequential_epoch
+  Xs, Ys = fn(_corpus(), 4, 7, seed=3)
+  key = jax.random.PRNGKey(5)
+  step = jax.jit(training.make_train_step(model, opt))
+  # The loop, d2l style: state from zeros, detached between minibatches or fresh each time.
+  loop_ts = ts
+  state, losses = None, []
+  for X, Y, k in zip(Xs, Ys, jax.random.split(key, len(Xs))):
+    if state is None or use_random_iter:
+      state = model.begin_state(X.shape[0])
+    loop_ts, state, loss = step(loop_ts, state, X, Y, k)
+    losses.append(float(loss))
+  epoch = training.make_train_epoch(model, opt, use_random_iter)
+  ts_copy = jax.tree_util.tree_map(jnp.copy, ts)  # The epoch donates its input.
+  new_ts, epoch_losses = epoch(ts_copy, Xs, Ys, key)
+  chex.assert_shape(epoch_losses, (len(Xs),))
+  np.testing.assert_allclose(epoch_losses, losses, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(new_ts.params, loop_ts.params, rtol=1e-4, atol=1e-6)
+
+
+def test_sequential_epoch_carries_state_and_random_does_not():
+  model, opt, ts = _setup("gru")
+  Xs, Ys = data.sequential_epoch(_corpus(), 4, 7, seed=1)
+  seq = training.make_train_epoch(model, opt, use_random_iter=False)
+  rnd = training.make_train_epoch(model, opt, use_random_iter=True)
+  key = jax.random.PRNGKey(0)
+  _, l_seq = seq(jax.tree_util.tree_map(jnp.copy, ts), Xs, Ys, key)
+  _, l_rnd = rnd(jax.tree_util.tree_map(jnp.copy, ts), Xs, Ys, key)
+  assert l_seq[0] == pytest.approx(float(l_rnd[0]), rel=1e-6)  # Both start from zeros.
+  assert not np.allclose(l_seq[1:], l_rnd[1:])  # Then only one carries the state.
+
+
+def test_training_lowers_loss_with_adam_and_dropout():
+  model, opt, ts = _setup("lstm", lr=0.01, name="adam", dropout=0.2)
+  corpus = np.tile(np.arange(VOCAB, dtype=np.int32), 80)  # A perfectly predictable text.
+  epoch = training.make_train_epoch(model, opt)
+  first = last = None
+  for e in range(15):
+    Xs, Ys = data.sequential_epoch(corpus, 8, 10, seed=e)
+    ts, losses = epoch(ts, Xs, Ys, jax.random.PRNGKey(e))
+    first = float(losses.mean()) if first is None else first
+    last = float(losses.mean())
+  assert last < 0.5 * first
+
+
+def test_evaluate_rows_and_errors():
+  model, _, ts = _setup()
+  corpus = _corpus(301)
+  one = training.evaluate(model, ts.params, corpus)
+  logits, _ = model.apply({"params": ts.params}, corpus[None, :-1])
+  expected = math.exp(float(training.cross_entropy(logits, corpus[None, 1:])))
+  assert one == pytest.approx(expected, rel=1e-5)
+  three = training.evaluate(model, ts.params, corpus, num_rows=3)
+  assert math.isfinite(three) and three != one
+  with pytest.raises(UsageError):
+    training.evaluate(model, ts.params, corpus[:1])
+
+
+def test_perplexity_overflow_is_inf():
+  assert training.perplexity(1e6) == math.inf
+  assert training.perplexity(0.0) == 1.0
+
+
+def _d2l_predict(prefix, num_preds, model, params, vocab):
+  """d2l's predict_ch8, one Python-level model call per character."""
+  state = model.begin_state(1)
+  outputs = [vocab[prefix[0]]]
+  get_input = lambda: jnp.array([[outputs[-1]]], jnp.int32)
+  for y in prefix[1:]:
+    _, state = model.apply({"params": params}, get_input(), state)
+    outputs.append(vocab[y])
+  for _ in range(num_preds):
+    y, state = model.apply({"params": params}, get_input(), state)
+    outputs.append(int(y[0, -1].argmax()))
+  return "".join(vocab.idx_to_token[i] for i in outputs)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_greedy_prediction_matches_d2l_loop_and_is_deterministic(cell):
+  vocab = data.Vocab(list("abcdefghij "))
+  model = RNNLM(len(vocab), 16, 2, cell)
+  params = model.init(jax.random.PRNGKey(2), jnp.zeros((1, 1), jnp.int32))["params"]
+  ours = generate.predict("abc", 12, params, model, vocab)
+  assert ours == _d2l_predict("abc", 12, model, params, vocab)
+  assert ours == generate.predict("abc", 12, params, model, vocab)
+  assert len(ours) == 3 + 12 and ours.startswith("abc")
+
+
+def test_sampling_depends_on_key_and_validates_input():
+  vocab = data.Vocab(list("abcdefghij "))
+  model = RNNLM(len(vocab), 16, 1, "gru")
+  params = model.init(jax.random.PRNGKey(2), jnp.zeros((1, 1), jnp.int32))["params"]
+  a = generate.predict("a", 40, params, model, vocab, 1.0, jax.random.PRNGKey(0))
+  b = generate.predict("a", 40, params, model, vocab, 1.0, jax.random.PRNGKey(1))
+  assert a == generate.predict("a", 40, params, model, vocab, 1.0, jax.random.PRNGKey(0))
+  assert a != b
+  assert generate.predict("a", 0, params, model, vocab) == "a"
+  for bad in [dict(prefix=""), dict(num_preds=-1), dict(temperature=-1.0)]:
+    kwargs = dict(prefix="a", num_preds=3, temperature=0.0) | bad
+    with pytest.raises(UsageError):
+      generate.predict(kwargs["prefix"], kwargs["num_preds"], params, model, vocab,
+                       kwargs["temperature"])
