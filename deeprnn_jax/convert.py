@@ -1,0 +1,196 @@
+"""``python -m deeprnn_jax.convert``: PyTorch (d2l ``RNNModel``) weights <-> a run folder.
+
+From PyTorch: a ``torch.save``-d state dict of d2l's ``RNNModel`` becomes a run folder
+(``checkpoint.msgpack`` at epoch 0 and ``config.json``) that ``deeprnn_jax.predict --checkpoint``
+reads and ``deeprnn_jax.train --out RUN_DIR --resume`` continues::
+
+    python -m deeprnn_jax.convert --from-torch model.pt --cell lstm --num-layers 2 --out RUN_DIR
+
+The vocabulary is rebuilt from ``--corpus`` exactly as training builds it, so it must be the text
+(and cleaning) the PyTorch model was trained on; its size must equal the model's input width.
+
+To PyTorch: a run folder's parameters become a state dict file that ``RNNModel.load_state_dict``
+takes::
+
+    python -m deeprnn_jax.convert --to-torch RUN_DIR --out model.pt
+
+Torch is imported only here, and only when it is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from deeprnn_jax import checkpoint, cli, data, interop, training
+from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.errors import UsageError
+
+PROG = "deeprnn_jax.convert"
+_D = TrainConfig()
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError:
+    raise UsageError("converting PyTorch files needs torch; install it with `pip install torch`"
+                     ) from None
+  return torch
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception's message on one line (torch's unpickling errors run to many)."""
+  text = " ".join(str(e).split())
+  text = text or type(e).__name__
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict:
+  """A state dict from a ``torch.save``-d file, read with ``weights_only=True`` on the CPU."""
+  path = Path(path)
+  if not path.is_file():
+    raise UsageError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
+  torch = _import_torch()
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # Zip, pickle and weights-only refusals all mean "not a state dict file".
+    raise UsageError(f"cannot read a PyTorch state dict from {path}: {_one_line(e)}") from None
+  if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+    what = (f"a mapping with keys {', '.join(map(str, list(obj)[:5]))}"
+            if isinstance(obj, Mapping) else f"a {type(obj).__name__}")
+    raise UsageError(f"{path} holds {what}, not a state dict of tensors "
+                     "(save one with torch.save(net.state_dict(), path))")
+  return dict(obj)
+
+
+def _check_out(path: Path, force: bool, is_dir: bool) -> None:
+  """Refuses to replace an existing output unless ``force``."""
+  if is_dir:
+    if path.suffix == ".msgpack":
+      raise UsageError(f"--out {path}: give the run folder, not its checkpoint file")
+    if path.exists() and not path.is_dir():
+      raise UsageError(f"--out {path} is a file, not a run folder")
+    taken = [p for p in (checkpoint.checkpoint_path(path), path / "config.json") if p.exists()]
+    if taken and not force:
+      raise UsageError(f"{taken[0]} exists; pass --force to overwrite it")
+  else:
+    if path.is_dir():
+      raise UsageError(f"--out {path} is a folder; give a file name such as model.pt")
+    if path.exists() and not force:
+      raise UsageError(f"{path} exists; pass --force to overwrite it")
+
+
+def from_torch(args: argparse.Namespace) -> int:
+  activation = tuple(a.strip() for a in (args.activation or _D.activation).split(","))
+  cfg = TrainConfig(
+      cell=args.cell, num_layers=args.num_layers, num_hiddens=1,  # Set below, from the shapes.
+      activation=activation[0] if len(activation) == 1 else activation,
+      corpus=args.corpus, clean=args.clean, max_tokens=args.max_tokens,
+      batch_size=args.batch_size, num_steps=args.num_steps, use_random_iter=args.random_iter,
+      optimizer=args.optimizer, lr=args.lr, clip=args.clip, num_epochs=args.num_epochs,
+      seed=args.seed).validate()
+  out = Path(args.out)
+  _check_out(out, args.force, is_dir=True)
+  state_dict = load_torch_state_dict(args.from_torch)
+  vocab_size, num_hiddens = interop.infer_sizes(state_dict, cfg.cell, cfg.num_layers)
+  params = interop.params_from_torch(state_dict, cfg.cell, cfg.num_layers)
+  cfg = dataclasses.replace(cfg, num_hiddens=num_hiddens)
+  # The vocabulary exactly as training builds it: indices must mean the same characters.
+  _, vocab = data.load_corpus(cfg.corpus, clean=cfg.clean, max_tokens=cfg.max_tokens)
+  if len(vocab) != vocab_size:
+    raise UsageError(f"the model's input width is {vocab_size} but corpus {cfg.corpus} "
+                     f"(--clean {cfg.clean}) has {len(vocab)} tokens; pass the corpus and "
+                     "cleaning the PyTorch model was trained with")
+  opt_state = training.make_optimizer(cfg.lr, cfg.clip, cfg.optimizer).init(params)
+  checkpoint.save_checkpoint(out, params=params, opt_state=opt_state, epoch=0, vocab=vocab,
+                             config=cfg)
+  checkpoint.atomic_write_bytes(out / "config.json",
+                                (json.dumps(cfg.to_json(), indent=2) + "\n").encode())
+  print(f"wrote {out}: {cfg.num_layers}-layer {cfg.cell} with {num_hiddens} hidden units, "
+        f"vocabulary {vocab_size} (epoch 0)")
+  return 0
+
+
+def to_torch(args: argparse.Namespace) -> int:
+  torch = _import_torch()
+  out = Path(args.out)
+  _check_out(out, args.force, is_dir=False)
+  saved = checkpoint.load_checkpoint(args.to_torch)
+  cfg = saved.config
+  if cfg.cell == "rnn" and not isinstance(cfg.activation, str) and len(set(cfg.activation)) > 1:
+    raise UsageError(f"nn.RNN has one nonlinearity for all layers; this run uses "
+                     f"{', '.join(cfg.activation)}")
+  state_dict = interop.params_to_torch(saved.params, cfg.cell, cfg.num_layers)
+  buffer = io.BytesIO()
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, buffer)
+  checkpoint.atomic_write_bytes(out, buffer.getvalue())
+  vocab_size = state_dict["linear.bias"].shape[0]
+  layer = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}[cfg.cell]
+  extra = ""
+  if cfg.cell == "rnn":
+    act = cfg.activation if isinstance(cfg.activation, str) else cfg.activation[0]
+    extra = f", nonlinearity={act!r}"
+  print(f"wrote {out}: load it into RNNModel({layer}({vocab_size}, {cfg.num_hiddens}, "
+        f"num_layers={cfg.num_layers}{extra}), vocab_size={vocab_size})")
+  return 0
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog=f"python -m {PROG}",
+      description="Convert d2l RNNModel weights between PyTorch state dicts and run folders.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  way = p.add_mutually_exclusive_group(required=True)
+  way.add_argument("--from-torch", metavar="MODEL_PT",
+                   help="a torch.save-d RNNModel state dict; --out is a run folder")
+  way.add_argument("--to-torch", metavar="RUN_DIR",
+                   help="a run folder (or its checkpoint.msgpack); --out is a .pt file")
+  p.add_argument("--out", required=True, help="the run folder or .pt file to write")
+  p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  m = p.add_argument_group("the PyTorch model (--from-torch)")
+  m.add_argument("--cell", help="rnn, gru or lstm: the RNNModel's nn.RNN/GRU/LSTM")
+  m.add_argument("--num-layers", type=int, help="its num_layers")
+  m.add_argument("--activation", default=None,
+                 help=f"nn.RNN's nonlinearity, tanh or relu (default {_D.activation})")
+  d = p.add_argument_group("the run folder's data and training settings (--from-torch)")
+  d.add_argument("--corpus", default=_D.corpus, help="the text the model was trained on")
+  d.add_argument("--clean", default=_D.clean, help="d2l (letters, lower case) or none")
+  d.add_argument("--max-tokens", type=int, default=_D.max_tokens, help="-1 for the whole corpus")
+  d.add_argument("--batch-size", type=int, default=_D.batch_size)
+  d.add_argument("--num-steps", type=int, default=_D.num_steps)
+  d.add_argument("--random-iter", action="store_true")
+  d.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
+  d.add_argument("--lr", type=float, default=_D.lr)
+  d.add_argument("--clip", type=float, default=_D.clip)
+  d.add_argument("--num-epochs", type=int, default=_D.num_epochs)
+  d.add_argument("--seed", type=int, default=_D.seed)
+  return p
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  if args.to_torch is not None:
+    given = [f"--{n.replace('_', '-')}" for n in ("cell", "num_layers", "activation")
+             if getattr(args, n) is not None]
+    if given:
+      raise UsageError(f"{given[0]} is for --from-torch; --to-torch reads it from the run folder")
+    return to_torch(args)
+  missing = [f"--{n.replace('_', '-')}" for n in ("cell", "num_layers")
+             if getattr(args, n) is None]
+  if missing:
+    raise UsageError(f"--from-torch needs {' and '.join(missing)} (the RNNModel's layer)")
+  return from_torch(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(_main, argv, prog=PROG)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""Parameters to and from PyTorch: d2l's ``RNNModel``, or an ``nn.RNN/GRU/LSTM`` and ``nn.Linear``.
+
+d2l's ``RNNModel`` (classic edition, ``d2l/torch.py``) holds a recurrent layer ``rnn`` and a head
+``linear``; its ``state_dict()`` has, for each layer ``k``::
+
+    rnn.weight_ih_l{k} <float32>[G*H, num_inputs]   = W_xh.T   (num_inputs = vocab_size for k = 0)
+    rnn.weight_hh_l{k} <float32>[G*H, H]            = W_hh.T
+    rnn.bias_ih_l{k}   <float32>[G*H]               = b_xh
+    rnn.bias_hh_l{k}   <float32>[G*H]               = b_hh
+
+and ``linear.weight <float32>[vocab_size, H]`` (= ``W_hq.T``), ``linear.bias <float32>[vocab_size]``
+(= ``b_q``). The gates already sit in PyTorch's order in :mod:`deeprnn_jax.cells`, so converting is
+transposing, both ways exactly. States need nothing: :class:`~deeprnn_jax.models.RNNLM` takes and
+returns them in PyTorch's ``[num_layers, batch, H]`` layout (LSTM: ``(H, C)``).
+
+Which nonlinearity an ``nn.RNN`` uses is not in its state dict; pass it to the model yourself.
+Torch is not imported here: tensors are converted by duck typing (``.detach().cpu().numpy()``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from deeprnn_jax import cells
+from deeprnn_jax.errors import UsageError
+
+RNN_PREFIX = "rnn."
+HEAD_PREFIX = "linear."
+_LAYER_KEY = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
+# (torch name, our name, transposed?) for each recurrent layer.
+_LAYER_PARAMS = (("weight_ih", "W_xh", True), ("weight_hh", "W_hh", True),
+                 ("bias_ih", "b_xh", False), ("bias_hh", "b_hh", False))
+
+
+def layer_keys(num_layers: int) -> list[str]:
+  """The recurrent keys of a d2l ``RNNModel`` state dict, in PyTorch's order."""
+  return [f"{RNN_PREFIX}{name}_l{k}" for k in range(num_layers) for name, _, _ in _LAYER_PARAMS]
+
+
+def state_dict_keys(num_layers: int) -> list[str]:
+  """Every key of a d2l ``RNNModel`` state dict, in PyTorch's order."""
+  return layer_keys(num_layers) + [f"{HEAD_PREFIX}weight", f"{HEAD_PREFIX}bias"]
+
+
+def with_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """``{prefix + key: value}``: a bare ``nn.LSTM``'s state dict as part of an ``RNNModel``'s.
+
+  ``{**with_prefix(lstm.state_dict(), "rnn."), **with_prefix(linear.state_dict(), "linear.")}``
+  """
+  return {prefix + key: value for key, value in state_dict.items()}
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """The entries whose key starts with ``prefix``, without it: ``lstm.load_state_dict(
+  strip_prefix(sd, "rnn."))`` and ``linear.load_state_dict(strip_prefix(sd, "linear."))``."""
+  return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def to_numpy(value, key: str = "value") -> np.ndarray:
+  """A torch tensor (duck-typed, any device) or array-like as ``<float32>`` NumPy."""
+  if hasattr(value, "detach"):
+    value = value.detach().cpu()
+    try:
+      value = value.numpy()
+    except TypeError:  # bfloat16 and friends have no NumPy dtype; go through float32.
+      value = value.float().numpy()
+  array = np.asarray(value)
+  if array.dtype.kind in "biucOSU":  # bfloat16 (kind "V") and the float kinds pass.
+    raise UsageError(f"{key} has dtype {array.dtype}; expected floating-point weights")
+  return array.astype(np.float32)
+
+
+def _check_cell(cell: str, num_layers) -> int:
+  if cell not in cells.NUM_GATES:
+    raise UsageError(f"unknown cell {cell!r}; choose one of {sorted(cells.NUM_GATES)}")
+  if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < 1:
+    raise UsageError(f"number of layers must be a positive integer, got {num_layers}")
+  return cells.NUM_GATES[cell]
+
+
+def _cell_guess(rows: int, cols: int) -> str:
+  """Which cells a ``[rows, cols]`` ``weight_hh`` would fit, for error messages."""
+  fits = [c for c, g in cells.NUM_GATES.items() if rows == g * cols]
+  return f"it fits {' or '.join(fits)}" if fits else "it fits no cell"
+
+
+def _check_keys(keys, num_layers: int) -> None:
+  """Missing and unexpected keys, each named, with a hint at the likely cause."""
+  expected = state_dict_keys(num_layers)
+  missing = [k for k in expected if k not in keys]
+  unexpected = [k for k in keys if k not in set(expected)]
+  layers_present = sorted({int(m.group(2)) for k in keys if (m := _LAYER_KEY.match(str(k)))})
+  num_present = (layers_present[-1] + 1) if layers_present else 0
+  if missing:
+    key = missing[0]
+    if not any(str(k).startswith(RNN_PREFIX) for k in keys) and "weight_ih_l0" in keys:
+      hint = ("; this looks like a bare nn.RNN/GRU/LSTM state dict: add the 'rnn.' prefix and the "
+              "head's 'linear.' keys (interop.with_prefix)")
+    elif key.startswith(RNN_PREFIX) and num_present < num_layers and _LAYER_KEY.match(key):
+      hint = f"; the state dict has {num_present} layer(s), not {num_layers}"
+    else:
+      hint = ""
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise UsageError(f"state dict has no {key}{more}{hint}")
+  if unexpected:
+    key = str(unexpected[0])
+    if _LAYER_KEY.match(key):
+      hint = f"; the state dict has {num_present} layers, not {num_layers}"
+    elif key.endswith("_reverse"):
+      hint = "; bidirectional RNNs are not supported"
+    elif "weight_hr" in key:
+      hint = "; LSTMs with proj_size are not supported"
+    else:
+      hint = ""
+    more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    raise UsageError(f"unexpected key {key} in state dict{more}{hint}")
+
+
+def infer_sizes(state_dict: Mapping[str, Any], cell: str, num_layers: int) -> tuple[int, int]:
+  """``(vocab_size, num_hiddens)`` of a d2l ``RNNModel`` state dict, checking every key and shape.
+
+  Raises:
+    UsageError: naming the first missing, unexpected or misshapen key, or a gate count that is
+      not ``cell``'s (rows of ``weight_ih``/``weight_hh`` must be ``G * H``).
+  """
+  num_gates = _check_cell(cell, num_layers)
+  _check_keys(list(state_dict.keys()), num_layers)
+  shape = lambda key: tuple(np.shape(state_dict[key]))
+  hh = shape("rnn.weight_hh_l0")
+  if len(hh) != 2 or hh[1] < 1:
+    raise UsageError(f"rnn.weight_hh_l0 has shape {list(hh)}; expected [G*H, H]")
+  H = hh[1]
+  if hh[0] != num_gates * H:
+    raise UsageError(f"rnn.weight_hh_l0 has shape {list(hh)}, not [{num_gates}*H, H] as a "
+                     f"{cell} needs ({num_gates} gate(s)); {_cell_guess(*hh)}")
+  ih = shape("rnn.weight_ih_l0")
+  if len(ih) != 2 or ih[1] < 1:
+    raise UsageError(f"rnn.weight_ih_l0 has shape {list(ih)}; "
+                     f"expected [{num_gates * H}, vocab_size]")
+  V = ih[1]
+  want = {"linear.weight": (V, H), "linear.bias": (V,)}
+  for k in range(num_layers):
+    want.update({f"rnn.weight_ih_l{k}": (num_gates * H, V if k == 0 else H),
+                 f"rnn.weight_hh_l{k}": (num_gates * H, H),
+                 f"rnn.bias_ih_l{k}": (num_gates * H,),
+                 f"rnn.bias_hh_l{k}": (num_gates * H,)})
+  for key in state_dict_keys(num_layers):
+    if shape(key) != want[key]:
+      raise UsageError(f"{key} has shape {list(shape(key))}; a {num_layers}-layer {cell} with "
+                       f"{H} hidden units and vocabulary {V} needs {list(want[key])}")
+  return V, H
+
+
+def params_from_torch(state_dict: Mapping[str, Any], cell: str, num_layers: int) -> dict:
+  """Flax ``params`` of :class:`~deeprnn_jax.models.RNNLM` from a d2l ``RNNModel`` state dict.
+
+  Args:
+    state_dict: ``rnn.{weight,bias}_{ih,hh}_l{k}``, ``linear.weight`` and ``linear.bias``, as
+      torch tensors or NumPy arrays (``model.state_dict()``, or a ``torch.load``-ed file).
+    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``: what the state dict's ``nn.RNN/GRU/LSTM`` was.
+    num_layers: its ``num_layers``.
+
+  Returns:
+    ``{"rnn": {"layer_{l}": {W_xh, W_hh, b_xh, b_hh}}, "W_hq", "b_q"}`` of ``<float32>`` NumPy
+    arrays, for ``RNNLM(vocab_size, num_hiddens, num_layers, cell)`` (see :func:`infer_sizes`).
+
+  Raises:
+    UsageError: a missing or unexpected key, a wrong shape, or a gate count not ``cell``'s.
+  """
+  infer_sizes(state_dict, cell, num_layers)
+  rnn = {}
+  for k in range(num_layers):
+    layer = {}
+    for torch_name, name, transpose in _LAYER_PARAMS:
+      key = f"rnn.{torch_name}_l{k}"
+      array = to_numpy(state_dict[key], key)
+      layer[name] = np.ascontiguousarray(array.T if transpose else array)
+    rnn[f"layer_{k}"] = layer
+  return {
+      "rnn": rnn,
+      "W_hq": np.ascontiguousarray(to_numpy(state_dict["linear.weight"], "linear.weight").T),
+      "b_q": to_numpy(state_dict["linear.bias"], "linear.bias"),
+  }
+
+
+def _get(tree, path: str):
+  node = tree
+  for part in path.split("/"):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, IndexError):
+      raise UsageError(f"params have no {path}") from None
+  return node
+
+
+def params_to_torch(params: Mapping[str, Any], cell: str, num_layers: int) -> dict[str, np.ndarray]:
+  """A d2l ``RNNModel`` state dict (``<float32>`` NumPy arrays, PyTorch's key order) from
+  :class:`~deeprnn_jax.models.RNNLM` ``params``.
+
+  Load it with ``net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``; for a
+  bare ``nn.LSTM`` and ``nn.Linear`` pair, use :func:`strip_prefix` with ``"rnn."``/``"linear."``.
+
+  Raises:
+    UsageError: params that are not a ``num_layers``-layer ``cell`` model.
+  """
+  _check_cell(cell, num_layers)
+  try:
+    extra = sorted(set(params) - {"rnn", "W_hq", "b_q"})
+  except TypeError:
+    raise UsageError(f"params must be a mapping, got {type(params).__name__}") from None
+  if extra:
+    raise UsageError(f"unexpected params {extra[0]}: not an RNNLM's")
+  rnn = _get(params, "rnn")
+  extra = sorted(set(rnn) - {f"layer_{k}" for k in range(num_layers)})
+  if extra:
+    raise UsageError(f"unexpected params rnn/{extra[0]}: the params have more than "
+                     f"{num_layers} layer(s)")
+  state_dict = {}
+  for k in range(num_layers):
+    for torch_name, name, transpose in _LAYER_PARAMS:
+      path = f"rnn/layer_{k}/{name}"
+      array = to_numpy(_get(params, path), path)
+      state_dict[f"rnn.{torch_name}_l{k}"] = np.ascontiguousarray(array.T if transpose else array)
+  state_dict["linear.weight"] = np.ascontiguousarray(to_numpy(_get(params, "W_hq"), "W_hq").T)
+  state_dict["linear.bias"] = to_numpy(_get(params, "b_q"), "b_q")
+  try:
+    infer_sizes(state_dict, cell, num_layers)  # Same shape checks, in PyTorch's names.
+  except UsageError as e:
+    raise UsageError(f"params do not fit a {num_layers}-layer {cell} (in PyTorch's names: "
+                     f"{e})") from None
+  return state_dict
+
+
+def model_from_torch(state_dict: Mapping[str, Any], cell: str, num_layers: int,
+                     activation: str | tuple[str, ...] = "tanh", **model_kwargs):
+  """``(RNNLM, params)`` equivalent to a d2l ``RNNModel`` from its state dict.
+
+  ``activation`` is the ``nn.RNN``'s ``nonlinearity`` (not recorded in the state dict);
+  ``model_kwargs`` go to :class:`~deeprnn_jax.models.RNNLM` (``dropout``, ``impl``).
+  """
+  from deeprnn_jax.models import RNNLM  # Keeps `import deeprnn_jax.interop` light.
+
+  vocab_size, num_hiddens = infer_sizes(state_dict, cell, num_layers)
+  model = RNNLM(vocab_size, num_hiddens, num_layers, cell, activation, **model_kwargs)
+  return model, params_from_torch(state_dict, cell, num_layers)
