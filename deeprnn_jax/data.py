@@ -268,7 +268,7 @@ def load_corpus(
   if max_tokens > 0:
     corpus = corpus[:max_tokens]
   if corpus.size == 0:
-    what = "is empty" if not any(lines) else "has no tokens left after cleaning"
+    what = "is empty" if path.stat().st_size == 0 else "has no tokens left after cleaning"
     raise DataError(f"corpus {path} {what}")
   return corpus, vocab
 
