@@ -6,7 +6,8 @@ Two ways to run the same parameters, chosen by ``impl``:
   time step at a time, with one-hot inputs. This is the reference.
 * ``"layerwise"`` — the fast path: layer by layer, the input part ``H^(l-1) W_xh + b_xh`` of every
   time step is one matrix product (a row gather for one-hot tokens) hoisted out of the time loop,
-  and ``lax.scan`` runs only the recurrent part. Same equations (``cells.step``), same numbers.
+  and ``lax.scan`` runs only the recurrent part (``recurrence.layer_scan``, whose backward pass
+  forms the weight gradients as one matrix product). Same equations (``cells.step``), same numbers.
 
 Parameters (``params`` of :class:`RNNLM`)::
 
@@ -23,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import cells
+from deeprnn_jax import cells, recurrence
 from deeprnn_jax.errors import UsageError
 
 Array = jax.Array
@@ -126,7 +127,8 @@ class LayerwiseRNN(nn.Module):
   """The fast path to the same function as :data:`DeepRNN`, with the same parameters.
 
   Layer by layer: the input part of every time step is one matrix product hoisted out of the
-  time loop (a row gather for token indices), then ``lax.scan`` runs the recurrent part.
+  time loop (a row gather for token indices), then ``recurrence.layer_scan`` runs the recurrent
+  part under ``lax.scan``, with weight gradients as one product after the backward scan.
   ``inputs`` may be ``<float32>[batch, steps, num_inputs]`` or tokens ``<int32>[batch, steps]``
   standing for one-hot rows. Attributes as :class:`StackStep`.
   """
@@ -148,11 +150,10 @@ class LayerwiseRNN(nn.Module):
         xs = nn.Dropout(self.dropout)(xs, deterministic=self.deterministic)
       num_inputs = self.num_inputs if l == 0 else self.num_hiddens
       layer = cells.Cell(self.cell, num_inputs, self.num_hiddens, activation, name=f"layer_{l}")
-      gx = layer.input_gates(xs)  # <float32>[steps, batch, G * hiddens]
-      weights = layer.weights
-      carry, xs = jax.lax.scan(
-          lambda c, g, a=activation: cells.step(self.cell, weights, c, g, a), carries[l], gx
-      )
+      gx = recurrence.input_gates(layer.weights, xs)  # <float32>[steps, batch, G * hiddens]
+      # The recurrent part with weight gradients as one GEMM after the scan (recurrence.py).
+      carry, xs = recurrence.layer_scan(self.cell, activation, recurrence.default_unroll(),
+                                        layer.W_hh, layer.b_hh, carries[l], gx)
       new_carries.append(carry)
     return tuple(new_carries), jnp.swapaxes(xs, 0, 1)
 

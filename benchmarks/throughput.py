@@ -1,0 +1,461 @@
+"""Training throughput of deeprnn_jax vs a d2l-style PyTorch loop, side by side.
+
+    PYTHONPATH=. python benchmarks/throughput.py --configs seed,gru --repeats 3 --epochs 5 \\
+        --device cpu --out results.json --append-md BENCHMARKS.md
+    PYTHONPATH=. python benchmarks/throughput.py --generation      # 1,000 compiled characters
+    PYTHONPATH=. python benchmarks/throughput.py --full-run        # the chapter's 500 epochs
+
+Each framework runs in its own worker process (so its peak RSS is its own) that builds the model
+and data, compiles / warms up, and then waits for commands; the parent interleaves them, ours,
+torch, ours, torch..., each repeat timing ``--epochs`` epochs. Reported: median tokens/s (and
+the spread), the ratio ours / torch, compile time, and peak memory, separately.
+
+* ours: exactly what the train CLI runs: ``training.make_train_epoch(model, optimizer)`` on
+  ``data.sequential_epoch`` arrays of The Time Machine (a new random offset every epoch), with
+  the epoch's perplexity read back to the host after every epoch.
+* torch: d2l's ``train_epoch_ch8``: ``nn.LSTM/GRU/RNN`` on one-hot inputs plus ``nn.Linear``,
+  state detached between minibatches, ``clip_grad_norm_``, SGD, ``loss.item()`` per minibatch.
+
+Both read the same minibatches (same loader, same seed). Tokens/s counts input tokens
+(``batch * steps * minibatches``), as d2l does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name: (cell, layers, hiddens, batch, steps, max_tokens, epochs per repeat on CPU)
+CONFIGS = {
+    "seed": ("lstm", 2, 256, 32, 35, 10000, 5),
+    "gru": ("gru", 2, 256, 32, 35, 10000, 5),
+    "rnn": ("rnn", 2, 256, 32, 35, 10000, 5),
+    "deep": ("lstm", 4, 256, 32, 35, 10000, 3),
+    # 10,000 tokens give only 2 minibatches of 128 x 35.
+    "wide": ("lstm", 2, 1024, 128, 35, 10000, 1),
+    # 10,000 tokens give no minibatch of 512 x 35: the whole corpus (~170k tokens) is used.
+    "big-batch": ("lstm", 2, 256, 512, 35, -1, 1),
+}
+LR, CLIP = 2.0, 1.0  # d2l's chapter
+
+
+def _data_env():
+  if "DEEPRNN_JAX_DATA" not in os.environ:
+    for cand in (ROOT / "shared" / "data", ROOT.parent / "shared" / "data"):
+      if (cand / "timemachine.txt").exists():
+        os.environ["DEEPRNN_JAX_DATA"] = str(cand)
+        break
+
+
+def _rss_mb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _maxrss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one process per framework, driven over stdin/stdout (one JSON object a line).
+
+
+class JaxRunner:
+
+  def __init__(self, cfg, device):
+    import jax
+    if device == "cpu":
+      jax.config.update("jax_platforms", "cpu")
+    import numpy as np
+    from deeprnn_jax import data, training
+    from deeprnn_jax.models import RNNLM
+    self.jax, self.np = jax, np
+    self.rss0 = _rss_mb()
+    cell, layers, hiddens, batch, steps, max_tokens, _ = cfg
+    self.loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
+    model = RNNLM(len(vocab), hiddens, layers, cell)
+    opt = training.make_optimizer(LR, CLIP)
+    self.ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+    self.epoch_fn = training.make_train_epoch(model, opt, use_random_iter=False)
+    self.key, self.count = jax.random.PRNGKey(1), 0
+
+  def epoch(self) -> int:
+    Xs, Ys = self.loader.epoch()
+    self.ts, losses = self.epoch_fn(self.ts, Xs, Ys, self.jax.random.fold_in(self.key, self.count))
+    self.count += 1
+    self.ppl = float(self.np.exp(self.np.asarray(losses).mean()))  # host sync, as the CLI
+    return Xs.size
+
+  def memory(self) -> dict:
+    dev = self.jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    out = {"peak_rss_mb": _maxrss_mb(), "rss_growth_mb": _maxrss_mb() - self.rss0}
+    if stats:
+      out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
+    return out
+
+  def info(self) -> dict:
+    import flax, optax
+    return {"jax": self.jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "device": str(self.jax.devices()[0].device_kind)}
+
+
+class TorchRunner:
+
+  def __init__(self, cfg, device):
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+    from deeprnn_jax import data
+    self.torch, self.np, self.F = torch, np, F
+    if os.environ.get("TORCH_THREADS"):
+      torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
+    self.dev = torch.device("cuda" if device == "gpu" else "cpu")
+    self.rss0 = _rss_mb()
+    cell, layers, hiddens, batch, steps, max_tokens, _ = cfg
+    self.loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
+    V = self.V = len(vocab)
+    torch.manual_seed(0)
+    rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](V, hiddens, layers)
+
+    class RNNModel(nn.Module):  # d2l's RNNModel
+      def __init__(self):
+        super().__init__()
+        self.rnn, self.linear = rnn, nn.Linear(hiddens, V)
+
+      def forward(self, inputs, state):
+        X = F.one_hot(inputs.T.long(), V).to(torch.float32)
+        Y, state = self.rnn(X, state)
+        return self.linear(Y.reshape((-1, Y.shape[-1]))), state
+
+    self.net = RNNModel().to(self.dev)
+    self.lstm = cell == "lstm"
+    self.shape = (layers, batch, hiddens)
+    self.opt = torch.optim.SGD(self.net.parameters(), LR)
+    self.loss = nn.CrossEntropyLoss()
+    if self.dev.type == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+
+  def epoch(self) -> int:  # d2l's train_epoch_ch8, sequential partitioning
+    torch = self.torch
+    Xs, Ys = self.loader.epoch()
+    state, total, n = None, 0.0, 0
+    for X, Y in zip(Xs, Ys):
+      if state is None:
+        z = torch.zeros(self.shape, device=self.dev)
+        state = (z, z.clone()) if self.lstm else z
+      else:
+        state = tuple(s.detach() for s in state) if self.lstm else state.detach()
+      X = torch.from_numpy(X).to(self.dev)
+      y = torch.from_numpy(Y).T.reshape(-1).to(self.dev).long()
+      y_hat, state = self.net(X, state)
+      l = self.loss(y_hat, y)
+      self.opt.zero_grad()
+      l.backward()
+      torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)
+      self.opt.step()
+      total += l.item() * y.numel()
+      n += y.numel()
+    self.ppl = float(self.np.exp(total / n))
+    return Xs.size
+
+  def memory(self) -> dict:
+    out = {"peak_rss_mb": _maxrss_mb(), "rss_growth_mb": _maxrss_mb() - self.rss0}
+    if self.dev.type == "cuda":
+      out["device_peak_mb"] = self.torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+  def info(self) -> dict:
+    torch = self.torch
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"}
+
+
+def _sync(runner):
+  if isinstance(runner, TorchRunner) and runner.dev.type == "cuda":
+    runner.torch.cuda.synchronize()
+
+
+def worker(framework: str, config: str, device: str) -> None:
+  _data_env()
+  t0 = time.perf_counter()
+  runner = (JaxRunner if framework == "jax" else TorchRunner)(CONFIGS[config], device)
+  setup = time.perf_counter() - t0
+  t = time.perf_counter()
+  runner.epoch()  # compiles (jax) / warms up (torch)
+  _sync(runner)
+  first = time.perf_counter() - t
+  t = time.perf_counter()
+  runner.epoch()
+  _sync(runner)
+  second = time.perf_counter() - t
+  print(json.dumps({"ready": True, "setup_s": setup, "first_epoch_s": first,
+                    "compile_s": max(first - second, 0.0), **runner.info()}), flush=True)
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "run":
+      tokens, t, c = 0, time.perf_counter(), time.process_time()
+      for _ in range(cmd["epochs"]):
+        tokens += runner.epoch()
+      _sync(runner)
+      wall, cpu = time.perf_counter() - t, time.process_time() - c
+      print(json.dumps({"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "ppl": runner.ppl}),
+            flush=True)
+    elif cmd["op"] == "quit":
+      print(json.dumps(runner.memory()), flush=True)
+      return
+
+
+class Worker:
+
+  def __init__(self, framework, config, device):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    self.p = subprocess.Popen(
+        [sys.executable, __file__, "--worker", framework, "--configs", config, "--device", device],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.ready = self._read()
+
+  def _read(self) -> dict:
+    line = self.p.stdout.readline()
+    if not line:
+      raise RuntimeError(f"worker exited with {self.p.wait()}")
+    return json.loads(line)
+
+  def ask(self, **cmd) -> dict:
+    self.p.stdin.write(json.dumps(cmd) + "\n")
+    self.p.stdin.flush()
+    return self._read()
+
+  def close(self) -> dict:
+    out = self.ask(op="quit")
+    self.p.wait()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput.
+
+
+def bench_config(name, device, repeats, epochs) -> dict:
+  epochs = epochs or CONFIGS[name][-1]
+  workers = {fw: Worker(fw, name, device) for fw in ("jax", "torch")}
+  runs = {fw: [] for fw in workers}
+  for _ in range(repeats):
+    for fw, w in workers.items():  # interleaved: ours, torch, ours, torch...
+      runs[fw].append(w.ask(op="run", epochs=epochs))
+  mem = {fw: w.close() for fw, w in workers.items()}
+  out = {"config": name, "epochs_per_repeat": epochs, "repeats": repeats}
+  for fw in workers:
+    tps = [r["tokens"] / r["wall_s"] for r in runs[fw]]
+    cps = [r["tokens"] / r["cpu_s"] for r in runs[fw]]
+    out[fw] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_all": tps,
+               "tokens_per_cpu_s": statistics.median(cps), "final_ppl": runs[fw][-1]["ppl"],
+               **workers[fw].ready, **mem[fw]}
+  out["ratio"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
+  out["ratio_cpu_time"] = out["jax"]["tokens_per_cpu_s"] / out["torch"]["tokens_per_cpu_s"]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: 1,000 characters compiled vs a Python loop over a jitted apply (d2l's predict_ch8).
+
+
+def bench_generation(device, num_preds=1000, repeats=3) -> dict:
+  import jax
+  if device == "cpu":
+    jax.config.update("jax_platforms", "cpu")
+  import jax.numpy as jnp
+  import numpy as np
+  from deeprnn_jax import data, generate
+  from deeprnn_jax.models import RNNLM
+  _, vocab = data.load_data_time_machine(32, 35)
+  model = RNNLM(len(vocab), 256, 2, "lstm")
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  prefix = "time traveller"
+
+  def compiled():
+    return generate.predict(prefix, num_preds, params, model, vocab)
+
+  apply = jax.jit(model.apply)
+
+  def python_loop():  # d2l's predict_ch8, one jitted apply per character
+    state = model.begin_state(1)
+    outputs = [vocab[prefix[0]]]
+    for ch in prefix[1:]:
+      _, state = apply({"params": params}, jnp.array([[outputs[-1]]], jnp.int32), state)
+      outputs.append(vocab[ch])
+    for _ in range(num_preds):
+      y, state = apply({"params": params}, jnp.array([[outputs[-1]]], jnp.int32), state)
+      outputs.append(int(y[0, -1].argmax()))
+    return prefix[0] + "".join(vocab.to_tokens(outputs[1:]))
+
+  t = time.perf_counter(); a = compiled(); compile_s = time.perf_counter() - t
+  b = python_loop()
+  assert a == b, "compiled and per-character generation disagree"
+  tc, tl = [], []
+  for _ in range(repeats):
+    t = time.perf_counter(); compiled(); tc.append(time.perf_counter() - t)
+    t = time.perf_counter(); python_loop(); tl.append(time.perf_counter() - t)
+  c, l = statistics.median(tc), statistics.median(tl)
+  return {"num_preds": num_preds, "compiled_s": c, "python_loop_s": l, "speedup": l / c,
+          "compile_s": compile_s}
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's whole run: 500 epochs, as `python -m deeprnn_jax.train` vs d2l's train_ch8.
+
+TORCH_FULL_RUN = r"""
+import sys, time
+t0 = time.perf_counter()
+sys.argv = ["", "--worker", "torch", "--configs", "seed", "--device", sys.argv[1]]
+import benchmarks.throughput as tb
+tb._data_env()
+r = tb.TorchRunner(tb.CONFIGS["seed"], sys.argv[-1])
+for epoch in range(500):
+  r.epoch()
+  if (epoch + 1) % 10 == 0:  # d2l predicts 50 characters after 'time traveller' every 10
+    with r.torch.no_grad():
+      prefix = [int(i) for i in r.loader.corpus[:14]]
+      z = r.torch.zeros((r.shape[0], 1, r.shape[2]), device=r.dev)
+      state, out = ((z, z.clone()) if r.lstm else z), prefix[:1]
+      for i in range(1, 14 + 50):
+        y, state = r.net(r.torch.tensor([[out[-1]]], device=r.dev), state)
+        out.append(prefix[i] if i < 14 else int(y.argmax(dim=1).reshape(1)))
+print(f"perplexity {r.ppl:.1f}, wall {time.perf_counter() - t0:.1f} s")
+"""
+
+
+def bench_full_run(device, out_dir) -> dict:
+  env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  res = {}
+  cmd = [sys.executable, "-m", "deeprnn_jax.train", "--quiet", "--out", str(out_dir)]
+  t = time.perf_counter()
+  p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+  res["jax_wall_s"], res["jax_rc"] = time.perf_counter() - t, p.returncode
+  res["jax_tail"] = (p.stdout + p.stderr).strip().splitlines()[-3:]
+  t = time.perf_counter()
+  p = subprocess.run([sys.executable, "-c", TORCH_FULL_RUN, device], env=env, cwd=ROOT,
+                     capture_output=True, text=True)
+  res["torch_wall_s"], res["torch_rc"] = time.perf_counter() - t, p.returncode
+  res["torch_tail"] = (p.stdout + p.stderr).strip().splitlines()[-3:]
+  res["ratio_wall"] = res["jax_wall_s"] / res["torch_wall_s"]
+  return res
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def markdown(results: dict, command: str) -> str:
+  info = results["info"]
+  lines = [f"### {info['date']} — {info['device_label']}", "",
+           f"`{command}`", "",
+           f"jax {info.get('jax')}, flax {info.get('flax')}, optax {info.get('optax')}, "
+           f"torch {info.get('torch')}"
+           + (f" ({info['torch_threads']} threads)" if info.get("torch_threads") else "") + ", "
+           f"python {info['python']}, CPU: {info['cpu_model']} ({os.cpu_count()} cores)", ""]
+  if results.get("configs"):
+    lines += ["| config | ours tokens/s | torch tokens/s | ours / torch (wall) | ours / torch "
+              "(CPU time) | ours compile s | ours peak MB | torch peak MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["configs"]:
+      j, t = r["jax"], r["torch"]
+      mem = "device_peak_mb" if "device_peak_mb" in j else "peak_rss_mb"
+      lines.append(f"| {r['config']} | {j['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
+                   f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x | {j['compile_s']:.1f} | "
+                   f"{j[mem]:,.0f} | {t[mem]:,.0f} |")
+    lines.append("")
+  if results.get("generation"):
+    g = results["generation"]
+    lines += [f"Generation, {g['num_preds']} characters: compiled {g['compiled_s'] * 1e3:.1f} ms, "
+              f"per-character Python loop {g['python_loop_s'] * 1e3:.0f} ms: "
+              f"**{g['speedup']:.0f}x** (compile {g['compile_s']:.1f} s, not included).", ""]
+  if results.get("full_run"):
+    f = results["full_run"]
+    lines += [f"500-epoch chapter run: ours {f['jax_wall_s']:.0f} s (rc {f['jax_rc']}), "
+              f"PyTorch {f['torch_wall_s']:.0f} s (rc {f['torch_rc']}): "
+              f"**{f['ratio_wall']:.2f}x** the wall time.", ""]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--configs", default="seed", help=f"comma-separated, of {','.join(CONFIGS)}")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--epochs", type=int, default=0, help="epochs per repeat (0: per-config default)")
+  p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+  p.add_argument("--out", default=None, help="write all results as JSON here")
+  p.add_argument("--append-md", default=None, help="append a markdown table to this file")
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="torch.set_num_threads for the PyTorch loop (0: PyTorch's default)")
+  p.add_argument("--label", default=None, help="device label for the table")
+  p.add_argument("--generation", action="store_true", help="also the generation benchmark")
+  p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
+  p.add_argument("--full-run-dir", default="/tmp/deeprnn_full_run")
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    worker(args.worker, args.configs, args.device)
+    return 0
+  _data_env()
+  if args.torch_threads:
+    os.environ["TORCH_THREADS"] = str(args.torch_threads)
+  names = [c for c in args.configs.split(",") if c]
+  unknown = [c for c in names if c not in CONFIGS]
+  if unknown:
+    p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+  cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                    if l.startswith("model name")), platform.processor())
+  from importlib import metadata
+  versions = {}
+  for pkg in ("jax", "flax", "optax", "torch"):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      versions[pkg] = None
+  results = {"info": {**versions, "date": datetime.date.today().isoformat(),
+                      "python": platform.python_version(),
+                      "cpu_model": cpu_model, "device": args.device,
+                      "device_label": args.label or args.device},
+             "configs": []}
+  for name in names if args.repeats > 0 else []:
+    r = bench_config(name, args.device, args.repeats, args.epochs)
+    results["configs"].append(r)
+    for fw in ("jax", "torch"):
+      results["info"].update({k: r[fw][k] for k in ("torch_threads",) if k in r[fw]})
+    print(f"{name:10s} ours {r['jax']['tokens_per_s']:>12,.0f} tok/s   torch "
+          f"{r['torch']['tokens_per_s']:>12,.0f} tok/s   ratio {r['ratio']:.2f}x (CPU time "
+          f"{r['ratio_cpu_time']:.2f}x)   compile {r['jax']['compile_s']:.1f}s   ppl "
+          f"{r['jax']['final_ppl']:.1f} / {r['torch']['final_ppl']:.1f}", flush=True)
+  if args.generation:
+    results["generation"] = g = bench_generation(args.device)
+    print(f"generation {g['num_preds']} chars: compiled {g['compiled_s']*1e3:.1f} ms, python loop "
+          f"{g['python_loop_s']*1e3:.0f} ms, {g['speedup']:.0f}x", flush=True)
+  if args.full_run:
+    results["full_run"] = f = bench_full_run(args.device, args.full_run_dir)
+    print(f"full run: ours {f['jax_wall_s']:.1f}s torch {f['torch_wall_s']:.1f}s "
+          f"ratio {f['ratio_wall']:.2f}x\n  ours: {f['jax_tail']}\n  torch: {f['torch_tail']}",
+          flush=True)
+  command = "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+  if args.out:
+    Path(args.out).write_text(json.dumps({**results, "command": command}, indent=1))
+  if args.append_md:
+    with open(args.append_md, "a") as f:
+      f.write(markdown(results, command))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
