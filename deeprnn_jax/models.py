@@ -75,11 +75,8 @@ def carries_to_state(cell: str, carries: Sequence):
   return jnp.stack(list(carries))
 
 
-class StackStep(nn.Module):
-  """One time step through all L layers: ``H_t^(l) = cell_l(H_{t-1}^(l), H_t^(l-1))``.
-
-  ``(carries, X_t <float32>[batch, num_inputs]) -> (carries, H_t^(L) <float32>[batch, hiddens])``
-  with one carry per layer.
+class _Stack(nn.Module):
+  """The attributes of L stacked recurrent layers.
 
   Attributes:
     cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
@@ -96,6 +93,14 @@ class StackStep(nn.Module):
   activations: tuple[str, ...]
   dropout: float = 0.0
   deterministic: bool = True
+
+
+class StackStep(_Stack):
+  """One time step through all L layers: ``H_t^(l) = cell_l(H_{t-1}^(l), H_t^(l-1))``.
+
+  ``(carries, X_t <float32>[batch, num_inputs]) -> (carries, H_t^(L) <float32>[batch, hiddens])``
+  with one carry per layer.
+  """
 
   @nn.compact
   def __call__(self, carries, x):
@@ -123,22 +128,15 @@ DeepRNN = nn.scan(
 )
 
 
-class LayerwiseRNN(nn.Module):
+class LayerwiseRNN(_Stack):
   """The fast path to the same function as :data:`DeepRNN`, with the same parameters.
 
   Layer by layer: the input part of every time step is one matrix product hoisted out of the
   time loop (a row gather for token indices), then ``recurrence.layer_scan`` runs the recurrent
   part under ``lax.scan``, with weight gradients as one product after the backward scan.
   ``inputs`` may be ``<float32>[batch, steps, num_inputs]`` or tokens ``<int32>[batch, steps]``
-  standing for one-hot rows. Attributes as :class:`StackStep`.
+  standing for one-hot rows.
   """
-
-  cell: str
-  num_inputs: int
-  num_hiddens: int
-  activations: tuple[str, ...]
-  dropout: float = 0.0
-  deterministic: bool = True
 
   @nn.compact
   def __call__(self, carries, inputs: Array):
