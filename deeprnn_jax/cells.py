@@ -93,11 +93,6 @@ def step(cell: str, params: dict, carry: Carry, gx: Array, activation: str = "ta
   raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(NUM_GATES)}")
 
 
-def zero_carry(cell: str, batch_size: int, num_hiddens: int, dtype=jnp.float32) -> Carry:
-  h = jnp.zeros((batch_size, num_hiddens), dtype)
-  return (h, h) if cell == "lstm" else h
-
-
 class Cell(nn.Module):
   """One recurrent layer's parameters and one time step of it.
 

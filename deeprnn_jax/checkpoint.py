@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from deeprnn_jax.config import MODEL_FIELDS, TrainConfig
 from deeprnn_jax.data import Vocab
 from deeprnn_jax.errors import UsageError
+from deeprnn_jax.files import atomic_write_bytes
 
 FILENAME = "checkpoint.msgpack"
 FORMAT = 1
@@ -44,22 +44,6 @@ class Checkpoint:
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
   path = Path(run_dir)
   return path if path.suffix == ".msgpack" else path / FILENAME
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-  """Writes ``payload`` to ``path`` via a temporary file in the same folder and a rename."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,

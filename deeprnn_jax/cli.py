@@ -23,6 +23,10 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
   except UsageError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except OSError as e:  # An unwritable --out, a full disk: the user's to fix, not a crash.
+    where = f": {e.filename}" if e.filename else ""
+    print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+    return EXIT_USAGE
   except Diverged as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED

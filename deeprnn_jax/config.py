@@ -47,6 +47,8 @@ class TrainConfig:
       raise UsageError(f"learning rate must be > 0, got {self.lr}")
     if not self.clip > 0:
       raise UsageError(f"clipping norm must be > 0, got {self.clip}")
+    if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
+      raise UsageError(f"seed must be an integer in [0, 2**32), got {self.seed}")
     if self.optimizer not in OPTIMIZERS:
       raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
     if self.clean not in ("d2l", "none"):

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from deeprnn_jax import checkpoint, cli, data, interop, training
+from deeprnn_jax import checkpoint, cli, data, files, interop, training
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 
@@ -110,7 +110,7 @@ def from_torch(args: argparse.Namespace) -> int:
   opt_state = training.make_optimizer(cfg.lr, cfg.clip, cfg.optimizer).init(params)
   checkpoint.save_checkpoint(out, params=params, opt_state=opt_state, epoch=0, vocab=vocab,
                              config=cfg)
-  checkpoint.atomic_write_bytes(out / "config.json",
+  files.atomic_write_bytes(out / "config.json",
                                 (json.dumps(cfg.to_json(), indent=2) + "\n").encode())
   print(f"wrote {out}: {cfg.num_layers}-layer {cfg.cell} with {num_hiddens} hidden units, "
         f"vocabulary {vocab_size} (epoch 0)")
@@ -129,7 +129,7 @@ def to_torch(args: argparse.Namespace) -> int:
   state_dict = interop.params_to_torch(saved.params, cfg.cell, cfg.num_layers)
   buffer = io.BytesIO()
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, buffer)
-  checkpoint.atomic_write_bytes(out, buffer.getvalue())
+  files.atomic_write_bytes(out, buffer.getvalue())
   vocab_size = state_dict["linear.bias"].shape[0]
   layer = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}[cfg.cell]
   extra = ""

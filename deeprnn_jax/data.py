@@ -17,7 +17,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from deeprnn_jax.errors import UsageError
+from deeprnn_jax.files import atomic_write_bytes
 
 DATA_ENV = "DEEPRNN_JAX_DATA"
 
@@ -80,10 +80,7 @@ def _download(dataset: Dataset, dest: Path) -> None:
     raise DataError(
         f"downloaded {dataset.name} has SHA-1 {digest}, expected {dataset.sha1}"
     )
-  # Write then rename, so an interrupted download never leaves a half file behind.
-  with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-    tmp.write(payload)
-  os.replace(tmp.name, dest)
+  atomic_write_bytes(dest, payload)
 
 
 def resolve_corpus(name: str | os.PathLike, download: bool = True) -> Path:

@@ -7,7 +7,8 @@ Two ways to run the same parameters, chosen by ``impl``:
 * ``"layerwise"`` — the fast path: layer by layer, the input part ``H^(l-1) W_xh + b_xh`` of every
   time step is one matrix product (a row gather for one-hot tokens) hoisted out of the time loop,
   and ``lax.scan`` runs only the recurrent part (``recurrence.layer_scan``, whose backward pass
-  forms the weight gradients as one matrix product). Same equations (``cells.step``), same numbers.
+  forms the weight gradients as one matrix product). Same equations (``cells.step``), same numbers (with dropout, equal in
+  distribution: the masks are drawn differently).
 
 Parameters (``params`` of :class:`RNNLM`)::
 
@@ -53,7 +54,10 @@ def check_model_args(
                       ("layers", num_layers)):
     if int(value) != value or value < 1:
       raise UsageError(f"number of {name} must be a positive integer, got {value}")
-  layer_activations(activation, num_layers)
+  names = layer_activations(activation, num_layers)
+  if cell != "rnn" and set(names) != {"tanh"}:
+    raise UsageError(f"the activation is the RNN's φ; a {cell.upper()} has its own gate "
+                     f"nonlinearities (got {activation!r})")
   if not 0.0 <= dropout < 1.0:
     raise UsageError(f"dropout must be in [0, 1), got {dropout}")
   if impl not in IMPLS:

@@ -31,6 +31,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   if args.num_preds < 0:
     raise UsageError(f"--num-preds must be >= 0, got {args.num_preds}")
+  if not 0 <= args.seed < 2**32:
+    raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
   model, params, vocab = load_model(args.checkpoint)
   print(generate.predict(args.prefix, args.num_preds, params, model, vocab, args.temperature,
                          jax.random.PRNGKey(args.seed)))

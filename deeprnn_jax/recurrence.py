@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from deeprnn_jax import cells
+from deeprnn_jax.errors import UsageError
 
 Array = jax.Array
 
@@ -43,8 +44,11 @@ DEFAULT_UNROLL = {"cpu": 1, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
 
 
 def default_unroll() -> int:
-  if os.environ.get("DEEPRNN_JAX_UNROLL"):
-    return max(1, int(os.environ["DEEPRNN_JAX_UNROLL"]))
+  value = os.environ.get("DEEPRNN_JAX_UNROLL")
+  if value:
+    if not value.isdigit() or int(value) < 1:
+      raise UsageError(f"DEEPRNN_JAX_UNROLL must be a positive integer, got {value!r}")
+    return int(value)
   return DEFAULT_UNROLL.get(jax.default_backend(), 1)
 
 

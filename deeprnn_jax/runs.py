@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import data, generate, plots, training
+from deeprnn_jax import data, files, generate, plots, training
 from deeprnn_jax.cli import Diverged
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
@@ -44,7 +44,7 @@ def default_prefixes(config: TrainConfig, corpus: np.ndarray, vocab: data.Vocab)
 
 
 def _write_json(path: Path, obj) -> None:
-  ckpt.atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+  files.atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
@@ -92,12 +92,13 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   config.validate()
   options.validate()
   run_dir = Path(run_dir)
-  ckpt_file = ckpt.checkpoint_path(run_dir)
+  if run_dir.suffix == ".msgpack" or (run_dir.exists() and not run_dir.is_dir()):
+    raise UsageError(f"the run folder {run_dir} must be a folder, not a file")
   saved = None
   if resume:
     saved = ckpt.load_checkpoint(run_dir)
     ckpt.check_compatible(saved.config, config)
-  elif ckpt_file.exists():
+  elif any((run_dir / name).exists() for name in (ckpt.FILENAME, "metrics.jsonl", "summary.json")):
     raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, "
                      "or choose another --out")
 
@@ -129,7 +130,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   _write_json(run_dir / "config.json", config.to_json())
   metrics_file = run_dir / "metrics.jsonl"
   rows = _read_metrics(metrics_file, start_epoch)
-  ckpt.atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in rows).encode())
+  files.atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
   prefix, short_prefix = default_prefixes(config, corpus, vocab)
   predict = lambda p: generate.predict(p, 50, state.params, model, vocab)
@@ -138,9 +139,9 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   compiled, compile_seconds = {}, 0.0
   eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
 
-  def save(epoch: int) -> None:
+  def save(epoch: int, data_rng_state: dict) -> None:
     ckpt.save_checkpoint(run_dir, params=state.params, opt_state=state.opt_state, epoch=epoch,
-                         vocab=vocab, config=config, data_rng_state=loader.rng_state)
+                         vocab=vocab, config=config, data_rng_state=data_rng_state)
 
   show_bar = options.progress if options.progress is not None else err.isatty()
   bar = None
@@ -150,52 +151,59 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                dynamic_ncols=True)
 
   last_saved = start_epoch if saved is not None else None
+  done_epoch, done_rng = start_epoch, loader.rng_state  # the last finished epoch, data RNG after it
   tokens = seconds = 0.0
   ppl = valid_ppl = math.nan
-  with metrics_file.open("a") as metrics:
-    for epoch in range(start_epoch + 1, config.num_epochs + 1):
-      Xs, Ys = loader.epoch()
-      key = jax.random.fold_in(train_key, epoch)
-      if Xs.shape not in compiled:
+  try:
+    with metrics_file.open("a") as metrics:
+      for epoch in range(start_epoch + 1, config.num_epochs + 1):
+        Xs, Ys = loader.epoch()
+        key = jax.random.fold_in(train_key, epoch)
+        if Xs.shape not in compiled:
+          t = time.perf_counter()
+          compiled[Xs.shape] = epoch_fn.lower(state, Xs, Ys, key).compile()
+          compile_seconds += time.perf_counter() - t
         t = time.perf_counter()
-        compiled[Xs.shape] = epoch_fn.lower(state, Xs, Ys, key).compile()
-        compile_seconds += time.perf_counter() - t
-      t = time.perf_counter()
-      new_state, losses = compiled[Xs.shape](state, Xs, Ys, key)
-      losses = np.asarray(losses)  # The epoch's one host sync.
-      dt = time.perf_counter() - t
-      if not np.all(np.isfinite(losses)):
-        where = (f"the checkpoint of epoch {last_saved} is kept" if last_saved is not None
-                 else "no checkpoint had been saved")
+        new_state, losses = compiled[Xs.shape](state, Xs, Ys, key)
+        state = None  # Donated to the epoch: only new_state is valid from here on.
+        losses = np.asarray(losses)  # The epoch's one host sync.
+        dt = time.perf_counter() - t
+        if not np.all(np.isfinite(losses)):
+          where = (f"the checkpoint of epoch {last_saved} is kept" if last_saved is not None
+                   else "no checkpoint had been saved")
+          raise Diverged(f"non-finite loss at epoch {epoch} (try a lower --lr or --clip); "
+                         f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
+        state, done_epoch, done_rng = new_state, epoch, loader.rng_state
+        ppl = training.perplexity(losses.mean())
+        logged = epoch % options.log_every == 0 or epoch == config.num_epochs
+        valid_ppl = None
+        if len(valid_corpus) and logged:
+          valid_ppl = training.evaluate(model, state.params, valid_corpus, eval_rows)
+        if epoch > start_epoch + 1 or epoch == config.num_epochs:
+          tokens, seconds = tokens + Xs.size, seconds + dt
+        row = {"epoch": epoch, "train_perplexity": ppl, "valid_perplexity": valid_ppl,
+               "tokens_per_sec": Xs.size / dt, "seconds": dt}
+        rows.append(row)
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
         if bar is not None:
-          bar.close()
-        raise Diverged(f"non-finite loss at epoch {epoch} (try a lower --lr or --clip); "
-                       f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
-      state = new_state
-      ppl = training.perplexity(losses.mean())
-      logged = epoch % options.log_every == 0 or epoch == config.num_epochs
-      valid_ppl = None
-      if len(valid_corpus) and logged:
-        valid_ppl = training.evaluate(model, state.params, valid_corpus, eval_rows)
-      if epoch > start_epoch + 1 or epoch == config.num_epochs:
-        tokens, seconds = tokens + Xs.size, seconds + dt
-      row = {"epoch": epoch, "train_perplexity": ppl, "valid_perplexity": valid_ppl,
-             "tokens_per_sec": Xs.size / dt, "seconds": dt}
-      rows.append(row)
-      metrics.write(json.dumps(row) + "\n")
-      metrics.flush()
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix(perplexity=f"{ppl:.2f}")
-      if logged and not options.quiet:
-        valid_text = f", valid perplexity {valid_ppl:.1f}" if valid_ppl is not None else ""
-        line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix)}"
-        bar.write(line, file=out) if bar is not None else say(line)
-      if epoch % options.checkpoint_every == 0 or epoch == config.num_epochs:
-        save(epoch)
-        last_saved = epoch
-  if bar is not None:
-    bar.close()
+          bar.update(1)
+          bar.set_postfix(perplexity=f"{ppl:.2f}")
+        if logged and not options.quiet:
+          valid_text = f", valid perplexity {valid_ppl:.1f}" if valid_ppl is not None else ""
+          line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix)}"
+          bar.write(line, file=out) if bar is not None else say(line)
+        if epoch % options.checkpoint_every == 0 or epoch == config.num_epochs:
+          save(epoch, done_rng)
+          last_saved = epoch
+  except KeyboardInterrupt:
+    if state is not None and done_epoch != (last_saved or 0):
+      save(done_epoch, done_rng)
+      print(f"saved the checkpoint of epoch {done_epoch} in {run_dir}", file=err)
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
 
   speed = tokens / seconds if seconds else 0.0
   summary = {

@@ -7,10 +7,11 @@ Every flag defaults to d2l's setting, so the bare command reproduces the chapter
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 from typing import Sequence
 
-from deeprnn_jax import cli
+from deeprnn_jax import checkpoint, cli
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.runs import RunOptions, train_run
 
@@ -54,22 +55,37 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-  activation = tuple(a.strip() for a in args.activation.split(","))
-  return TrainConfig(
-      cell=args.cell, num_layers=args.num_layers, num_hiddens=args.num_hiddens,
-      activation=activation[0] if len(activation) == 1 else activation, dropout=args.dropout,
-      batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, clip=args.clip,
-      num_epochs=args.num_epochs, max_tokens=args.max_tokens, use_random_iter=args.random_iter,
-      seed=args.seed, corpus=args.corpus, clean=args.clean, valid_fraction=args.valid_fraction,
-      optimizer=args.optimizer, impl=args.impl).validate()
+_RUN_FLAGS = {"out", "resume", "checkpoint_every", "log_every", "quiet"}
+_RENAMED = {"random_iter": "use_random_iter"}
+
+
+def config_fields(args: argparse.Namespace) -> dict:
+  """The :class:`TrainConfig` fields among parsed flags (those present in ``args``)."""
+  fields = {_RENAMED.get(k, k): v for k, v in vars(args).items() if k not in _RUN_FLAGS}
+  if "activation" in fields:
+    names = tuple(a.strip() for a in fields["activation"].split(","))
+    fields["activation"] = names[0] if len(names) == 1 else names
+  return fields
+
+
+def _explicit(argv: Sequence[str] | None) -> dict:
+  """The config fields the user typed, for a resumed run to override its saved config with."""
+  p = parser()
+  for action in p._actions:  # argparse has no public switch for "omit absent flags".
+    action.default = argparse.SUPPRESS
+  return config_fields(p.parse_args(argv))
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
-  config = config_from_args(args)
-  if args.resume and args.out is None:
-    raise cli.UsageError("--resume needs --out RUN_DIR, the run to continue")
+  if args.resume:
+    # The saved config, changed only where a flag says so: a bare --resume continues as started.
+    if args.out is None:
+      raise cli.UsageError("--resume needs --out RUN_DIR, the run to continue")
+    saved = checkpoint.load_checkpoint(args.out).config
+    config = dataclasses.replace(saved, **_explicit(argv)).validate()
+  else:
+    config = TrainConfig(**config_fields(args)).validate()
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
   train_run(config, out, resume=args.resume,
             options=RunOptions(args.log_every, args.checkpoint_every, args.quiet))

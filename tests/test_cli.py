@@ -118,7 +118,7 @@ def _write(tmp_path, name, payload: bytes) -> str:
     "missing", "directory", "empty", "nothing_left", "non_utf8", "too_short", "layers", "hiddens",
     "batch", "steps", "lr", "clip", "dropout_high", "dropout_negative", "cell", "activation",
     "optimizer", "resume_without_checkpoint", "resume_without_out", "impl", "valid_fraction",
-    "epochs"])
+    "epochs", "seed", "lstm_activation", "out_is_file", "out_is_msgpack", "out_under_file"])
 def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
   out_dir = str(tmp_path / "run")
   args = {
@@ -144,8 +144,15 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
       "impl": ["--impl", "cudnn9"],
       "valid_fraction": ["--valid-fraction", "1.5"],
       "epochs": ["--num-epochs", "0"],
+      "seed": ["--seed", "-1"],
+      "lstm_activation": ["--cell", "lstm", "--activation", "relu"],
+      "out_is_file": ["--out", _write(tmp_path, "f.txt", b"keep me")],
+      "out_is_msgpack": ["--out", str(tmp_path / "run.msgpack")],
+      "out_under_file": ["--out", str(tmp_path / "g.txt" / "run")],
   }[case]
-  if case != "resume_without_out":
+  if case == "out_under_file":
+    _write(tmp_path, "g.txt", b"keep me")
+  if case not in ("resume_without_out", "out_is_file", "out_is_msgpack", "out_under_file"):
     args += ["--out", out_dir]
   code = train.main(SMALL + ["--num-epochs", "1"] + args if case != "epochs" else SMALL + args)
   out, err = capsys.readouterr()
@@ -157,6 +164,9 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
   if case == "too_short":
     assert re.search(r"at least \d+ are needed", err)
   assert not os.path.exists(os.path.join(out_dir, "checkpoint.msgpack"))
+  for name in ("f.txt", "g.txt"):
+    if (tmp_path / name).exists():
+      assert (tmp_path / name).read_bytes() == b"keep me"
 
 
 def test_existing_run_is_never_overwritten_and_other_config_is_refused(tmp_path, capsys):
@@ -193,3 +203,66 @@ def test_subprocess_error_has_no_traceback(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       f"deeprnn_jax.train: error: corpus file not found: {tmp_path / 'missing.txt'}"]
+
+
+def test_bare_resume_keeps_the_saved_settings_and_flags_override_them(tmp_path, capsys):
+  run = tmp_path / "run"
+  assert run_train(["--num-epochs", "1", "--quiet", "--lr", "1.5", "--seed", "7",
+                    "--out", str(run)], capsys)[0] == 0
+  assert train.main(["--resume", "--out", str(run), "--num-epochs", "2", "--quiet"]) == 0
+  config = json.loads((run / "config.json").read_text())
+  assert (config["lr"], config["seed"], config["num_hiddens"], config["num_epochs"]) == (
+      1.5, 7, 16, 2)
+  assert train.main(["--resume", "--out", str(run), "--num-epochs", "3", "--lr", "2",
+                     "--quiet"]) == 0
+  assert json.loads((run / "config.json").read_text())["lr"] == 2.0
+  assert checkpoint.load_checkpoint(run).epoch == 3
+
+
+def test_a_folder_with_metrics_but_no_checkpoint_is_not_overwritten(tmp_path, capsys):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+  code, _, err = run_train(["--num-epochs", "1", "--out", str(run)], capsys)
+  assert code == 2 and "already holds a run" in err
+  assert (run / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_run_files_get_ordinary_permissions(tmp_path, capsys):
+  run = tmp_path / "run"
+  old = os.umask(0o022)
+  try:
+    assert run_train(["--num-epochs", "1", "--quiet", "--out", str(run)], capsys)[0] == 0
+  finally:
+    os.umask(old)
+  for name in ("checkpoint.msgpack", "config.json", "metrics.jsonl", "summary.json"):
+    assert (run / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_interrupt_saves_the_last_finished_epoch(tmp_path, monkeypatch, capsys):
+  from deeprnn_jax import runs, training
+  calls = []
+  real = training.perplexity
+
+  def interrupt_on_third(mean_loss):
+    calls.append(mean_loss)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(mean_loss)
+
+  monkeypatch.setattr(runs.training, "perplexity", interrupt_on_third)
+  code = train.main(SMALL + ["--num-epochs", "5", "--quiet", "--checkpoint-every", "100",
+                             "--out", str(tmp_path / "run")])
+  err = capsys.readouterr().err
+  assert code == 130 and "epoch 3" in err
+  assert checkpoint.load_checkpoint(tmp_path / "run").epoch == 3
+
+
+def test_os_errors_are_one_line_exit_2(capsys):
+  from deeprnn_jax import cli
+
+  def fails(argv):
+    raise PermissionError(13, "Permission denied", "/root/x")
+
+  assert cli.run(fails, [], prog="p") == 2
+  assert capsys.readouterr().err.strip() == "p: error: Permission denied: /root/x"
