@@ -32,7 +32,8 @@ stage() {  # stage NAME SECONDS COMMAND...
 echo "date: $(date -u +%FT%TZ)  DEEPRNN_JAX_DATA=${DEEPRNN_JAX_DATA:-unset}" | tee -a "$LOG"
 stage device-info 15 bash -c 'nvidia-smi; python -c "import jax, torch; print(jax.__version__, jax.devices()); print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
 # f32 matmuls at full precision for the 1e-5 equivalence tests (XLA:GPU's default may use TF32).
-stage tests 110 env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -x -p no:cacheprovider
+# The GPU-relevant tests (equations, fast paths, training); the whole suite does not fit 5 minutes.
+stage tests 110 env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -p no:cacheprovider tests/test_models.py tests/test_fast_paths.py tests/test_training.py
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 for cfg in seed wide big-batch; do  # one stage each, so a slow one does not lose the others
   stage "throughput-$cfg" 30 python benchmarks/throughput.py --device gpu --configs "$cfg" \
