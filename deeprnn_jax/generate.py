@@ -1,7 +1,8 @@
 """Text generation: d2l's ``predict_ch8``, compiled.
 
-The prefix warms the state up in one call of the model, then ``lax.scan`` feeds each predicted
-token back in, so ``num_preds`` characters cost one compiled loop, not ``num_preds`` Python calls.
+One ``lax.scan`` warms the state up on the prefix, token by token as d2l does, then feeds each
+predicted token back in: ``num_preds`` characters cost one compiled loop, not ``num_preds``
+Python calls, and prefixes of similar length share one compilation.
 """
 
 from __future__ import annotations
@@ -18,35 +19,52 @@ from deeprnn_jax.models import RNNLM
 Array = jax.Array
 
 
+def _bucket(n: int) -> int:
+  """Prefixes are padded to a power of two (at least 16) so few lengths ever compile."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def generate_tokens(model: RNNLM, params, prefix: Array, num_preds: int, temperature=0.0,
-                    key=None) -> Array:
-  """Continues ``prefix <int32>[n]`` (n >= 1) by ``num_preds`` tokens.
+                    key=None, prefix_len=None) -> Array:
+  """Continues ``prefix`` by ``num_preds`` tokens, one compiled loop, d2l's ``predict_ch8``.
 
+  The state warms up on the prefix one token at a time, then each prediction is fed back in.
   Greedy (argmax) when ``temperature == 0``, as d2l; otherwise samples from
   ``softmax(logits / temperature)`` with ``key``.
+
+  Args:
+    prefix: ``<int32>[P]``; its first ``prefix_len`` tokens (all when ``None``, at least one)
+      are the prefix, the rest padding. ``prefix_len`` is traced, so prefixes of any length up
+      to ``P`` share one compilation.
 
   Returns:
     ``<int32>[num_preds]``.
   """
+  P = prefix.shape[0]
+  n = P if prefix_len is None else prefix_len
   key = jax.random.PRNGKey(0) if key is None else key
+  steps = P - 1 + num_preds
+  # Step t feeds position i = t - (P - n): the loop's first P - n steps are no-ops, so that the
+  # last num_preds steps are always the predictions, whatever n is.
+  skip = P - n
 
-  def choose(logits, k):
-    sampled = jax.random.categorical(k, logits / jnp.maximum(temperature, 1e-6))
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
-
-  logits, state = model.apply({"params": params}, prefix[None, :], model.begin_state(1))
-  keys = jax.random.split(key, num_preds)
-  first = choose(logits[0, -1], keys[0])
-
-  def body(carry, k):
+  def body(carry, xs):
     token, state = carry
-    logits, state = model.apply({"params": params}, token.reshape(1, 1), state)
-    nxt = choose(logits[0, -1], k)
-    return (nxt, state), nxt
+    t, k = xs
+    i = t - skip
+    logits, new_state = model.apply({"params": params}, token.reshape(1, 1), state)
+    logits = logits[0, -1]
+    sampled = jax.random.categorical(k, logits / jnp.maximum(temperature, 1e-6))
+    chosen = jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
+    nxt = jnp.where(i < n - 1, prefix[jnp.clip(i + 1, 0, P - 1)], chosen)
+    active = i >= 0
+    state = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new_state, state)
+    return (jnp.where(active, nxt, token), state), nxt
 
-  _, rest = jax.lax.scan(body, (first, state), keys[1:])
-  return jnp.concatenate([first[None], rest])
+  xs = (jnp.arange(steps), jax.random.split(key, steps))
+  _, out = jax.lax.scan(body, (prefix[0], model.begin_state(1)), xs)
+  return out[steps - num_preds:]
 
 
 def predict(prefix: str, num_preds: int, params, model: RNNLM, vocab: Vocab,
@@ -63,6 +81,8 @@ def predict(prefix: str, num_preds: int, params, model: RNNLM, vocab: Vocab,
     raise UsageError(f"temperature must be >= 0, got {temperature}")
   if num_preds == 0:
     return prefix
-  tokens = jnp.asarray(vocab[list(prefix)], jnp.int32)
-  out = generate_tokens(model, params, tokens, num_preds, jnp.float32(temperature), key)
+  tokens = vocab[list(prefix)]
+  padded = jnp.asarray(tokens + [0] * (_bucket(len(tokens)) - len(tokens)), jnp.int32)
+  out = generate_tokens(model, params, padded, num_preds, jnp.float32(temperature), key,
+                        jnp.int32(len(tokens)))
   return prefix + "".join(vocab.to_tokens([int(i) for i in out]))

@@ -178,3 +178,13 @@ def test_bad_unroll_setting_is_a_usage_error(monkeypatch):
     recurrence.default_unroll()
   monkeypatch.setenv("DEEPRNN_JAX_UNROLL", "4")
   assert recurrence.default_unroll() == 4
+
+
+@pytest.mark.parametrize("prefix", ["a", "abcdefghij abcd", "abcdefghij abcde", "abcdefghij abcdef",
+                                    "j" * 40])
+def test_padded_prefixes_of_any_length_match_d2l_loop(prefix):
+  vocab = data.Vocab(list("abcdefghij "))
+  model = RNNLM(len(vocab), 16, 2, "lstm")
+  params = model.init(jax.random.PRNGKey(4), jnp.zeros((1, 1), jnp.int32))["params"]
+  assert generate.predict(prefix, 9, params, model, vocab) == _d2l_predict(prefix, 9, model,
+                                                                           params, vocab)
