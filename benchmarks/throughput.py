@@ -279,7 +279,6 @@ def bench_generation(device, num_preds=1000, repeats=3) -> dict:
   if device == "cpu":
     jax.config.update("jax_platforms", "cpu")
   import jax.numpy as jnp
-  import numpy as np
   from deeprnn_jax import data, generate
   from deeprnn_jax.models import RNNLM
   _, vocab = data.load_data_time_machine(32, 35)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+from deeprnn_jax.data import CLEANINGS, check_valid_fraction
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM, check_model_args
-from deeprnn_jax.training import OPTIMIZERS
+from deeprnn_jax.training import make_optimizer
+
+def parse_activation(text: str) -> str | tuple[str, ...]:
+  """``"relu"`` -> ``"relu"``; ``"relu,tanh"`` (one per layer) -> ``("relu", "tanh")``."""
+  names = tuple(name.strip() for name in text.split(","))
+  return names[0] if len(names) == 1 else names
+
 
 # Fields that fix the parameters' shapes and meaning: a checkpoint only resumes under these.
 MODEL_FIELDS = ("cell", "num_layers", "num_hiddens", "activation")
@@ -43,18 +50,12 @@ class TrainConfig:
       value = getattr(self, name)
       if int(value) != value or value < 1:
         raise UsageError(f"{name.replace('_', ' ')} must be a positive integer, got {value}")
-    if not self.lr > 0:
-      raise UsageError(f"learning rate must be > 0, got {self.lr}")
-    if not self.clip > 0:
-      raise UsageError(f"clipping norm must be > 0, got {self.clip}")
+    make_optimizer(self.lr, self.clip, self.optimizer)  # Checks lr, clip and the name.
     if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
       raise UsageError(f"seed must be an integer in [0, 2**32), got {self.seed}")
-    if self.optimizer not in OPTIMIZERS:
-      raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-    if self.clean not in ("d2l", "none"):
-      raise UsageError(f"unknown cleaning {self.clean!r}; choose 'd2l' or 'none'")
-    if not 0.0 <= self.valid_fraction < 1.0:
-      raise UsageError(f"valid fraction must be in [0, 1), got {self.valid_fraction}")
+    if self.clean not in CLEANINGS:
+      raise UsageError(f"unknown cleaning {self.clean!r}; choose one of {CLEANINGS}")
+    check_valid_fraction(self.valid_fraction)
     return self
 
   def model(self, vocab_size: int) -> RNNLM:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from deeprnn_jax import checkpoint, cli, data, files, interop, training
-from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.config import TrainConfig, parse_activation
+from deeprnn_jax.runs import check_run_dir
 from deeprnn_jax.errors import UsageError
 
 PROG = "deeprnn_jax.convert"
@@ -72,10 +72,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
 def _check_out(path: Path, force: bool, is_dir: bool) -> None:
   """Refuses to replace an existing output unless ``force``."""
   if is_dir:
-    if path.suffix == ".msgpack":
-      raise UsageError(f"--out {path}: give the run folder, not its checkpoint file")
-    if path.exists() and not path.is_dir():
-      raise UsageError(f"--out {path} is a file, not a run folder")
+    check_run_dir(path)
     taken = [p for p in (checkpoint.checkpoint_path(path), path / "config.json") if p.exists()]
     if taken and not force:
       raise UsageError(f"{taken[0]} exists; pass --force to overwrite it")
@@ -87,10 +84,9 @@ def _check_out(path: Path, force: bool, is_dir: bool) -> None:
 
 
 def from_torch(args: argparse.Namespace) -> int:
-  activation = tuple(a.strip() for a in (args.activation or _D.activation).split(","))
   cfg = TrainConfig(
       cell=args.cell, num_layers=args.num_layers, num_hiddens=1,  # Set below, from the shapes.
-      activation=activation[0] if len(activation) == 1 else activation,
+      activation=parse_activation(args.activation) if args.activation else _D.activation,
       corpus=args.corpus, clean=args.clean, max_tokens=args.max_tokens,
       batch_size=args.batch_size, num_steps=args.num_steps, use_random_iter=args.random_iter,
       optimizer=args.optimizer, lr=args.lr, clip=args.clip, num_epochs=args.num_epochs,
@@ -110,8 +106,7 @@ def from_torch(args: argparse.Namespace) -> int:
   opt_state = training.make_optimizer(cfg.lr, cfg.clip, cfg.optimizer).init(params)
   checkpoint.save_checkpoint(out, params=params, opt_state=opt_state, epoch=0, vocab=vocab,
                              config=cfg)
-  files.atomic_write_bytes(out / "config.json",
-                                (json.dumps(cfg.to_json(), indent=2) + "\n").encode())
+  files.atomic_write_json(out / "config.json", cfg.to_json())
   print(f"wrote {out}: {cfg.num_layers}-layer {cfg.cell} with {num_hiddens} hidden units, "
         f"vocabulary {vocab_size} (epoch 0)")
   return 0

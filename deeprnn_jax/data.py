@@ -27,6 +27,7 @@ from deeprnn_jax.errors import UsageError
 from deeprnn_jax.files import atomic_write_bytes
 
 DATA_ENV = "DEEPRNN_JAX_DATA"
+CLEANINGS = ("d2l", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +158,7 @@ def read_lines(path: str | os.PathLike, clean: str = "d2l") -> list[str]:
     return [clean_line(line) for line in _readlines(text)]
   if clean == "none":
     return _readlines(text)
-  raise DataError(f"unknown cleaning {clean!r}; choose 'd2l' or 'none'")
+  raise DataError(f"unknown cleaning {clean!r}; choose one of {CLEANINGS}")
 
 
 def read_time_machine() -> list[str]:
@@ -275,10 +276,14 @@ def load_corpus_time_machine(max_tokens: int = -1) -> tuple[np.ndarray, Vocab]:
   return load_corpus("timemachine.txt", token="char", clean="d2l", max_tokens=max_tokens)
 
 
-def split_corpus(corpus: np.ndarray, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """Splits off the contiguous tail ``valid_fraction`` of a corpus for validation."""
+def check_valid_fraction(valid_fraction: float) -> None:
   if not 0.0 <= valid_fraction < 1.0:
     raise DataError(f"valid fraction must be in [0, 1), got {valid_fraction}")
+
+
+def split_corpus(corpus: np.ndarray, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """Splits off the contiguous tail ``valid_fraction`` of a corpus for validation."""
+  check_valid_fraction(valid_fraction)
   num_valid = int(round(len(corpus) * valid_fraction))
   return corpus[: len(corpus) - num_valid], corpus[len(corpus) - num_valid :]
 

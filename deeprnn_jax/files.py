@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,3 +30,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -43,10 +43,6 @@ def default_prefixes(config: TrainConfig, corpus: np.ndarray, vocab: data.Vocab)
   return first, words[1] if len(words) > 1 else words[0]
 
 
-def _write_json(path: Path, obj) -> None:
-  files.atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
   if not path.is_file():
     return []
@@ -59,6 +55,16 @@ def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     if row.get("epoch", math.inf) <= up_to_epoch:
       rows.append(row)
   return rows
+
+
+def check_run_dir(run_dir) -> Path:
+  """``run_dir`` as a path, refusing one that names a file (or a checkpoint) instead of a folder."""
+  run_dir = Path(run_dir)
+  if run_dir.suffix == ".msgpack":
+    raise UsageError(f"--out {run_dir}: give the run folder, not its checkpoint file")
+  if run_dir.exists() and not run_dir.is_dir():
+    raise UsageError(f"--out {run_dir} is a file, not a run folder")
+  return run_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +97,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   out, err = out or sys.stdout, err or sys.stderr
   config.validate()
   options.validate()
-  run_dir = Path(run_dir)
-  if run_dir.suffix == ".msgpack" or (run_dir.exists() and not run_dir.is_dir()):
-    raise UsageError(f"the run folder {run_dir} must be a folder, not a file")
+  run_dir = check_run_dir(run_dir)
   saved = None
   if resume:
     saved = ckpt.load_checkpoint(run_dir)
@@ -127,7 +131,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
       raise UsageError(f"checkpoint is at epoch {start_epoch}; ask for more with --num-epochs")
 
   run_dir.mkdir(parents=True, exist_ok=True)
-  _write_json(run_dir / "config.json", config.to_json())
+  files.atomic_write_json(run_dir / "config.json", config.to_json())
   metrics_file = run_dir / "metrics.jsonl"
   rows = _read_metrics(metrics_file, start_epoch)
   files.atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in rows).encode())
@@ -215,7 +219,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
       "device": device_name(),
       "epochs": config.num_epochs,
   }
-  _write_json(run_dir / "summary.json", summary)
+  files.atomic_write_json(run_dir / "summary.json", summary)
   plots.plot_perplexity(rows, run_dir / "perplexity",
                         title=f"{config.num_layers}-layer {config.cell.upper()}, "
                               f"{config.num_hiddens} hidden units")

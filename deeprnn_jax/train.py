@@ -12,7 +12,7 @@ import datetime
 from typing import Sequence
 
 from deeprnn_jax import checkpoint, cli
-from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.config import TrainConfig, parse_activation
 from deeprnn_jax.runs import RunOptions, train_run
 
 _D = TrainConfig()
@@ -63,8 +63,7 @@ def config_fields(args: argparse.Namespace) -> dict:
   """The :class:`TrainConfig` fields among parsed flags (those present in ``args``)."""
   fields = {_RENAMED.get(k, k): v for k, v in vars(args).items() if k not in _RUN_FLAGS}
   if "activation" in fields:
-    names = tuple(a.strip() for a in fields["activation"].split(","))
-    fields["activation"] = names[0] if len(names) == 1 else names
+    fields["activation"] = parse_activation(fields["activation"])
   return fields
 
 
