@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
 # One pass over a lent GPU machine (H100; jax, flax, optax, chex, torch preinstalled; no network).
-# Run from the repository root:   PYTHONPATH=. bash benchmarks/gpu_check.sh
-# Stays under 5 minutes: every stage has its own `timeout`; a failing stage does not stop the
-# others, and every stage's exit code is reported at the end. Everything printed is also saved
-# under $OUT (default: ./gpu_check_out).
+# Run from the repository root:
+#   DEEPRNN_JAX_DATA=<folder with timemachine.txt> PYTHONPATH=. bash benchmarks/gpu_check.sh
+#   SWEEP=1 ...   also the variant sweep (unroll, impl, precision) of benchmarks/variants.py
+# Every stage has its own `timeout`, and the whole script a deadline (DEADLINE seconds, default
+# 290: under 5 minutes): a stage that would start too late is skipped, a failing stage does not
+# stop the others, and every stage's exit code is reported at the end. Output goes under $OUT
+# (default ./gpu_check_out), in few files (the device tool returns at most 8): gpu_check.log
+# (everything printed), BENCHMARKS_gpu.md (tables), variants.jsonl, and results.tgz (the JSON
+# results and the training runs' files), refreshed after every stage.
+# DEVICE=cpu runs the same stages on the CPU: a dry run of this script, not a measurement, with
+# FULL_RUN_ARGS="--num-epochs 5", SEED_VARIANTS=res:1,cudnn:1 and R=1 to keep it short.
 set -u
 
 OUT="${OUT:-$PWD/gpu_check_out}"
+WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-export PYTHONPATH="${PYTHONPATH:-.}"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false  # so jax and torch can share the GPU in one script
+DEVICE="${DEVICE:-gpu}"
+DEADLINE="${DEADLINE:-290}"
+export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax and torch processes share the GPU
+if [ "$DEVICE" = cpu ]; then export JAX_PLATFORMS=cpu; fi
 
 if [ -z "${DEEPRNN_JAX_DATA:-}" ]; then
-  for d in ../shared/data shared/data; do
+  for d in ../shared/data shared/data .devdata; do
     if [ -f "$d/timemachine.txt" ]; then export DEEPRNN_JAX_DATA="$(cd "$d" && pwd)"; break; fi
   done
 fi
@@ -21,32 +32,76 @@ fi
 declare -a SUMMARY=()
 stage() {  # stage NAME SECONDS COMMAND...
   local name="$1" secs="$2"; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    SUMMARY+=("$name skipped (deadline)"); echo "=== $name: skipped, ${left}s left" | tee -a "$LOG"
+    return
+  fi
+  [ "$secs" -gt "$left" ] && secs=$left
   echo "=== $name (timeout ${secs}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
-  timeout --kill-after=3 "$secs" "$@" 2>&1 | tee -a "$LOG" "$OUT/$name.log"
+  timeout --kill-after=3 "$secs" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
   echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz" --exclude=checkpoint.msgpack -C "$WORK" . 2>/dev/null
 }
 
-echo "date: $(date -u +%FT%TZ)  DEEPRNN_JAX_DATA=${DEEPRNN_JAX_DATA:-unset}" | tee -a "$LOG"
-stage device-info 15 bash -c 'nvidia-smi; python -c "import jax, torch; print(jax.__version__, jax.devices()); print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
-# f32 matmuls at full precision for the 1e-5 equivalence tests (XLA:GPU's default may use TF32).
-# The GPU-relevant tests (equations, fast paths, training); the whole suite does not fit 5 minutes.
-stage tests 110 env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -p no:cacheprovider tests/test_models.py tests/test_fast_paths.py tests/test_training.py
-GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
-for cfg in seed wide big-batch; do  # one stage each, so a slow one does not lose the others
-  stage "throughput-$cfg" 30 python benchmarks/throughput.py --device gpu --configs "$cfg" \
-    --repeats 3 --epochs 3 --label "GPU: $GPU_NAME" \
-    --out "$OUT/throughput_gpu_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
-done
-stage unroll-1 25 env DEEPRNN_JAX_UNROLL=1 python benchmarks/throughput.py --device gpu \
-  --configs seed --repeats 2 --epochs 3 --label "GPU: $GPU_NAME, DEEPRNN_JAX_UNROLL=1" \
-  --out "$OUT/throughput_gpu_unroll1.json" --append-md "$OUT/BENCHMARKS_gpu.md"
-stage generation 20 python benchmarks/throughput.py --device gpu --repeats 0 --generation \
-  --out "$OUT/generation_gpu.json" --append-md "$OUT/BENCHMARKS_gpu.md"
-stage full-run 35 bash -c "t0=\$(date +%s%N); python -m deeprnn_jax.train --quiet --out '$OUT/run'; rc=\$?; echo \"full-run wall \$(( (\$(date +%s%N) - t0) / 1000000 )) ms\"; exit \$rc"
+full_run() {  # full_run NAME [train flags...]: the chapter's 500 epochs, wall time included
+  local name="$1"; shift
+  local t0; t0=$(date +%s%N)
+  python -m deeprnn_jax.train --out "$WORK/run-$name" ${FULL_RUN_ARGS:-} "$@"
+  local rc=$?
+  echo "full run $name: wall $(( ($(date +%s%N) - t0) / 1000000 )) ms (process start to exit), rc $rc"
+  return $rc
+}
+export -f full_run
+export WORK FULL_RUN_ARGS="${FULL_RUN_ARGS:-}"
+XDIST=""
+python -c "import xdist" 2>/dev/null && XDIST="-n 8"
 
-echo "=== summary" | tee -a "$LOG"
+LABEL="$DEVICE"
+echo "date: $(date -u +%FT%TZ)  DEEPRNN_JAX_DATA=${DEEPRNN_JAX_DATA:-unset}  DEVICE=$DEVICE" | tee -a "$LOG"
+if [ "$DEVICE" = gpu ]; then
+  LABEL="GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+  stage device-info 30 bash -c 'nvidia-smi; python -c "
+import jax, flax, optax, chex, torch
+print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__, \"chex\", chex.__version__)
+print(\"torch\", torch.__version__, torch.cuda.is_available(), torch.backends.cudnn.version(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+"'
+fi
+# cuDNN and the fast paths against the nn.scan reference first, at full float32 precision
+# (XLA:GPU and cuDNN may use TF32 by default; the equivalence tolerances are float32's).
+stage tests-fast-paths 90 env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -x \
+  -p no:cacheprovider tests/test_fast_paths.py
+if [ "${SWEEP:-0}" = 1 ]; then
+  stage variants-seed 100 env CONFIG=seed R="${R:-5}" N="${N:-3}" JSON="$OUT/variants.jsonl" \
+    python benchmarks/variants.py \
+    "${SEED_VARIANTS:-res:1,res:4,res:8,res:16,auto:8,scan:1,cudnn:1,res:8:hi,cudnn:1:hi}"
+fi
+stage throughput-seed 60 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
+  --impl layerwise,cudnn --repeats 3 --epochs 5 --label "$LABEL" \
+  --out "$WORK/throughput_seed.json" --append-md "$OUT/BENCHMARKS_gpu.md"
+stage full-run-layerwise 45 bash -c 'full_run layerwise --impl layerwise'
+stage full-run-cudnn 45 bash -c 'full_run cudnn --impl cudnn'
+if [ "${SWEEP:-0}" = 1 ]; then
+  stage full-run-layerwise-f32 45 env JAX_DEFAULT_MATMUL_PRECISION=highest \
+    bash -c 'full_run layerwise-f32 --impl layerwise'
+  for cfg in wide big-batch; do
+    stage "variants-$cfg" 60 env CONFIG=$cfg R="${R:-3}" N=1 JSON="$OUT/variants.jsonl" \
+      python benchmarks/variants.py "${OTHER_VARIANTS:-res:1,res:8,cudnn:1}"
+  done
+fi
+for cfg in wide big-batch; do
+  stage "throughput-$cfg" 60 python benchmarks/throughput.py --device "$DEVICE" --configs "$cfg" \
+    --impl layerwise,cudnn --repeats 3 --epochs 2 --label "$LABEL" \
+    --out "$WORK/throughput_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
+done
+stage tests 120 env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -p no:cacheprovider \
+  $XDIST tests/test_models.py tests/test_training.py
+
+echo "=== summary (${SECONDS}s)" | tee -a "$LOG"
 for s in "${SUMMARY[@]}"; do echo "  $s" | tee -a "$LOG"; done
+for f in "$WORK"/run-*/summary.json; do [ -f "$f" ] && echo "$f: $(cat "$f")" | tee -a "$LOG"; done
+tar czf "$OUT/results.tgz" --exclude=checkpoint.msgpack -C "$WORK" . 2>/dev/null
 exit 0

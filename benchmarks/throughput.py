@@ -74,7 +74,7 @@ def _maxrss_mb() -> float:
 
 class JaxRunner:
 
-  def __init__(self, cfg, device):
+  def __init__(self, cfg, device, impl="layerwise"):
     import jax
     if device == "cpu":
       jax.config.update("jax_platforms", "cpu")
@@ -85,7 +85,7 @@ class JaxRunner:
     self.rss0 = _rss_mb()
     cell, layers, hiddens, batch, steps, max_tokens, _ = cfg
     self.loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
-    model = RNNLM(len(vocab), hiddens, layers, cell)
+    model = RNNLM(len(vocab), hiddens, layers, cell, impl=impl)
     opt = training.make_optimizer(LR, CLIP)
     self.ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
     self.epoch_fn = training.make_train_epoch(model, opt, use_random_iter=False)
@@ -114,7 +114,7 @@ class JaxRunner:
 
 class TorchRunner:
 
-  def __init__(self, cfg, device):
+  def __init__(self, cfg, device, impl=None):
     import numpy as np
     import torch
     from torch import nn
@@ -189,10 +189,10 @@ def _sync(runner):
     runner.torch.cuda.synchronize()
 
 
-def worker(framework: str, config: str, device: str) -> None:
+def worker(framework: str, config: str, device: str, impl: str) -> None:
   _data_env()
   t0 = time.perf_counter()
-  runner = (JaxRunner if framework == "jax" else TorchRunner)(CONFIGS[config], device)
+  runner = (JaxRunner if framework == "jax" else TorchRunner)(CONFIGS[config], device, impl)
   setup = time.perf_counter() - t0
   t = time.perf_counter()
   runner.epoch()  # compiles (jax) / warms up (torch)
@@ -221,12 +221,17 @@ def worker(framework: str, config: str, device: str) -> None:
 
 class Worker:
 
-  def __init__(self, framework, config, device):
+  def __init__(self, framework, config, device, impl="layerwise"):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     self.p = subprocess.Popen(
-        [sys.executable, __file__, "--worker", framework, "--configs", config, "--device", device],
+        [sys.executable, __file__, "--worker", framework, "--configs", config, "--device", device,
+         "--impl", impl],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.ready = None  # read by wait_ready(), so that several workers start at once
+
+  def wait_ready(self) -> "Worker":
     self.ready = self._read()
+    return self
 
   def _read(self) -> dict:
     line = self.p.stdout.readline()
@@ -249,24 +254,36 @@ class Worker:
 # Throughput.
 
 
-def bench_config(name, device, repeats, epochs) -> dict:
+def bench_config(name, device, repeats, epochs, impls=("layerwise",)) -> list[dict]:
+  """One row per impl of ours, each against the same PyTorch worker's runs."""
   epochs = epochs or CONFIGS[name][-1]
-  workers = {fw: Worker(fw, name, device) for fw in ("jax", "torch")}
-  runs = {fw: [] for fw in workers}
+  # On the GPU machine (16 cores) the workers start and compile at once, to save its short
+  # lease; on the 2-core CPU one at a time, so that each compile time is its own.
+  start = (lambda w: w) if device == "gpu" else (lambda w: w.wait_ready())
+  workers = {impl: start(Worker("jax", name, device, impl)) for impl in impls}
+  workers["torch"] = start(Worker("torch", name, device))
+  for w in workers.values():
+    if w.ready is None:
+      w.wait_ready()
+  runs = {key: [] for key in workers}
   for _ in range(repeats):
-    for fw, w in workers.items():  # interleaved: ours, torch, ours, torch...
-      runs[fw].append(w.ask(op="run", epochs=epochs))
-  mem = {fw: w.close() for fw, w in workers.items()}
-  out = {"config": name, "epochs_per_repeat": epochs, "repeats": repeats}
-  for fw in workers:
-    tps = [r["tokens"] / r["wall_s"] for r in runs[fw]]
-    cps = [r["tokens"] / r["cpu_s"] for r in runs[fw]]
-    out[fw] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_all": tps,
-               "tokens_per_cpu_s": statistics.median(cps), "final_ppl": runs[fw][-1]["ppl"],
-               **workers[fw].ready, **mem[fw]}
-  out["ratio"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
-  out["ratio_cpu_time"] = out["jax"]["tokens_per_cpu_s"] / out["torch"]["tokens_per_cpu_s"]
-  return out
+    for key, w in workers.items():  # interleaved: ours, torch, ours, torch...
+      runs[key].append(w.ask(op="run", epochs=epochs))
+  mem = {key: w.close() for key, w in workers.items()}
+  stats = {}
+  for key in workers:
+    tps = [r["tokens"] / r["wall_s"] for r in runs[key]]
+    cps = [r["tokens"] / r["cpu_s"] for r in runs[key]]
+    stats[key] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_all": tps,
+                  "tokens_per_cpu_s": statistics.median(cps), "final_ppl": runs[key][-1]["ppl"],
+                  **workers[key].ready, **mem[key]}
+  rows = []
+  for impl in impls:
+    j, t = stats[impl], stats["torch"]
+    rows.append({"config": name, "impl": impl, "epochs_per_repeat": epochs, "repeats": repeats,
+                 "jax": j, "torch": t, "ratio": j["tokens_per_s"] / t["tokens_per_s"],
+                 "ratio_cpu_time": j["tokens_per_cpu_s"] / t["tokens_per_cpu_s"]})
+  return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +389,8 @@ def markdown(results: dict, command: str) -> str:
     for r in results["configs"]:
       j, t = r["jax"], r["torch"]
       mem = "device_peak_mb" if "device_peak_mb" in j else "peak_rss_mb"
-      lines.append(f"| {r['config']} | {j['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
+      name = r["config"] + (f" ({r['impl']})" if r.get("impl", "layerwise") != "layerwise" else "")
+      lines.append(f"| {name} | {j['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
                    f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x | {j['compile_s']:.1f} | "
                    f"{j[mem]:,.0f} | {t[mem]:,.0f} |")
     lines.append("")
@@ -404,10 +422,12 @@ def main(argv=None) -> int:
   p.add_argument("--generation", action="store_true", help="also the generation benchmark")
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
   p.add_argument("--full-run-dir", default="/tmp/deeprnn_full_run")
+  p.add_argument("--impl", default="layerwise",
+                 help="our implementation(s), comma-separated: layerwise, scan, cudnn")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
-    worker(args.worker, args.configs, args.device)
+    worker(args.worker, args.configs, args.device, args.impl)
     return 0
   _data_env()
   if args.torch_threads:
@@ -430,12 +450,21 @@ def main(argv=None) -> int:
                       "cpu_model": cpu_model, "device": args.device,
                       "device_label": args.label or args.device},
              "configs": []}
-  for name in names if args.repeats > 0 else []:
-    r = bench_config(name, args.device, args.repeats, args.epochs)
+  impls = [i for i in args.impl.split(",") if i]
+
+  def rows():
+    for name in names if args.repeats > 0 else []:
+      try:
+        yield from bench_config(name, args.device, args.repeats, args.epochs, impls)
+      except RuntimeError as e:  # a worker died (its traceback is on stderr): go on
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+
+  for r in rows():
+    name = f"{r['config']} ({r['impl']})"
     results["configs"].append(r)
     for fw in ("jax", "torch"):
       results["info"].update({k: r[fw][k] for k in ("torch_threads",) if k in r[fw]})
-    print(f"{name:10s} ours {r['jax']['tokens_per_s']:>12,.0f} tok/s   torch "
+    print(f"{name:22s} ours {r['jax']['tokens_per_s']:>12,.0f} tok/s   torch "
           f"{r['torch']['tokens_per_s']:>12,.0f} tok/s   ratio {r['ratio']:.2f}x (CPU time "
           f"{r['ratio_cpu_time']:.2f}x)   compile {r['jax']['compile_s']:.1f}s   ppl "
           f"{r['jax']['final_ppl']:.1f} / {r['torch']['final_ppl']:.1f}", flush=True)

@@ -1,20 +1,29 @@
 """Interleaved A/B timing of the training-loop variants examined in BENCHMARKS.md.
 
     PYTHONPATH=. python benchmarks/variants.py scan:1,auto:1,res:1,res:5
+    CONFIG=wide PYTHONPATH=. python benchmarks/variants.py res:1,res:35,cudnn:1,cudnn:1:hi
 
-Each variant is ``kind:unroll``:
+Each variant is ``kind:unroll[:hi]``:
 
 * ``scan``: ``RNNLM(impl="scan")``, the chapter's nn.scan reference;
 * ``auto``: layerwise, the recurrence differentiated by XLA (``recurrence.layer_scan_autodiff``);
 * ``res``: layerwise, custom VJP keeping the step's vjp residuals (``recurrence.layer_scan``, the
-  default). The "products" variant of BENCHMARKS.md was removed from the library after it lost.
+  default). The "products" variant of BENCHMARKS.md was removed from the library after it lost;
+* ``cudnn``: ``RNNLM(impl="cudnn")`` (LSTM; cuDNN on a CUDA GPU, unroll ignored);
+* a trailing ``:hi`` traces the variant under ``jax.default_matmul_precision("highest")`` (full
+  float32 products; without it XLA:GPU and cuDNN may use TF32).
 
 All run ``training.make_train_epoch`` on the same epoch arrays, in one process, interleaved
-(``R`` rounds of ``N`` epochs each). Wall time and process CPU time per epoch are printed: on a
-machine shared with other jobs the CPU time is the steadier of the two.
-Environment: ``CELL``, ``H``, ``L``, ``B``, ``MAXTOK``, ``R``, ``N``.
+(``R`` rounds of ``N`` epochs each), each from the same initial parameters. Printed per variant:
+wall time and process CPU time per epoch (on a machine shared with other jobs the CPU time is the
+steadier of the two), the first call (trace + compile + one epoch), and the mean loss of the last
+epoch (the same number of SGD steps for every variant, so precisions can be compared).
+Environment: ``CONFIG`` (a ``benchmarks/throughput.py`` config name) or ``CELL``, ``H``, ``L``,
+``B``, ``MAXTOK``; ``R``, ``N``; ``JSON`` (append one JSON line per variant to this file).
 """
 
+import contextlib
+import json
 import os
 import sys
 import time
@@ -22,44 +31,70 @@ import time
 import jax
 import numpy as np
 
-from deeprnn_jax import data, recurrence, training
-from deeprnn_jax.models import RNNLM
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import CONFIGS, _data_env  # noqa: E402
+
+from deeprnn_jax import data, recurrence, training  # noqa: E402
+from deeprnn_jax.models import RNNLM  # noqa: E402
 
 
 def main():
+  _data_env()
   env = lambda k, d: type(d)(os.environ.get(k, d))
-  cell, H, L, B = env("CELL", "lstm"), env("H", 256), env("L", 2), env("B", 32)
-  loader, vocab = data.load_data_time_machine(B, 35, max_tokens=env("MAXTOK", 10000))
+  if os.environ.get("CONFIG"):
+    cell, L, H, B, T, maxtok, _ = CONFIGS[os.environ["CONFIG"]]
+  else:
+    cell, H, L, B, T, maxtok = env("CELL", "lstm"), env("H", 256), env("L", 2), env("B", 32), 35, \
+        env("MAXTOK", 10000)
+  loader, vocab = data.load_data_time_machine(B, T, max_tokens=maxtok)
   Xs, Ys = loader.epoch()
   opt = training.make_optimizer(2.0, 1.0)
   layer_scan, variants = recurrence.layer_scan, {}
   for spec in sys.argv[1].split(","):
-    kind, unroll = spec.split(":")
-    recurrence.layer_scan = layer_scan if kind == "res" else recurrence.layer_scan_autodiff
+    kind, unroll, *prec = spec.split(":")
+    context = (lambda: jax.default_matmul_precision("highest")) if prec == ["hi"] else \
+        contextlib.nullcontext
+    recurrence.layer_scan = recurrence.layer_scan_autodiff if kind == "auto" else layer_scan
     os.environ["DEEPRNN_JAX_UNROLL"] = unroll
-    model = RNNLM(len(vocab), H, L, cell, impl="scan" if kind == "scan" else "layerwise")
+    impl = {"scan": "scan", "cudnn": "cudnn"}.get(kind, "layerwise")
+    model = RNNLM(len(vocab), H, L, cell, impl=impl)
     ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
     epoch = training.make_train_epoch(model, opt)
     t = time.perf_counter()
-    ts, losses = epoch(ts, Xs, Ys, jax.random.PRNGKey(1))  # traced and compiled now
-    losses.block_until_ready()
-    variants[spec] = {"fn": epoch, "ts": ts, "wall": [], "cpu": [],
-                      "compile": time.perf_counter() - t}
+    try:
+      with context():  # the precision is part of jit's cache key: every call runs under it
+        ts, losses = epoch(ts, Xs, Ys, jax.random.PRNGKey(1))  # traced and compiled now
+        losses.block_until_ready()
+    except Exception as e:  # noqa: BLE001 - report the variant and measure the others
+      print(f"{spec}: failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+      continue
+    variants[spec] = {"fn": epoch, "ts": ts, "ctx": context, "wall": [], "cpu": [],
+                      "first": time.perf_counter() - t}
   recurrence.layer_scan = layer_scan
   os.environ.pop("DEEPRNN_JAX_UNROLL")
   N = env("N", 3)
   for _ in range(env("R", 5)):
     for v in variants.values():
-      t, c = time.perf_counter(), time.process_time()
-      for _ in range(N):
-        v["ts"], losses = v["fn"](v["ts"], Xs, Ys, jax.random.PRNGKey(1))
-      losses.block_until_ready()
+      with v["ctx"]():
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(N):
+          v["ts"], losses = v["fn"](v["ts"], Xs, Ys, jax.random.PRNGKey(1))
+        losses.block_until_ready()
       v["wall"].append((time.perf_counter() - t) / N)
       v["cpu"].append((time.process_time() - c) / N)
+      v["loss"] = float(np.mean(losses))
+  name = os.environ.get("CONFIG") or f"{cell} {L}x{H} B{B}"
+  print(f"# {name}: {Xs.size:,} tokens per epoch, device {jax.devices()[0].device_kind}")
   for spec, v in variants.items():
     wall, cpu = np.median(v["wall"]), np.median(v["cpu"])
-    print(f"{spec:10s} epoch wall {wall * 1e3:7.1f} ms ({Xs.size / wall:8,.0f} tokens/s)  "
-          f"CPU {cpu * 1e3:7.1f} ms  first call {v['compile']:.1f} s")
+    print(f"{spec:12s} epoch wall {wall * 1e3:8.2f} ms ({Xs.size / wall:11,.0f} tokens/s)  "
+          f"CPU {cpu * 1e3:8.2f} ms  first call {v['first']:5.1f} s  loss {v['loss']:.4f}")
+    if os.environ.get("JSON"):
+      with open(os.environ["JSON"], "a") as f:
+        f.write(json.dumps({"config": name, "variant": spec, "tokens_per_epoch": int(Xs.size),
+                            "wall_s": float(wall), "cpu_s": float(cpu), "walls": v["wall"],
+                            "first_call_s": v["first"], "loss": v["loss"],
+                            "device": jax.devices()[0].device_kind}) + "\n")
 
 
 if __name__ == "__main__":

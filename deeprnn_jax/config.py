@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from deeprnn_jax import cudnn
 from deeprnn_jax.data import CLEANINGS, check_valid_fraction
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM, check_model_args
@@ -46,6 +47,8 @@ class TrainConfig:
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""
     check_model_args(1, self.num_hiddens, self.num_layers, self.cell, self.activation,
                      self.dropout, self.impl)
+    if self.impl == "cudnn" and not cudnn.has_cuda():
+      raise UsageError("impl 'cudnn' needs a CUDA GPU (JAX sees none here); use impl 'layerwise'")
     for name in ("batch_size", "num_steps", "num_epochs"):
       value = getattr(self, name)
       if int(value) != value or value < 1:

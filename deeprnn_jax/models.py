@@ -9,6 +9,8 @@ Two ways to run the same parameters, chosen by ``impl``:
   and ``lax.scan`` runs only the recurrent part (``recurrence.layer_scan``, whose backward pass
   forms the weight gradients as one matrix product). Same equations (``cells.step``), same numbers (with dropout, equal in
   distribution: the masks are drawn differently).
+* ``"cudnn"`` — LSTM only, no dropout: the whole stack as one cuDNN call forward and one
+  backward (``jax.experimental.rnn``; see ``cudnn``), on the same parameters.
 
 Parameters (``params`` of :class:`RNNLM`)::
 
@@ -25,11 +27,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import cells, recurrence
+from deeprnn_jax import cells, cudnn, recurrence
 from deeprnn_jax.errors import UsageError
 
 Array = jax.Array
-IMPLS = ("scan", "layerwise")
+IMPLS = ("scan", "layerwise", "cudnn")
 
 
 def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
@@ -62,6 +64,9 @@ def check_model_args(
     raise UsageError(f"dropout must be in [0, 1), got {dropout}")
   if impl not in IMPLS:
     raise UsageError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+  if impl == "cudnn" and (cell != "lstm" or dropout > 0.0):
+    raise UsageError(f"impl 'cudnn' runs LSTMs without dropout (got cell {cell!r}, "
+                     f"dropout {dropout}); use impl 'layerwise'")
 
 
 def state_to_carries(cell: str, state) -> list:
@@ -160,6 +165,25 @@ class LayerwiseRNN(_Stack):
     return tuple(new_carries), jnp.swapaxes(xs, 0, 1)
 
 
+class CudnnLSTM(_Stack):
+  """:data:`DeepRNN` for LSTMs without dropout, as one cuDNN call (``cudnn.lstm_stack``).
+
+  The same parameters (``layer_{l}/…``, declared by ``cells.Cell``); ``inputs`` as for
+  :class:`LayerwiseRNN` (tokens are expanded to one-hot rows: cuDNN takes dense inputs).
+  """
+
+  @nn.compact
+  def __call__(self, carries, inputs: Array):
+    if inputs.ndim == 2:
+      inputs = jax.nn.one_hot(inputs, self.num_inputs, dtype=jnp.float32)
+    layers = [cells.Cell(self.cell, self.num_inputs if l == 0 else self.num_hiddens,
+                         self.num_hiddens, name=f"layer_{l}").weights
+              for l in range(len(self.activations))]
+    h0, c0 = carries_to_state("lstm", carries)
+    hs, h_n, c_n = cudnn.lstm_stack(layers, inputs, h0, c0)
+    return tuple(state_to_carries("lstm", (h_n, c_n))), hs
+
+
 class RNNLM(nn.Module):
   """A character (or word) language model: one-hot inputs, a deep RNN, a linear head.
 
@@ -173,7 +197,8 @@ class RNNLM(nn.Module):
     cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
     activation: φ for RNN layers, one name or one per layer.
     dropout: drop probability between recurrent layers (training only).
-    impl: ``"layerwise"`` (fast, default) or ``"scan"`` (the chapter's reference formulation).
+    impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation) or
+      ``"cudnn"`` (LSTM without dropout, one cuDNN call; JAX's reference of it off the GPU).
   """
 
   vocab_size: int
@@ -211,7 +236,7 @@ class RNNLM(nn.Module):
     if self.impl == "scan":
       rnn, inputs = DeepRNN, jax.nn.one_hot(X, self.vocab_size, dtype=jnp.float32)
     else:
-      rnn, inputs = LayerwiseRNN, X
+      rnn, inputs = (CudnnLSTM if self.impl == "cudnn" else LayerwiseRNN), X
     carries, hs = rnn(
         self.cell, self.vocab_size, self.num_hiddens,
         layer_activations(self.activation, self.num_layers), self.dropout, deterministic,

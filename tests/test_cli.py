@@ -169,6 +169,18 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
       assert (tmp_path / name).read_bytes() == b"keep me"
 
 
+def test_cudnn_impl_without_gpu_or_for_gru_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+  from deeprnn_jax import cudnn
+  monkeypatch.setattr(cudnn, "has_cuda", lambda: False)  # as on a machine without CUDA
+  code, _, err = run_train(["--impl", "cudnn", "--out", str(tmp_path / "a")], capsys)
+  assert code == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+  monkeypatch.setattr(cudnn, "has_cuda", lambda: True)
+  code, _, err = run_train(["--impl", "cudnn", "--cell", "gru", "--out", str(tmp_path / "b")],
+                           capsys)
+  assert code == 2 and "LSTMs without dropout" in err
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_existing_run_is_never_overwritten_and_other_config_is_refused(tmp_path, capsys):
   run = tmp_path / "run"
   assert run_train(["--num-epochs", "1", "--quiet", "--out", str(run)], capsys)[0] == 0

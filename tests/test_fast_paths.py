@@ -3,7 +3,9 @@
 The reference is ``RNNLM(impl="scan")`` (the chapter's ``nn.scan`` over stacked cells) and the
 NumPy model in ``tests/reference.py``. The fast paths are ``impl="layerwise"`` and the kernels in
 ``deeprnn_jax.recurrence`` it runs on: the custom-VJP layer scan (weight gradients as one GEMM
-after the scan, any unroll) and the input projection with its own backward pass.
+after the scan, any unroll) and the input projection with its own backward pass; and
+``impl="cudnn"`` (cuDNN's LSTM on a CUDA GPU, JAX's reference of that kernel elsewhere: the
+weight packing, state layout and gradients through them are checked on every machine).
 Forward values agree to 1e-5, gradients to 1e-4.
 """
 
@@ -16,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeprnn_jax import cells, recurrence, training
+from jax.experimental import rnn
+
+from deeprnn_jax import cells, cudnn, recurrence, training
+from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
 try:
@@ -58,10 +63,10 @@ def _loss_and_grad(model: RNNLM):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _case(cell, activation, num_layers, batch, steps, seed=0):
+def _case(cell, activation, num_layers, batch, steps, seed=0, impl="layerwise"):
   k = jax.random.split(jax.random.PRNGKey(seed), 5)
   scan = RNNLM(VOCAB, HIDDENS, num_layers, cell, activation, impl="scan")
-  fast = RNNLM(VOCAB, HIDDENS, num_layers, cell, activation, impl="layerwise")
+  fast = RNNLM(VOCAB, HIDDENS, num_layers, cell, activation, impl=impl)
   X = jax.random.randint(k[0], (batch, steps), 0, VOCAB)
   params = scan.init(k[1], X)["params"]
   state = _tree_like(k[2], scan.begin_state(batch), 0.5)
@@ -93,6 +98,41 @@ def test_layerwise_edge_shapes(cell, activation, batch, steps):
   (_, out_f), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
   _close(out_f, out_s, FWD_TOL)
   _close(grads_f, grads_s, GRAD_TOL)
+
+
+@pytest.mark.parametrize("num_layers,batch,steps", [(1, 3, 6), (2, 3, 6), (3, 2, 4), (2, 1, 1)])
+def test_cudnn_matches_scan_and_numpy(num_layers, batch, steps):
+  scan, fast, params, state, X, R, S = _case("lstm", "tanh", num_layers, batch, steps,
+                                             seed=num_layers, impl="cudnn")
+  (_, out_s), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
+  (_, out_f), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
+  _close(out_f, out_s, FWD_TOL)
+  _close(grads_f, grads_s, GRAD_TOL)
+  if reference_forward is not None:
+    _close(out_f, reference_forward(params, np.asarray(X), state, "lstm", "tanh"), FWD_TOL)
+
+
+def test_cudnn_weight_layout():
+  """The packed vector is cuDNN's documented layout: all W_ih, W_hh, then all b_ih, b_hh."""
+  layers = [{name: jnp.full(shape, 10 * l + i, jnp.float32) for i, (name, shape) in enumerate(
+      [("W_xh", (n_in, 8)), ("W_hh", (2, 8)), ("b_xh", (8,)), ("b_hh", (8,))])}
+            for l, n_in in enumerate([3, 2])]
+  layers[0]["W_xh"] = jnp.arange(24, dtype=jnp.float32).reshape(3, 8)
+  w = cudnn.pack_lstm_weights(layers)
+  assert w.shape == (rnn.get_num_params_in_lstm(3, 2, 2, False),)
+  W_ih, W_hh, b_ih, b_hh = rnn.unpack_lstm_weights(w, 3, 2, 2, False)
+  np.testing.assert_array_equal(W_ih[0], layers[0]["W_xh"].T)  # [4H, in], PyTorch's weight_ih
+  for l in range(2):
+    for ours, theirs in (("W_hh", W_hh), ("b_xh", b_ih), ("b_hh", b_hh)):
+      want = layers[l][ours].T if ours == "W_hh" else layers[l][ours]
+      np.testing.assert_array_equal(theirs[l], want)
+
+
+def test_cudnn_impl_refuses_what_it_cannot_run():
+  with pytest.raises(UsageError, match="LSTMs without dropout"):
+    RNNLM(VOCAB, HIDDENS, 2, "gru", impl="cudnn")
+  with pytest.raises(UsageError, match="LSTMs without dropout"):
+    RNNLM(VOCAB, HIDDENS, 2, "lstm", dropout=0.2, impl="cudnn")
 
 
 def test_layerwise_mixed_activations_match_numpy():
@@ -159,9 +199,10 @@ def test_train_epoch_same_parameters():
   Ys = jax.random.randint(k[1], (2, 3, 5), 0, VOCAB)
   opt = training.make_optimizer(1.0, 1.0)
   results = []
-  for impl in ("scan", "layerwise"):
+  for impl in ("scan", "layerwise", "cudnn"):
     model = RNNLM(VOCAB, HIDDENS, 2, "lstm", impl=impl)
     ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
     ts, losses = training.make_train_epoch(model, opt)(ts, Xs, Ys, jax.random.PRNGKey(1))
     results.append((ts.params, losses))
   _close(results[1], results[0], GRAD_TOL)
+  _close(results[2], results[0], GRAD_TOL)

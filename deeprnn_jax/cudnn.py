@@ -1,0 +1,62 @@
+"""The LSTM stack as one cuDNN call per pass (``jax.experimental.rnn``), on our parameters.
+
+cuDNN keeps an LSTM's weights in one flat vector: every layer's ``W_ih`` then ``W_hh``
+(``[4H, in]``, ``[4H, H]``, PyTorch's layout, gates i, f, g, o), then every layer's ``b_ih`` then
+``b_hh``. Ours are the same four arrays transposed (``W_xh = W_ihᵀ``, ``b_xh = b_ih``: see
+``cells``), so :func:`pack_lstm_weights` is a pure repacking, differentiated by JAX: gradients
+reach ``rnn/layer_{l}/…`` as for the other implementations, and checkpoints do not depend on
+the implementation that wrote them.
+
+On a CUDA GPU :func:`lstm_stack` runs cuDNN's LSTM forward and backward kernels (all layers,
+all steps in one call each). Elsewhere it runs ``jax.experimental.rnn.lstm_ref``, JAX's own
+reference of what that kernel computes, so the packing and the state layout are tested on any
+machine; the train CLI refuses ``--impl cudnn`` without a GPU rather than run the slow reference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import rnn
+
+Array = jax.Array
+
+
+def has_cuda() -> bool:
+  """Whether the default JAX backend is a CUDA GPU (where cuDNN's kernels run)."""
+  try:
+    return jax.default_backend() == "gpu" and jax.devices()[0].platform in ("gpu", "cuda")
+  except RuntimeError:  # pragma: no cover - no backend at all
+    return False
+
+
+def pack_lstm_weights(layers: Sequence[dict]) -> Array:
+  """Our per-layer LSTM parameters -> cuDNN's flat weight vector ``<float32>[num_params]``."""
+  mats = [w for p in layers for w in (p["W_xh"].T, p["W_hh"].T)]
+  biases = [b for p in layers for b in (p["b_xh"], p["b_hh"])]
+  return jnp.concatenate([a.reshape(-1) for a in mats + biases])
+
+
+def lstm_stack(layers: Sequence[dict], x: Array, h0: Array, c0: Array):
+  """Runs L stacked LSTM layers over all steps.
+
+  Args:
+    layers: one ``{W_xh, W_hh, b_xh, b_hh}`` per layer (``cells`` layout).
+    x: ``<float32>[batch, steps, num_inputs]``.
+    h0, c0: ``<float32>[num_layers, batch, num_hiddens]``.
+
+  Returns:
+    ``(hs <float32>[batch, steps, num_hiddens], h_n, c_n)``, ``h_n`` and ``c_n`` shaped as ``h0``.
+  """
+  num_layers, batch, hiddens = h0.shape
+  inputs = x.shape[-1]
+  w = pack_lstm_weights(layers)
+  seq_lengths = jnp.full((batch,), x.shape[1], jnp.int32)
+  if has_cuda():
+    return rnn.lstm(x, h0, c0, w, seq_lengths, input_size=inputs, hidden_size=hiddens,
+                    num_layers=num_layers, dropout=0.0, bidirectional=False)
+  W_ih, W_hh, b_ih, b_hh = rnn.unpack_lstm_weights(w, inputs, hiddens, num_layers, False)
+  return rnn.lstm_ref(x, h0, c0, W_ih, W_hh, b_ih, b_hh, seq_lengths, inputs, hiddens,
+                      num_layers, 0.0, False)
