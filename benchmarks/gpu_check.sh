@@ -58,7 +58,7 @@ full_run() {  # full_run NAME [train flags...]: the chapter's 500 epochs, wall t
 export -f full_run
 export WORK FULL_RUN_ARGS="${FULL_RUN_ARGS:-}"
 XDIST=""
-python -c "import xdist" 2>/dev/null && XDIST="-n 8"
+python -c "import xdist" 2>/dev/null && XDIST="-n 8 -p no:benchmark"
 
 LABEL="$DEVICE"
 echo "date: $(date -u +%FT%TZ)  DEEPRNN_JAX_DATA=${DEEPRNN_JAX_DATA:-unset}  DEVICE=$DEVICE" | tee -a "$LOG"
@@ -70,35 +70,32 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
 print(\"torch\", torch.__version__, torch.cuda.is_available(), torch.backends.cudnn.version(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 "'
 fi
-# cuDNN and the fast paths against the nn.scan reference first, at full float32 precision
-# (XLA:GPU and cuDNN may use TF32 by default; the equivalence tolerances are float32's).
-stage tests-fast-paths 90 env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -x \
-  -p no:cacheprovider tests/test_fast_paths.py
+# The fast paths against the nn.scan reference first, at full float32 precision (XLA:GPU and
+# cuDNN may use TF32 by default; the equivalence tolerances are float32's).
+HI="env JAX_DEFAULT_MATMUL_PRECISION=highest"
+stage tests-fast-paths 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_fast_paths.py
 if [ "${SWEEP:-0}" = 1 ]; then
-  stage variants-seed 100 env CONFIG=seed R="${R:-5}" N="${N:-3}" JSON="$OUT/variants.jsonl" \
-    python benchmarks/variants.py \
-    "${SEED_VARIANTS:-res:1,res:4,res:8,res:16,auto:8,scan:1,cudnn:1,res:8:hi,cudnn:1:hi}"
+  stage variants-seed 80 env CONFIG=seed R="${R:-5}" N="${N:-3}" JSON="$OUT/variants.jsonl" \
+    python benchmarks/variants.py "${SEED_VARIANTS:-res:8,wave:1,wave:4,wave:8,wave:16,wave:8:hi}"
 fi
-stage throughput-seed 60 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
-  --impl layerwise,cudnn --repeats 3 --epochs 5 --label "$LABEL" \
+IMPLS="${IMPLS:-layerwise,wavefront,cudnn}"
+stage throughput-seed 45 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
+  --impl "$IMPLS" --repeats 3 --epochs 5 --label "$LABEL" \
   --out "$WORK/throughput_seed.json" --append-md "$OUT/BENCHMARKS_gpu.md"
-stage full-run-layerwise 45 bash -c 'full_run layerwise --impl layerwise'
-stage full-run-cudnn 45 bash -c 'full_run cudnn --impl cudnn'
+# The chapter's run as a user starts it (impl auto, the CLI's XLA flags).
+stage full-run 40 bash -c 'full_run default'
 if [ "${SWEEP:-0}" = 1 ]; then
-  stage full-run-layerwise-f32 45 env JAX_DEFAULT_MATMUL_PRECISION=highest \
-    bash -c 'full_run layerwise-f32 --impl layerwise'
-  for cfg in wide big-batch; do
-    stage "variants-$cfg" 60 env CONFIG=$cfg R="${R:-3}" N=1 JSON="$OUT/variants.jsonl" \
-      python benchmarks/variants.py "${OTHER_VARIANTS:-res:1,res:8,cudnn:1}"
-  done
+  stage full-run-no-xla-flags 40 env DEEPRNN_JAX_XLA_FLAGS= bash -c 'full_run no-xla-flags'
+  stage full-run-layerwise-profiled 45 bash -c \
+    'python -m cProfile -o "$WORK/layerwise.prof" -m deeprnn_jax.train --out "$WORK/run-layerwise" --impl layerwise $FULL_RUN_ARGS'
 fi
 for cfg in wide big-batch; do
-  stage "throughput-$cfg" 60 python benchmarks/throughput.py --device "$DEVICE" --configs "$cfg" \
-    --impl layerwise,cudnn --repeats 3 --epochs 2 --label "$LABEL" \
+  stage "throughput-$cfg" 40 python benchmarks/throughput.py --device "$DEVICE" --configs "$cfg" \
+    --impl "$IMPLS" --repeats 3 --epochs 2 --label "$LABEL" \
     --out "$WORK/throughput_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
 done
-stage tests 120 env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -p no:cacheprovider \
-  $XDIST tests/test_models.py tests/test_training.py
+stage tests 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_models.py \
+  tests/test_training.py
 
 echo "=== summary (${SECONDS}s)" | tee -a "$LOG"
 for s in "${SUMMARY[@]}"; do echo "  $s" | tee -a "$LOG"; done

@@ -9,6 +9,7 @@ Each variant is ``kind:unroll[:hi]``:
 * ``auto``: layerwise, the recurrence differentiated by XLA (``recurrence.layer_scan_autodiff``);
 * ``res``: layerwise, custom VJP keeping the step's vjp residuals (``recurrence.layer_scan``, the
   default). The "products" variant of BENCHMARKS.md was removed from the library after it lost;
+* ``wave``: ``RNNLM(impl="wavefront")``, the layers skewed in time as one recurrence;
 * ``cudnn``: ``RNNLM(impl="cudnn")`` (LSTM; cuDNN on a CUDA GPU, unroll ignored);
 * a trailing ``:hi`` traces the variant under ``jax.default_matmul_precision("highest")`` (full
   float32 products; without it XLA:GPU and cuDNN may use TF32).
@@ -56,7 +57,7 @@ def main():
         contextlib.nullcontext
     recurrence.layer_scan = recurrence.layer_scan_autodiff if kind == "auto" else layer_scan
     os.environ["DEEPRNN_JAX_UNROLL"] = unroll
-    impl = {"scan": "scan", "cudnn": "cudnn"}.get(kind, "layerwise")
+    impl = {"scan": "scan", "cudnn": "cudnn", "wave": "wavefront"}.get(kind, "layerwise")
     model = RNNLM(len(vocab), H, L, cell, impl=impl)
     ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
     epoch = training.make_train_epoch(model, opt)

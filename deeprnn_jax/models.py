@@ -9,6 +9,10 @@ Two ways to run the same parameters, chosen by ``impl``:
   and ``lax.scan`` runs only the recurrent part (``recurrence.layer_scan``, whose backward pass
   forms the weight gradients as one matrix product). Same equations (``cells.step``), same numbers (with dropout, equal in
   distribution: the masks are drawn differently).
+* ``"wavefront"`` — the layerwise kernels with the L layers skewed in time (layer ``l`` at step
+  ``t - l``) and run as one recurrence (``recurrence.wave_scan``): ``steps + L - 1`` sequential
+  steps instead of ``L * steps``, each one larger product. For GPUs, where a step's cost is
+  latency, not arithmetic; no dropout.
 * ``"cudnn"`` — LSTM only, no dropout: the whole stack as one cuDNN call forward and one
   backward (``jax.experimental.rnn``; see ``cudnn``), on the same parameters.
 
@@ -31,7 +35,18 @@ from deeprnn_jax import cells, cudnn, recurrence
 from deeprnn_jax.errors import UsageError
 
 Array = jax.Array
-IMPLS = ("scan", "layerwise", "cudnn")
+IMPLS = ("auto", "scan", "layerwise", "wavefront", "cudnn")
+# What "auto" runs, per JAX backend (measured: BENCHMARKS.md). Dropout always runs layerwise.
+AUTO_IMPL = {"cpu": "layerwise", "gpu": "wavefront"}
+
+
+def resolve_impl(impl: str, dropout: float = 0.0) -> str:
+  """The implementation ``impl`` stands for on this machine (``"auto"`` per :data:`AUTO_IMPL`)."""
+  if impl != "auto":
+    return impl
+  if dropout > 0.0:
+    return "layerwise"
+  return AUTO_IMPL.get(jax.default_backend(), "layerwise")
 
 
 def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
@@ -47,7 +62,7 @@ def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple
 
 def check_model_args(
     vocab_size: int, num_hiddens: int, num_layers: int, cell: str, activation, dropout: float,
-    impl: str = "layerwise",
+    impl: str = "auto",
 ) -> None:
   """Raises :class:`UsageError` for hyperparameters no model can have."""
   if cell not in cells.NUM_GATES:
@@ -67,6 +82,9 @@ def check_model_args(
   if impl == "cudnn" and (cell != "lstm" or dropout > 0.0):
     raise UsageError(f"impl 'cudnn' runs LSTMs without dropout (got cell {cell!r}, "
                      f"dropout {dropout}); use impl 'layerwise'")
+  if impl == "wavefront" and dropout > 0.0:
+    raise UsageError(f"impl 'wavefront' runs without dropout (got {dropout}); use impl "
+                     "'layerwise'")
 
 
 def state_to_carries(cell: str, state) -> list:
@@ -165,6 +183,38 @@ class LayerwiseRNN(_Stack):
     return tuple(new_carries), jnp.swapaxes(xs, 0, 1)
 
 
+class WavefrontRNN(_Stack):
+  """:class:`LayerwiseRNN` with the layers skewed in time and run as one recurrence.
+
+  Layer 0's input part is hoisted as in :class:`LayerwiseRNN`; every other layer's input,
+  ``H_t^(l-1)``, is the previous wave step's output of layer ``l - 1``, so its ``W_xh`` product
+  joins the recurrent one (``recurrence.wave_scan``). No dropout. One time step (generation)
+  runs layer by layer: there is nothing to overlap.
+  """
+
+  @nn.compact
+  def __call__(self, carries, inputs: Array):
+    xs = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
+    layers = [cells.Cell(self.cell, self.num_inputs if l == 0 else self.num_hiddens,
+                         self.num_hiddens, activation, name=f"layer_{l}")
+              for l, activation in enumerate(self.activations)]
+    gx = recurrence.input_gates(layers[0].weights, xs)  # <float32>[steps, batch, G * hiddens]
+    if len(layers) == 1 or xs.shape[0] == 1:
+      new_carries = []
+      for l, layer in enumerate(layers):
+        if l > 0:
+          gx = recurrence.input_gates(layer.weights, xs)
+        carry, xs = recurrence.layer_scan(self.cell, self.activations[l],
+                                          recurrence.default_unroll(), layer.W_hh, layer.b_hh,
+                                          carries[l], gx)
+        new_carries.append(carry)
+    else:
+      new_carries, xs = recurrence.wave_scan(self.cell, self.activations,
+                                             recurrence.default_unroll(),
+                                             [layer.weights for layer in layers], carries, gx)
+    return tuple(new_carries), jnp.swapaxes(xs, 0, 1)
+
+
 class CudnnLSTM(_Stack):
   """:data:`DeepRNN` for LSTMs without dropout, as one cuDNN call (``cudnn.lstm_stack``).
 
@@ -197,8 +247,10 @@ class RNNLM(nn.Module):
     cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
     activation: φ for RNN layers, one name or one per layer.
     dropout: drop probability between recurrent layers (training only).
-    impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation) or
-      ``"cudnn"`` (LSTM without dropout, one cuDNN call; JAX's reference of it off the GPU).
+    impl: ``"auto"`` (default: the fastest measured on this backend, :data:`AUTO_IMPL`),
+      ``"layerwise"`` (fast), ``"scan"`` (the chapter's reference formulation),
+      ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
+      dropout, one cuDNN call; JAX's reference of it off the GPU).
   """
 
   vocab_size: int
@@ -207,7 +259,7 @@ class RNNLM(nn.Module):
   cell: str = "lstm"
   activation: str | tuple[str, ...] = "tanh"
   dropout: float = 0.0
-  impl: str = "layerwise"
+  impl: str = "auto"
 
   def __post_init__(self):
     check_model_args(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
@@ -233,10 +285,12 @@ class RNNLM(nn.Module):
     """
     if state is None:
       state = self.begin_state(X.shape[0])
-    if self.impl == "scan":
+    impl = resolve_impl(self.impl, self.dropout)
+    if impl == "scan":
       rnn, inputs = DeepRNN, jax.nn.one_hot(X, self.vocab_size, dtype=jnp.float32)
     else:
-      rnn, inputs = (CudnnLSTM if self.impl == "cudnn" else LayerwiseRNN), X
+      rnn = {"cudnn": CudnnLSTM, "wavefront": WavefrontRNN}.get(impl, LayerwiseRNN)
+      inputs = X
     carries, hs = rnn(
         self.cell, self.vocab_size, self.num_hiddens,
         layer_activations(self.activation, self.num_layers), self.dropout, deterministic,

@@ -26,6 +26,7 @@ its backward products. Measurements: BENCHMARKS.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -57,7 +58,7 @@ class _Product:
 
   ``h @ _Product(p)`` is ``p``: JAX arrays defer ``@`` to an operand type they do not know, so
   the step's ``h @ params["W_hh"]`` calls :meth:`__rmatmul__`. Its gradient with respect to
-  ``h`` is then zero; :func:`layer_scan` adds the ``dG W_hhᵀ`` path itself.
+  ``h`` is then zero; :func:`_recurrent_scan` adds the ``dG W_hhᵀ`` path itself.
   """
 
   def __init__(self, product: Array):
@@ -76,34 +77,129 @@ def _split(unroll: int, steps: int) -> int:
   return max(1, min(unroll, steps))
 
 
-def _step_at(cell, activation, product):
-  """``cells.step`` as a function of ``(carry, gx_t, b_hh rows)`` with ``H_{t-1} W_hh`` given."""
-  return lambda c, g, b: cells.step(cell, {"W_hh": _Product(product), "b_hh": b}, c, g,
-                                    activation)
+# The steps the kernel runs: ``step(product, b_rows, carry, x) -> (carry, y)`` with
+# ``product = hidden(carry) @ W`` already computed and ``b_rows`` the bias ``b`` broadcast to one
+# row per batch element (the gate gradient is read off as its gradient). Frozen dataclasses, so
+# that equal steps are equal static arguments.
 
 
-def _forward(cell, activation, unroll, W_hh, b_hh, carry, gx, keep=False):
-  """The plain recurrence; with ``keep``, also each step's entering ``H_{t-1}`` and its
+@dataclasses.dataclass(frozen=True)
+class _LayerStep:
+  """One layer: ``cells.step`` with ``W = W_hh``, ``b = b_hh``, ``x = gx_t``."""
+
+  cell: str
+  activation: str
+
+  def hidden(self, carry) -> Array:
+    return _hidden(self.cell, carry)
+
+  def __call__(self, product, b_rows, carry, gx):
+    return cells.step(self.cell, {"W_hh": _Product(product), "b_hh": b_rows}, carry, gx,
+                      self.activation)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WaveStep:
+  """L layers at once, layer ``l`` one time step behind layer ``l - 1`` (a wavefront).
+
+  ``hidden(carry) = [H^(0) … H^(L-1)]`` ``<float32>[batch, L*H]``, so that one product with
+  :func:`wave_scan`'s ``W`` gives every layer's ``H_{t-1}^(l) W_hh`` and ``H_t^(l-1) W_xh``:
+  layer ``l-1``'s current carry is the input layer ``l`` needs. RNN and LSTM add the two, so
+  ``W`` is block bidiagonal (``[L*H, L*G*H]``); the GRU keeps ``W_xn`` outside ``R ⊙ (·)``, so
+  its ``W`` has the input blocks in ``L - 1`` more columns. ``x = (gx, valid)``: layer 0's
+  ``X_t W_xh + b_xh`` ``<float32>[batch, G*H]`` and ``valid <float32>[L]``, which keeps a
+  layer's carry unchanged at the wave steps before its first and after its last time step.
+  """
+
+  cell: str
+  activations: tuple[str, ...]
+
+  def hidden(self, carry) -> Array:
+    return jnp.concatenate([_hidden(self.cell, c) for c in carry], axis=-1)
+
+  def __call__(self, product, b_rows, carry, x):
+    gx0, valid = x
+    L, width = len(self.activations), gx0.shape[-1]
+    block = lambda k: slice(k * width, (k + 1) * width)
+    new = []
+    for l, activation in enumerate(self.activations):
+      if l == 0:
+        gx = gx0
+      elif self.cell == "gru":
+        gx = product[:, block(L + l - 1)] + b_rows[:, block(L + l - 1)]
+      else:
+        gx = 0.0  # W_xh's product and b_xh are in this layer's block of product and b_rows.
+      c, _ = _LayerStep(self.cell, activation)(product[:, block(l)], b_rows[:, block(l)],
+                                               carry[l], gx)
+      new.append(jax.tree.map(lambda n, o: jnp.where(valid[l] > 0, n, o), c, carry[l]))
+    return tuple(new), _hidden(self.cell, new[-1])
+
+
+def _forward(step, unroll, W, b, carry, xs, keep=False):
+  """The plain recurrence; with ``keep``, also each step's entering ``hidden(carry)`` and its
   linearisation (``jax.vjp`` residuals: gate activations and the like) for the backward pass.
   """
-  weights = {"W_hh": W_hh, "b_hh": b_hh}
-  b_rows = jnp.broadcast_to(b_hh, (gx.shape[1], b_hh.shape[0]))
+  steps = jax.tree.leaves(xs)[0].shape[0]
+  b_rows = jnp.broadcast_to(b, (step.hidden(carry).shape[0], b.shape[0]))
 
-  if not keep and gx.shape[0] == 1:  # one step (generation): no loop around it
-    carry, h = cells.step(cell, weights, carry, gx[0], activation)
-    return carry, h[None]
-
-  def body(carry, g):
+  def body(carry, x):
+    h = step.hidden(carry)
+    product = h @ W
     if not keep:
-      return cells.step(cell, weights, carry, g, activation)
-    product = _hidden(cell, carry) @ W_hh
-    (new, h), vjp = jax.vjp(_step_at(cell, activation, product), carry, g, b_rows)
-    return new, (h, _hidden(cell, carry), vjp)
+      return step(product, b_rows, carry, x)
+    (new, y), vjp = jax.vjp(functools.partial(step, product), b_rows, carry, x)
+    return new, (y, h, vjp)
 
-  return jax.lax.scan(body, carry, gx, unroll=_split(unroll, gx.shape[0]))
+  if not keep and steps == 1:  # one step (generation): no loop around it
+    carry, y = body(carry, jax.tree.map(lambda a: a[0], xs))
+    return carry, y[None]
+  return jax.lax.scan(body, carry, xs, unroll=_split(unroll, steps))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _recurrent_scan(step, unroll: int, dx_is_dgates: bool, W: Array, b: Array, carry, xs):
+  """``lax.scan`` of ``step`` with the backward pass described in the module docstring.
+
+  ``dx_is_dgates``: the step adds ``x`` to the gates before any nonlinearity (RNN, LSTM), so the
+  gradient of ``x`` is the gate gradient: one ``[steps, batch, G*H]`` buffer less to fill.
+  """
+  return _forward(step, unroll, W, b, carry, xs)
+
+
+def _recurrent_scan_fwd(step, unroll, dx_is_dgates, W, b, carry, xs):
+  last, (ys, h_prev, vjps) = _forward(step, unroll, W, b, carry, xs, keep=True)
+  return (last, ys), (W, h_prev, vjps, carry, xs)
+
+
+def _recurrent_scan_bwd(step, unroll, dx_is_dgates, res, cotangents):
+  W, h_prev, vjps, carry, xs = res
+  d_last, d_ys = cotangents
+  W_T = _t(W)  # laid out once, not transposed again in every step's product
+  _, hidden_T = jax.vjp(step.hidden, carry)  # linear: the same map at every step
+
+  def body(d_carry, per_step):
+    vjp, d_y = per_step
+    d_b, d_prev, d_x = vjp((d_carry, d_y))
+    # The product path, hidden(carry) @ W, which the step saw as a constant.
+    d_prev = jax.tree.map(jnp.add, d_prev, hidden_T(d_b @ W_T)[0])
+    return d_prev, (None if dx_is_dgates else d_x, d_b)
+
+  d_first, (d_xs, d_gates) = jax.lax.scan(body, d_last, (vjps, d_ys), reverse=True,
+                                          unroll=_split(unroll, d_ys.shape[0]))
+  # Weight gradients as one GEMM over all steps * batch rows; h_prev is hidden(carry) entering
+  # each step.
+  d_gates_2d = d_gates.reshape(-1, d_gates.shape[-1])
+  d_W = _t(h_prev.reshape(-1, h_prev.shape[-1])) @ d_gates_2d
+  d_b = d_gates_2d.sum(axis=0)
+  if d_xs is None:  # the gate gradient of the gates x is added to (layer 0's, for a wave)
+    d_xs = d_gates if not isinstance(xs, tuple) else (d_gates[..., :xs[0].shape[-1]],
+                                                       jnp.zeros_like(xs[1]))
+  return d_W, d_b, d_first, d_xs
+
+
+_recurrent_scan.defvjp(_recurrent_scan_fwd, _recurrent_scan_bwd)
+
+
 def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array, carry,
                gx: Array):
   """One layer's recurrence over time.
@@ -120,42 +216,49 @@ def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array
   Returns:
     ``(carry_T, hs <float32>[steps, batch, H])``, as ``lax.scan`` over ``cells.step``.
   """
-  return _forward(cell, activation, unroll, W_hh, b_hh, carry, gx)
+  return _recurrent_scan(_LayerStep(cell, activation), unroll, cell != "gru", W_hh, b_hh, carry,
+                         gx)
 
 
-def _layer_scan_fwd(cell, activation, unroll, W_hh, b_hh, carry, gx):
-  last, (hs, h_prev, vjps) = _forward(cell, activation, unroll, W_hh, b_hh, carry, gx, keep=True)
-  return (last, hs), (W_hh, h_prev, vjps, gx)
+def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list[dict],
+              carries: tuple, gx0: Array):
+  """L stacked layers over time as one recurrence: wave step ``s`` runs layer ``l``'s step
+  ``s - l`` for every layer, so the L layers cost ``steps + L - 1`` sequential products instead
+  of ``L * steps``, one larger product each (:class:`_WaveStep`).
 
+  Args:
+    cell, activations, unroll: as :func:`layer_scan`, one activation per layer.
+    layers: each layer's ``{W_xh, W_hh, b_xh, b_hh}`` (``cells`` layout); layer 0's ``W_xh`` and
+      ``b_xh`` are not used (its input part is ``gx0``).
+    carries: one carry per layer.
+    gx0: layer 0's input part ``X_t W_xh + b_xh``, ``<float32>[steps, batch, G*H]``.
 
-def _layer_scan_bwd(cell, activation, unroll, res, cotangents):
-  W_hh, h_prev, vjps, gx = res
-  d_last, d_hs = cotangents
-  W_hh_T = _t(W_hh)  # laid out once, not transposed again in every step's product
-
-  def body(d_carry, xs):
-    vjp, d_h = xs
-    # The step returns (carry, H_t): H_t gets this step's output gradient, the carry the
-    # gradient flowing back from later steps.
-    d_prev, d_g, d_gates = vjp((d_carry, d_h))
-    d_hidden = _hidden(cell, d_prev) + d_gates @ W_hh_T  # the H_{t-1} W_hh path
-    d_prev = (d_hidden, d_prev[1]) if cell == "lstm" else d_hidden
-    # RNN and LSTM add gx and the recurrent part before any nonlinearity, so their gradients
-    # are equal: one [steps, batch, G*H] output buffer less to fill.
-    return d_prev, (d_g if cell == "gru" else None, d_gates)
-
-  d_first, (d_gx, d_gates) = jax.lax.scan(body, d_last, (vjps, d_hs), reverse=True,
-                                          unroll=_split(unroll, gx.shape[0]))
-  # Weight gradients as one GEMM over all steps * batch rows; h_prev is H_0 .. H_{T-1}.
-  d_gates_2d = d_gates.reshape(-1, d_gates.shape[-1])
-  d_W_hh = _t(h_prev.reshape(-1, h_prev.shape[-1])) @ d_gates_2d
-  d_b_hh = d_gates_2d.sum(axis=0)
-  if d_gx is None:
-    d_gx = d_gates
-  return d_W_hh, d_b_hh, d_first, d_gx
-
-
-layer_scan.defvjp(_layer_scan_fwd, _layer_scan_bwd)
+  Returns:
+    ``(carries_T, hs <float32>[steps, batch, H])`` with ``hs`` the last layer's outputs: the
+    same as :func:`layer_scan` layer after layer.
+  """
+  L, (steps, batch, width) = len(layers), gx0.shape
+  H = layers[0]["W_hh"].shape[0]
+  zeros = jnp.zeros((H, width), gx0.dtype)
+  if cell == "gru":  # [W_hh blocks on the diagonal | W_xh^(k+1) in row k of L-1 more columns]
+    block = lambda k, j: (layers[k]["W_hh"] if j == k else
+                          layers[k + 1]["W_xh"] if j == L + k else zeros)
+    columns = 2 * L - 1
+    b = jnp.concatenate([p["b_hh"] for p in layers] + [p["b_xh"] for p in layers[1:]])
+  else:  # block row k: W_hh^(k) in column k, W_xh^(k+1) in column k+1; biases summed
+    block = lambda k, j: (layers[k]["W_hh"] if j == k else
+                          layers[j]["W_xh"] if j == k + 1 else zeros)
+    columns = L
+    b = jnp.concatenate([layers[0]["b_hh"]] + [p["b_hh"] + p["b_xh"] for p in layers[1:]])
+  W = jnp.concatenate([jnp.concatenate([block(k, j) for j in range(columns)], axis=1)
+                       for k in range(L)], axis=0)
+  waves = steps + L - 1
+  s, l = jnp.arange(waves)[:, None], jnp.arange(L)[None, :]
+  valid = ((s >= l) & (s < steps + l)).astype(gx0.dtype)  # <float32>[waves, L]
+  gx = jnp.pad(gx0, ((0, L - 1), (0, 0), (0, 0)))
+  carries, ys = _recurrent_scan(_WaveStep(cell, tuple(activations)), unroll, cell != "gru", W, b,
+                                tuple(carries), (gx, valid))
+  return carries, ys[L - 1:]
 
 
 def _t(a: Array) -> Array:
@@ -200,4 +303,4 @@ def layer_scan_autodiff(cell: str, activation: str, unroll: int, W_hh: Array, b_
 
   The same function; kept as the baseline the custom backward pass is measured against.
   """
-  return _forward(cell, activation, unroll, W_hh, b_hh, carry, gx)
+  return _forward(_LayerStep(cell, activation), unroll, W_hh, b_hh, carry, gx)

@@ -59,8 +59,13 @@ class TrainState(NamedTuple):
 def init_train_state(model: RNNLM, optimizer, key: Array, batch_size: int = 1,
                      num_steps: int = 1) -> TrainState:
   X = jnp.zeros((batch_size, num_steps), jnp.int32)
-  params = model.init(key, X)["params"]
-  return TrainState(params, optimizer.init(params))
+
+  def init(key):
+    params = model.init(key, X)["params"]
+    return TrainState(params, optimizer.init(params))
+
+  # One compiled program: op by op, a GPU compiles a kernel for every operation of the model.
+  return jax.jit(init)(key)
 
 
 def make_train_step(model: RNNLM, optimizer) -> Callable:

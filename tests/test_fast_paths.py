@@ -46,13 +46,9 @@ def _tree_like(key, tree, scale=1.0):
                             for k, x in zip(keys, leaves)])
 
 
-@functools.lru_cache(maxsize=None)
-def _loss_and_grad(model: RNNLM):
-  """jit of ``(params, state, X, R, S) -> ((loss, (logits, state)), (dparams, dstate))``.
-
-  The loss projects the logits and the final state on random directions ``R`` and ``S``, so
-  every output's gradient is checked, not just one of a softmax's.
-  """
+def _loss(model: RNNLM):
+  """``(params, state, X, R, S) -> (loss, (logits, state))``: the logits and the final state
+  projected on random directions ``R`` and ``S``, so that every output's gradient is checked."""
 
   def loss(params, state, X, R, S):
     logits, new_state = model.apply({"params": params}, X, state)
@@ -60,7 +56,13 @@ def _loss_and_grad(model: RNNLM):
                                       zip(jax.tree.leaves(new_state), jax.tree.leaves(S)))
     return value, (logits, new_state)
 
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  return loss
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grad(model: RNNLM):
+  """jit of ``(params, state, X, R, S) -> ((loss, (logits, state)), (dparams, dstate))``."""
+  return jax.jit(jax.value_and_grad(_loss(model), argnums=(0, 1), has_aux=True))
 
 
 def _case(cell, activation, num_layers, batch, steps, seed=0, impl="layerwise"):
@@ -98,6 +100,44 @@ def test_layerwise_edge_shapes(cell, activation, batch, steps):
   (_, out_f), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
   _close(out_f, out_s, FWD_TOL)
   _close(grads_f, grads_s, GRAD_TOL)
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+@pytest.mark.parametrize("cell,activation", CELLS + [("rnn", ("relu", "tanh", "relu"))])
+def test_wavefront_matches_scan_and_numpy(cell, activation, num_layers):
+  if not isinstance(activation, str):
+    activation = activation[:num_layers]
+  scan, fast, params, state, X, R, S = _case(cell, activation, num_layers, batch=3, steps=6,
+                                             impl="wavefront")
+  (_, (logits_s, state_s)), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
+  (_, (logits_f, state_f)), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
+  _close(logits_f, logits_s, FWD_TOL)
+  _close(state_f, state_s, FWD_TOL)
+  _close(grads_f, grads_s, GRAD_TOL)
+  if reference_forward is not None:
+    _close((logits_f, state_f), reference_forward(params, np.asarray(X), state, cell, activation),
+           FWD_TOL)
+
+
+@pytest.mark.parametrize("cell,num_layers,batch,steps,unroll", [
+    ("lstm", 2, 1, 1, "1"), ("gru", 4, 2, 2, "1"), ("lstm", 1, 2, 5, "1"), ("gru", 2, 3, 9, "4"),
+    ("lstm", 3, 2, 7, "100")])
+def test_wavefront_edge_shapes_and_unrolls(cell, num_layers, batch, steps, unroll, monkeypatch):
+  """Fewer steps than layers, one layer (no wave), unrolls with a remainder or past the end."""
+  monkeypatch.setenv("DEEPRNN_JAX_UNROLL", unroll)
+  scan, fast, params, state, X, R, S = _case(cell, "tanh", num_layers, batch, steps, seed=5,
+                                             impl="wavefront")
+  (_, out_s), grads_s = jax.jit(jax.value_and_grad(_loss(scan), (0, 1), has_aux=True))(
+      params, state, X, R, S)
+  (_, out_f), grads_f = jax.jit(jax.value_and_grad(_loss(fast), (0, 1), has_aux=True))(
+      params, state, X, R, S)
+  _close(out_f, out_s, FWD_TOL)
+  _close(grads_f, grads_s, GRAD_TOL)
+
+
+def test_wavefront_refuses_dropout():
+  with pytest.raises(UsageError, match="without dropout"):
+    RNNLM(VOCAB, HIDDENS, 2, "lstm", dropout=0.1, impl="wavefront")
 
 
 @pytest.mark.parametrize("num_layers,batch,steps", [(1, 3, 6), (2, 3, 6), (3, 2, 4), (2, 1, 1)])
@@ -199,10 +239,11 @@ def test_train_epoch_same_parameters():
   Ys = jax.random.randint(k[1], (2, 3, 5), 0, VOCAB)
   opt = training.make_optimizer(1.0, 1.0)
   results = []
-  for impl in ("scan", "layerwise", "cudnn"):
+  for impl in ("scan", "layerwise", "wavefront", "cudnn"):
     model = RNNLM(VOCAB, HIDDENS, 2, "lstm", impl=impl)
     ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
     ts, losses = training.make_train_epoch(model, opt)(ts, Xs, Ys, jax.random.PRNGKey(1))
     results.append((ts.params, losses))
   _close(results[1], results[0], GRAD_TOL)
-  _close(results[2], results[0], GRAD_TOL)
+  for result in results[2:]:
+    _close(result, results[0], GRAD_TOL)
