@@ -76,18 +76,16 @@ HI="env JAX_DEFAULT_MATMUL_PRECISION=highest"
 stage tests-fast-paths 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_fast_paths.py
 if [ "${SWEEP:-0}" = 1 ]; then
   stage variants-seed 80 env CONFIG=seed R="${R:-5}" N="${N:-3}" JSON="$OUT/variants.jsonl" \
-    python benchmarks/variants.py "${SEED_VARIANTS:-res:8,wave:1,wave:4,wave:8,wave:16,wave:8:hi}"
+    python benchmarks/variants.py "${SEED_VARIANTS:-res:8,res:16,wave:8,wave:16}"
 fi
 IMPLS="${IMPLS:-layerwise,wavefront,cudnn}"
 stage throughput-seed 45 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
   --impl "$IMPLS" --repeats 3 --epochs 5 --label "$LABEL" \
   --out "$WORK/throughput_seed.json" --append-md "$OUT/BENCHMARKS_gpu.md"
-# The chapter's run as a user starts it (impl auto, the CLI's XLA flags).
+# The chapter's run as a user starts it.
 stage full-run 40 bash -c 'full_run default'
 if [ "${SWEEP:-0}" = 1 ]; then
-  stage full-run-no-xla-flags 40 env DEEPRNN_JAX_XLA_FLAGS= bash -c 'full_run no-xla-flags'
-  stage full-run-layerwise-profiled 45 bash -c \
-    'python -m cProfile -o "$WORK/layerwise.prof" -m deeprnn_jax.train --out "$WORK/run-layerwise" --impl layerwise $FULL_RUN_ARGS'
+  stage full-run-wavefront 40 bash -c 'full_run wavefront --impl wavefront'
 fi
 for cfg in wide big-batch; do
   stage "throughput-$cfg" 40 python benchmarks/throughput.py --device "$DEVICE" --configs "$cfg" \

@@ -41,7 +41,7 @@ class TrainConfig:
   clean: str = "d2l"
   valid_fraction: float = 0.0
   optimizer: str = "sgd"
-  impl: str = "auto"
+  impl: str = "layerwise"
 
   def validate(self) -> "TrainConfig":
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deeprnn_jax.data import Vocab
 from deeprnn_jax.errors import UsageError
@@ -82,7 +83,9 @@ def predict(prefix: str, num_preds: int, params, model: RNNLM, vocab: Vocab,
   if num_preds == 0:
     return prefix
   tokens = vocab[list(prefix)]
-  padded = jnp.asarray(tokens + [0] * (_bucket(len(tokens)) - len(tokens)), jnp.int32)
-  out = generate_tokens(model, params, padded, num_preds, jnp.float32(temperature), key,
-                        jnp.int32(len(tokens)))
-  return prefix + "".join(vocab.to_tokens([int(i) for i in out]))
+  padded = np.zeros(_bucket(len(tokens)), np.int32)
+  padded[:len(tokens)] = tokens
+  out = generate_tokens(model, params, padded, num_preds, np.float32(temperature), key,
+                        np.int32(len(tokens)))
+  # One transfer: iterating over a device array fetches element by element.
+  return prefix + "".join(vocab.to_tokens(np.asarray(out).tolist()))

@@ -35,18 +35,7 @@ from deeprnn_jax import cells, cudnn, recurrence
 from deeprnn_jax.errors import UsageError
 
 Array = jax.Array
-IMPLS = ("auto", "scan", "layerwise", "wavefront", "cudnn")
-# What "auto" runs, per JAX backend (measured: BENCHMARKS.md). Dropout always runs layerwise.
-AUTO_IMPL = {"cpu": "layerwise", "gpu": "wavefront"}
-
-
-def resolve_impl(impl: str, dropout: float = 0.0) -> str:
-  """The implementation ``impl`` stands for on this machine (``"auto"`` per :data:`AUTO_IMPL`)."""
-  if impl != "auto":
-    return impl
-  if dropout > 0.0:
-    return "layerwise"
-  return AUTO_IMPL.get(jax.default_backend(), "layerwise")
+IMPLS = ("scan", "layerwise", "wavefront", "cudnn")
 
 
 def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
@@ -62,7 +51,7 @@ def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple
 
 def check_model_args(
     vocab_size: int, num_hiddens: int, num_layers: int, cell: str, activation, dropout: float,
-    impl: str = "auto",
+    impl: str = "layerwise",
 ) -> None:
   """Raises :class:`UsageError` for hyperparameters no model can have."""
   if cell not in cells.NUM_GATES:
@@ -247,8 +236,7 @@ class RNNLM(nn.Module):
     cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
     activation: φ for RNN layers, one name or one per layer.
     dropout: drop probability between recurrent layers (training only).
-    impl: ``"auto"`` (default: the fastest measured on this backend, :data:`AUTO_IMPL`),
-      ``"layerwise"`` (fast), ``"scan"`` (the chapter's reference formulation),
+    impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation),
       ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
       dropout, one cuDNN call; JAX's reference of it off the GPU).
   """
@@ -259,7 +247,7 @@ class RNNLM(nn.Module):
   cell: str = "lstm"
   activation: str | tuple[str, ...] = "tanh"
   dropout: float = 0.0
-  impl: str = "auto"
+  impl: str = "layerwise"
 
   def __post_init__(self):
     check_model_args(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
@@ -285,11 +273,10 @@ class RNNLM(nn.Module):
     """
     if state is None:
       state = self.begin_state(X.shape[0])
-    impl = resolve_impl(self.impl, self.dropout)
-    if impl == "scan":
+    if self.impl == "scan":
       rnn, inputs = DeepRNN, jax.nn.one_hot(X, self.vocab_size, dtype=jnp.float32)
     else:
-      rnn = {"cudnn": CudnnLSTM, "wavefront": WavefrontRNN}.get(impl, LayerwiseRNN)
+      rnn = {"cudnn": CudnnLSTM, "wavefront": WavefrontRNN}.get(self.impl, LayerwiseRNN)
       inputs = X
     carries, hs = rnn(
         self.cell, self.vocab_size, self.num_hiddens,

@@ -24,7 +24,6 @@ from deeprnn_jax import data, files, generate, plots, training
 from deeprnn_jax.cli import Diverged
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import resolve_impl
 
 
 def device_name(device=None) -> str:
@@ -218,7 +217,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
       "compile_seconds": compile_seconds,
       "wall_seconds": time.perf_counter() - t_start,
       "device": device_name(),
-      "impl": resolve_impl(config.impl, config.dropout),
+      "impl": config.impl,
       "epochs": config.num_epochs,
   }
   files.atomic_write_json(run_dir / "summary.json", summary)

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprnn_jax.models import resolve_impl
-
 from deeprnn_jax import checkpoint, predict, train
 
 SMALL = ["--num-hiddens", "16", "--num-layers", "2", "--max-tokens", "3000", "--batch-size", "8",
@@ -56,7 +54,7 @@ def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, cap
   assert set(summary) == {"train_perplexity", "valid_perplexity", "tokens_per_sec", "impl",
                           "compile_seconds", "wall_seconds", "device", "epochs"}
   assert summary["epochs"] == 6 and summary["device"] == m.group(3)
-  assert summary["impl"] == resolve_impl("auto")
+  assert summary["impl"] == "layerwise"
   assert f"{summary['train_perplexity']:.1f}" == m.group(1)
   assert summary["train_perplexity"] == pytest.approx(rows[-1]["train_perplexity"])
   assert summary["valid_perplexity"] == pytest.approx(rows[-1]["valid_perplexity"])
@@ -282,19 +280,3 @@ def test_os_errors_are_one_line_exit_2(capsys):
   assert cli.run(fails, [], prog="p") == 2
   assert capsys.readouterr().err.strip() == "p: error: Permission denied: /root/x"
 
-
-def test_xla_flags_are_added_once_and_never_override_the_users(monkeypatch):
-  from deeprnn_jax import cli
-  monkeypatch.delenv("DEEPRNN_JAX_XLA_FLAGS", raising=False)
-  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-  cli.add_xla_flags()
-  cli.add_xla_flags()
-  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + cli.XLA_FLAGS
-  flag = cli.XLA_FLAGS.split()[0].split("=")[0]
-  monkeypatch.setenv("XLA_FLAGS", f"{flag}=4")
-  cli.add_xla_flags()
-  assert os.environ["XLA_FLAGS"] == f"{flag}=4"
-  monkeypatch.setenv("DEEPRNN_JAX_XLA_FLAGS", "")
-  monkeypatch.delenv("XLA_FLAGS")
-  cli.add_xla_flags()
-  assert "XLA_FLAGS" not in os.environ
