@@ -77,29 +77,33 @@ def _case(cell, activation, num_layers, batch, steps, seed=0, impl="layerwise"):
   return scan, fast, params, state, X, R, S
 
 
+def _check(impl, cell, activation, num_layers, batch, steps, seed=0, fresh_jit=False):
+  """``impl`` against ``impl="scan"`` (values, final state, gradients) and the NumPy reference.
+
+  ``fresh_jit`` compiles anew, for settings read at trace time (``$DEEPRNN_JAX_UNROLL``).
+  """
+  scan, fast, params, state, X, R, S = _case(cell, activation, num_layers, batch, steps, seed,
+                                             impl)
+  grad = lambda m: (jax.jit(jax.value_and_grad(_loss(m), (0, 1), has_aux=True)) if fresh_jit
+                    else _loss_and_grad(m))
+  (_, out_s), grads_s = grad(scan)(params, state, X, R, S)
+  (_, out_f), grads_f = grad(fast)(params, state, X, R, S)
+  _close(out_f, out_s, FWD_TOL)
+  _close(grads_f, grads_s, GRAD_TOL)
+  if reference_forward is not None:
+    _close(out_f, reference_forward(params, np.asarray(X), state, cell, activation), FWD_TOL)
+
+
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("cell,activation", CELLS)
 def test_layerwise_matches_scan_and_numpy(cell, activation, num_layers):
-  scan, fast, params, state, X, R, S = _case(cell, activation, num_layers, batch=3, steps=6)
-  (_, (logits_s, state_s)), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
-  (_, (logits_f, state_f)), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
-  _close(logits_f, logits_s, FWD_TOL)
-  _close(state_f, state_s, FWD_TOL)
-  _close(grads_f, grads_s, GRAD_TOL)
-  if reference_forward is not None:
-    logits_r, state_r = reference_forward(params, np.asarray(X), state, cell, activation)
-    _close(logits_f, logits_r, FWD_TOL)
-    _close(state_f, state_r, FWD_TOL)
+  _check("layerwise", cell, activation, num_layers, batch=3, steps=6)
 
 
 @pytest.mark.parametrize("cell,activation,batch,steps", [
     ("lstm", "tanh", 1, 1), ("gru", "tanh", 4, 1), ("rnn", "relu", 1, 5)])
 def test_layerwise_edge_shapes(cell, activation, batch, steps):
-  scan, fast, params, state, X, R, S = _case(cell, activation, 2, batch, steps, seed=1)
-  (_, out_s), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
-  (_, out_f), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
-  _close(out_f, out_s, FWD_TOL)
-  _close(grads_f, grads_s, GRAD_TOL)
+  _check("layerwise", cell, activation, 2, batch, steps, seed=1)
 
 
 @pytest.mark.parametrize("num_layers", [2, 3])
@@ -107,16 +111,7 @@ def test_layerwise_edge_shapes(cell, activation, batch, steps):
 def test_wavefront_matches_scan_and_numpy(cell, activation, num_layers):
   if not isinstance(activation, str):
     activation = activation[:num_layers]
-  scan, fast, params, state, X, R, S = _case(cell, activation, num_layers, batch=3, steps=6,
-                                             impl="wavefront")
-  (_, (logits_s, state_s)), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
-  (_, (logits_f, state_f)), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
-  _close(logits_f, logits_s, FWD_TOL)
-  _close(state_f, state_s, FWD_TOL)
-  _close(grads_f, grads_s, GRAD_TOL)
-  if reference_forward is not None:
-    _close((logits_f, state_f), reference_forward(params, np.asarray(X), state, cell, activation),
-           FWD_TOL)
+  _check("wavefront", cell, activation, num_layers, batch=3, steps=6)
 
 
 @pytest.mark.parametrize("cell,num_layers,batch,steps,unroll", [
@@ -125,14 +120,7 @@ def test_wavefront_matches_scan_and_numpy(cell, activation, num_layers):
 def test_wavefront_edge_shapes_and_unrolls(cell, num_layers, batch, steps, unroll, monkeypatch):
   """Fewer steps than layers, one layer (no wave), unrolls with a remainder or past the end."""
   monkeypatch.setenv("DEEPRNN_JAX_UNROLL", unroll)
-  scan, fast, params, state, X, R, S = _case(cell, "tanh", num_layers, batch, steps, seed=5,
-                                             impl="wavefront")
-  (_, out_s), grads_s = jax.jit(jax.value_and_grad(_loss(scan), (0, 1), has_aux=True))(
-      params, state, X, R, S)
-  (_, out_f), grads_f = jax.jit(jax.value_and_grad(_loss(fast), (0, 1), has_aux=True))(
-      params, state, X, R, S)
-  _close(out_f, out_s, FWD_TOL)
-  _close(grads_f, grads_s, GRAD_TOL)
+  _check("wavefront", cell, "tanh", num_layers, batch, steps, seed=5, fresh_jit=True)
 
 
 def test_wavefront_refuses_dropout():
@@ -142,14 +130,7 @@ def test_wavefront_refuses_dropout():
 
 @pytest.mark.parametrize("num_layers,batch,steps", [(1, 3, 6), (2, 3, 6), (3, 2, 4), (2, 1, 1)])
 def test_cudnn_matches_scan_and_numpy(num_layers, batch, steps):
-  scan, fast, params, state, X, R, S = _case("lstm", "tanh", num_layers, batch, steps,
-                                             seed=num_layers, impl="cudnn")
-  (_, out_s), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
-  (_, out_f), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
-  _close(out_f, out_s, FWD_TOL)
-  _close(grads_f, grads_s, GRAD_TOL)
-  if reference_forward is not None:
-    _close(out_f, reference_forward(params, np.asarray(X), state, "lstm", "tanh"), FWD_TOL)
+  _check("cudnn", "lstm", "tanh", num_layers, batch, steps, seed=num_layers)
 
 
 def test_cudnn_weight_layout():
@@ -176,14 +157,7 @@ def test_cudnn_impl_refuses_what_it_cannot_run():
 
 
 def test_layerwise_mixed_activations_match_numpy():
-  scan, fast, params, state, X, R, S = _case("rnn", ("relu", "tanh"), 2, batch=2, steps=4)
-  (_, out_s), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
-  (_, out_f), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
-  _close(out_f, out_s, FWD_TOL)
-  _close(grads_f, grads_s, GRAD_TOL)
-  if reference_forward is not None:
-    _close(out_f, reference_forward(params, np.asarray(X), state, "rnn", ("relu", "tanh")),
-           FWD_TOL)
+  _check("layerwise", "rnn", ("relu", "tanh"), 2, batch=2, steps=4)
 
 
 @pytest.mark.parametrize("cell,activation,unroll", [
