@@ -254,22 +254,42 @@ class Worker:
 # Throughput.
 
 
+def runnable(name: str, impl: str) -> bool:
+  """Whether ``impl`` can run config ``name`` (``cudnn`` is for LSTMs only, for one)."""
+  from deeprnn_jax.errors import UsageError
+  from deeprnn_jax.models import check_model_args
+  cell, layers, hiddens = CONFIGS[name][:3]
+  try:
+    check_model_args(28, hiddens, layers, cell, "tanh", 0.0, impl)
+  except UsageError:
+    return False
+  return True
+
+
 def bench_config(name, device, repeats, epochs, impls=("layerwise",)) -> list[dict]:
   """One row per impl of ours, each against the same PyTorch worker's runs."""
   epochs = epochs or CONFIGS[name][-1]
+  impls = [impl for impl in impls if runnable(name, impl)]
   # On the GPU machine (16 cores) the workers start and compile at once, to save its short
   # lease; on the 2-core CPU one at a time, so that each compile time is its own.
   start = (lambda w: w) if device == "gpu" else (lambda w: w.wait_ready())
-  workers = {impl: start(Worker("jax", name, device, impl)) for impl in impls}
-  workers["torch"] = start(Worker("torch", name, device))
-  for w in workers.values():
-    if w.ready is None:
-      w.wait_ready()
-  runs = {key: [] for key in workers}
-  for _ in range(repeats):
-    for key, w in workers.items():  # interleaved: ours, torch, ours, torch...
-      runs[key].append(w.ask(op="run", epochs=epochs))
-  mem = {key: w.close() for key, w in workers.items()}
+  workers = {}
+  try:
+    for impl in impls:
+      workers[impl] = start(Worker("jax", name, device, impl))
+    workers["torch"] = start(Worker("torch", name, device))
+    for w in workers.values():
+      if w.ready is None:
+        w.wait_ready()
+    runs = {key: [] for key in workers}
+    for _ in range(repeats):
+      for key, w in workers.items():  # interleaved: ours, torch, ours, torch...
+        runs[key].append(w.ask(op="run", epochs=epochs))
+    mem = {key: w.close() for key, w in workers.items()}
+  finally:
+    for w in workers.values():
+      if w.p.poll() is None:
+        w.p.kill()
   stats = {}
   for key in workers:
     tps = [r["tokens"] / r["wall_s"] for r in runs[key]]
@@ -423,7 +443,8 @@ def main(argv=None) -> int:
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
   p.add_argument("--full-run-dir", default="/tmp/deeprnn_full_run")
   p.add_argument("--impl", default="layerwise",
-                 help="our implementation(s), comma-separated: layerwise, scan, cudnn")
+                 help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn "
+                      "(one that a config cannot run, cudnn for a GRU say, is skipped for it)")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:

@@ -47,7 +47,7 @@ class TrainConfig:
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""
     check_model_args(1, self.num_hiddens, self.num_layers, self.cell, self.activation,
                      self.dropout, self.impl)
-    if self.impl == "cudnn" and not cudnn.has_cuda():
+    if self.impl == "cudnn" and not cudnn.has_gpu():
       raise UsageError("impl 'cudnn' needs a CUDA GPU (JAX sees none here); use impl 'layerwise'")
     for name in ("batch_size", "num_steps", "num_epochs"):
       value = getattr(self, name)

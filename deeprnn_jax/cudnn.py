@@ -24,12 +24,11 @@ from jax.experimental import rnn
 Array = jax.Array
 
 
-def has_cuda() -> bool:
-  """Whether the default JAX backend is a CUDA GPU (where cuDNN's kernels run)."""
-  try:
-    return jax.default_backend() == "gpu" and jax.devices()[0].platform in ("gpu", "cuda")
-  except RuntimeError:  # pragma: no cover - no backend at all
-    return False
+def has_gpu() -> bool:
+  """Whether JAX's default backend is a GPU, where ``jax.experimental.rnn`` has kernels (cuDNN;
+  MIOpen on ROCm). Asked at trace time: under ``jax.default_device(cpu)`` on a GPU machine,
+  ``impl="cudnn"`` would still choose the GPU kernel and fail to lower."""
+  return jax.default_backend() == "gpu"
 
 
 def pack_lstm_weights(layers: Sequence[dict]) -> Array:
@@ -54,7 +53,7 @@ def lstm_stack(layers: Sequence[dict], x: Array, h0: Array, c0: Array):
   inputs = x.shape[-1]
   w = pack_lstm_weights(layers)
   seq_lengths = jnp.full((batch,), x.shape[1], jnp.int32)
-  if has_cuda():
+  if has_gpu():
     return rnn.lstm(x, h0, c0, w, seq_lengths, input_size=inputs, hidden_size=hiddens,
                     num_layers=num_layers, dropout=0.0, bidirectional=False)
   W_ih, W_hh, b_ih, b_hh = rnn.unpack_lstm_weights(w, inputs, hiddens, num_layers, False)

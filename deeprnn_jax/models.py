@@ -1,14 +1,14 @@
 """Deep (stacked) recurrent networks and the character language model built on them.
 
-Two ways to run the same parameters, chosen by ``impl``:
+Four ways to run the same parameters, chosen by ``impl``:
 
 * ``"scan"`` — the chapter, literally: ``nn.scan`` carries all L stacked cells through time, one
   time step at a time, with one-hot inputs. This is the reference.
 * ``"layerwise"`` — the fast path: layer by layer, the input part ``H^(l-1) W_xh + b_xh`` of every
   time step is one matrix product (a row gather for one-hot tokens) hoisted out of the time loop,
   and ``lax.scan`` runs only the recurrent part (``recurrence.layer_scan``, whose backward pass
-  forms the weight gradients as one matrix product). Same equations (``cells.step``), same numbers (with dropout, equal in
-  distribution: the masks are drawn differently).
+  forms the weight gradients as one matrix product). Same equations (``cells.step``), same
+  numbers (with dropout, equal in distribution: the masks are drawn differently).
 * ``"wavefront"`` — the layerwise kernels with the L layers skewed in time (layer ``l`` at step
   ``t - l``) and run as one recurrence (``recurrence.wave_scan``): ``steps + L - 1`` sequential
   steps instead of ``L * steps``, each one larger product. For GPUs, where a step's cost is
@@ -68,10 +68,11 @@ def check_model_args(
     raise UsageError(f"dropout must be in [0, 1), got {dropout}")
   if impl not in IMPLS:
     raise UsageError(f"unknown impl {impl!r}; choose one of {IMPLS}")
-  if impl == "cudnn" and (cell != "lstm" or dropout > 0.0):
+  dropped = dropout > 0.0 and num_layers > 1  # one layer has nowhere to drop
+  if impl == "cudnn" and (cell != "lstm" or dropped):
     raise UsageError(f"impl 'cudnn' runs LSTMs without dropout (got cell {cell!r}, "
                      f"dropout {dropout}); use impl 'layerwise'")
-  if impl == "wavefront" and dropout > 0.0:
+  if impl == "wavefront" and dropped:
     raise UsageError(f"impl 'wavefront' runs without dropout (got {dropout}); use impl "
                      "'layerwise'")
 
@@ -109,6 +110,25 @@ class _Stack(nn.Module):
   activations: tuple[str, ...]
   dropout: float = 0.0
   deterministic: bool = True
+
+  def layer_cells(self) -> list[cells.Cell]:
+    """Each layer's ``cells.Cell`` (its parameters), named ``layer_{l}``."""
+    return [cells.Cell(self.cell, self.num_inputs if l == 0 else self.num_hiddens,
+                       self.num_hiddens, activation, name=f"layer_{l}")
+            for l, activation in enumerate(self.activations)]
+
+  def layer_by_layer(self, layers, carries, xs: Array):
+    """The recurrence of :class:`LayerwiseRNN` on time-major ``xs``; ``(carries, hs)``."""
+    new_carries = []
+    for l, (layer, activation) in enumerate(zip(layers, self.activations)):
+      if l > 0 and self.dropout > 0.0:
+        xs = nn.Dropout(self.dropout)(xs, deterministic=self.deterministic)
+      gx = recurrence.input_gates(layer.weights, xs)  # <float32>[steps, batch, G * hiddens]
+      # The recurrent part with weight gradients as one GEMM after the scan (recurrence.py).
+      carry, xs = recurrence.layer_scan(self.cell, activation, recurrence.default_unroll(),
+                                        layer.W_hh, layer.b_hh, carries[l], gx)
+      new_carries.append(carry)
+    return tuple(new_carries), xs
 
 
 class StackStep(_Stack):
@@ -158,18 +178,8 @@ class LayerwiseRNN(_Stack):
   def __call__(self, carries, inputs: Array):
     # Time-major inside, so lax.scan slices the leading axis.
     xs = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
-    new_carries = []
-    for l, activation in enumerate(self.activations):
-      if l > 0 and self.dropout > 0.0:
-        xs = nn.Dropout(self.dropout)(xs, deterministic=self.deterministic)
-      num_inputs = self.num_inputs if l == 0 else self.num_hiddens
-      layer = cells.Cell(self.cell, num_inputs, self.num_hiddens, activation, name=f"layer_{l}")
-      gx = recurrence.input_gates(layer.weights, xs)  # <float32>[steps, batch, G * hiddens]
-      # The recurrent part with weight gradients as one GEMM after the scan (recurrence.py).
-      carry, xs = recurrence.layer_scan(self.cell, activation, recurrence.default_unroll(),
-                                        layer.W_hh, layer.b_hh, carries[l], gx)
-      new_carries.append(carry)
-    return tuple(new_carries), jnp.swapaxes(xs, 0, 1)
+    carries, xs = self.layer_by_layer(self.layer_cells(), carries, xs)
+    return carries, jnp.swapaxes(xs, 0, 1)
 
 
 class WavefrontRNN(_Stack):
@@ -184,24 +194,14 @@ class WavefrontRNN(_Stack):
   @nn.compact
   def __call__(self, carries, inputs: Array):
     xs = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
-    layers = [cells.Cell(self.cell, self.num_inputs if l == 0 else self.num_hiddens,
-                         self.num_hiddens, activation, name=f"layer_{l}")
-              for l, activation in enumerate(self.activations)]
-    gx = recurrence.input_gates(layers[0].weights, xs)  # <float32>[steps, batch, G * hiddens]
+    layers = self.layer_cells()
     if len(layers) == 1 or xs.shape[0] == 1:
-      new_carries = []
-      for l, layer in enumerate(layers):
-        if l > 0:
-          gx = recurrence.input_gates(layer.weights, xs)
-        carry, xs = recurrence.layer_scan(self.cell, self.activations[l],
-                                          recurrence.default_unroll(), layer.W_hh, layer.b_hh,
-                                          carries[l], gx)
-        new_carries.append(carry)
+      carries, xs = self.layer_by_layer(layers, carries, xs)
     else:
-      new_carries, xs = recurrence.wave_scan(self.cell, self.activations,
-                                             recurrence.default_unroll(),
-                                             [layer.weights for layer in layers], carries, gx)
-    return tuple(new_carries), jnp.swapaxes(xs, 0, 1)
+      gx = recurrence.input_gates(layers[0].weights, xs)  # <float32>[steps, batch, G * hiddens]
+      carries, xs = recurrence.wave_scan(self.cell, self.activations, recurrence.default_unroll(),
+                                         [layer.weights for layer in layers], carries, gx)
+    return tuple(carries), jnp.swapaxes(xs, 0, 1)
 
 
 class CudnnLSTM(_Stack):
@@ -215,9 +215,7 @@ class CudnnLSTM(_Stack):
   def __call__(self, carries, inputs: Array):
     if inputs.ndim == 2:
       inputs = jax.nn.one_hot(inputs, self.num_inputs, dtype=jnp.float32)
-    layers = [cells.Cell(self.cell, self.num_inputs if l == 0 else self.num_hiddens,
-                         self.num_hiddens, name=f"layer_{l}").weights
-              for l in range(len(self.activations))]
+    layers = [layer.weights for layer in self.layer_cells()]
     h0, c0 = carries_to_state("lstm", carries)
     hs, h_n, c_n = cudnn.lstm_stack(layers, inputs, h0, c0)
     return tuple(state_to_carries("lstm", (h_n, c_n))), hs

@@ -25,7 +25,8 @@ its backward products.
 
 :func:`wave_scan` runs the same kernel on L stacked layers skewed in time (a wavefront): one
 recurrence whose hidden state is all layers' ``H`` side by side and whose ``W`` is block
-bidiagonal, ``steps + L - 1`` sequential steps instead of ``L * steps``. Measurements:
+bidiagonal (for the GRU, with its input blocks in extra columns), ``steps + L - 1`` sequential
+steps instead of ``L * steps``. Measurements:
 BENCHMARKS.md.
 """
 
@@ -98,6 +99,15 @@ class _LayerStep:
   def hidden(self, carry) -> Array:
     return _hidden(self.cell, carry)
 
+  @property
+  def dx_is_dgates(self) -> bool:
+    """``x`` is added to the gates before any nonlinearity (not the GRU's ``n``)."""
+    return self.cell != "gru"
+
+  def dx_from_dgates(self, d_gates: Array, xs):
+    """``∂L/∂xs`` from the gate gradient, where :attr:`dx_is_dgates`."""
+    return d_gates
+
   def __call__(self, product, b_rows, carry, gx):
     return cells.step(self.cell, {"W_hh": _Product(product), "b_hh": b_rows}, carry, gx,
                       self.activation)
@@ -121,6 +131,13 @@ class _WaveStep:
 
   def hidden(self, carry) -> Array:
     return jnp.concatenate([_hidden(self.cell, c) for c in carry], axis=-1)
+
+  dx_is_dgates = _LayerStep.dx_is_dgates
+
+  def dx_from_dgates(self, d_gates: Array, xs):
+    """As :meth:`_LayerStep.dx_from_dgates`: layer 0's block; ``valid`` is a constant."""
+    gx0, valid = xs
+    return d_gates[..., :gx0.shape[-1]], jnp.zeros_like(valid)
 
   def __call__(self, product, b_rows, carry, x):
     gx0, valid = x
@@ -161,22 +178,23 @@ def _forward(step, unroll, W, b, carry, xs, keep=False):
   return jax.lax.scan(body, carry, xs, unroll=_split(unroll, steps))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _recurrent_scan(step, unroll: int, dx_is_dgates: bool, W: Array, b: Array, carry, xs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrent_scan(step, unroll: int, W: Array, b: Array, carry, xs):
   """``lax.scan`` of ``step`` with the backward pass described in the module docstring.
 
-  ``dx_is_dgates``: the step adds ``x`` to the gates before any nonlinearity (RNN, LSTM), so the
-  gradient of ``x`` is the gate gradient: one ``[steps, batch, G*H]`` buffer less to fill.
+  Where the step adds ``x`` to the gates before any nonlinearity (RNN, LSTM), the gradient of
+  ``x`` is the gate gradient (``step.dx_from_dgates``): one ``[steps, batch, G*H]`` output
+  buffer less for the backward scan to fill.
   """
   return _forward(step, unroll, W, b, carry, xs)
 
 
-def _recurrent_scan_fwd(step, unroll, dx_is_dgates, W, b, carry, xs):
+def _recurrent_scan_fwd(step, unroll, W, b, carry, xs):
   last, (ys, h_prev, vjps) = _forward(step, unroll, W, b, carry, xs, keep=True)
   return (last, ys), (W, h_prev, vjps, carry, xs)
 
 
-def _recurrent_scan_bwd(step, unroll, dx_is_dgates, res, cotangents):
+def _recurrent_scan_bwd(step, unroll, res, cotangents):
   W, h_prev, vjps, carry, xs = res
   d_last, d_ys = cotangents
   W_T = _t(W)  # laid out once, not transposed again in every step's product
@@ -187,7 +205,7 @@ def _recurrent_scan_bwd(step, unroll, dx_is_dgates, res, cotangents):
     d_b, d_prev, d_x = vjp((d_carry, d_y))
     # The product path, hidden(carry) @ W, which the step saw as a constant.
     d_prev = jax.tree.map(jnp.add, d_prev, hidden_T(d_b @ W_T)[0])
-    return d_prev, (None if dx_is_dgates else d_x, d_b)
+    return d_prev, (None if step.dx_is_dgates else d_x, d_b)
 
   d_first, (d_xs, d_gates) = jax.lax.scan(body, d_last, (vjps, d_ys), reverse=True,
                                           unroll=_split(unroll, d_ys.shape[0]))
@@ -196,9 +214,8 @@ def _recurrent_scan_bwd(step, unroll, dx_is_dgates, res, cotangents):
   d_gates_2d = d_gates.reshape(-1, d_gates.shape[-1])
   d_W = _t(h_prev.reshape(-1, h_prev.shape[-1])) @ d_gates_2d
   d_b = d_gates_2d.sum(axis=0)
-  if d_xs is None:  # the gate gradient of the gates x is added to (layer 0's, for a wave)
-    d_xs = d_gates if not isinstance(xs, tuple) else (d_gates[..., :xs[0].shape[-1]],
-                                                       jnp.zeros_like(xs[1]))
+  if step.dx_is_dgates:
+    d_xs = step.dx_from_dgates(d_gates, xs)
   return d_W, d_b, d_first, d_xs
 
 
@@ -221,8 +238,7 @@ def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array
   Returns:
     ``(carry_T, hs <float32>[steps, batch, H])``, as ``lax.scan`` over ``cells.step``.
   """
-  return _recurrent_scan(_LayerStep(cell, activation), unroll, cell != "gru", W_hh, b_hh, carry,
-                         gx)
+  return _recurrent_scan(_LayerStep(cell, activation), unroll, W_hh, b_hh, carry, gx)
 
 
 def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list[dict],
@@ -261,7 +277,7 @@ def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list
   s, l = jnp.arange(waves)[:, None], jnp.arange(L)[None, :]
   valid = ((s >= l) & (s < steps + l)).astype(gx0.dtype)  # <float32>[waves, L]
   gx = jnp.pad(gx0, ((0, L - 1), (0, 0), (0, 0)))
-  carries, ys = _recurrent_scan(_WaveStep(cell, tuple(activations)), unroll, cell != "gru", W, b,
+  carries, ys = _recurrent_scan(_WaveStep(cell, tuple(activations)), unroll, W, b,
                                 tuple(carries), (gx, valid))
   return carries, ys[L - 1:]
 

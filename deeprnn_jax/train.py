@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
   m.add_argument("--activation", default=_D.activation,
                  help="RNN φ: tanh or relu, or one per layer separated by commas (relu,tanh)")
   m.add_argument("--dropout", type=float, default=_D.dropout, help="between layers")
-  m.add_argument("--impl", default=_D.impl, help="layerwise (fast), scan (the chapter's reference), wavefront (GPU, large "
+  m.add_argument("--impl", default=_D.impl,
+                 help="layerwise (fast), scan (the chapter's reference), wavefront (GPU, large "
                       "batches) or cudnn (LSTM on a CUDA GPU, wide layers)")
   d = p.add_argument_group("data")
   d.add_argument("--corpus", default=_D.corpus, help="a known corpus name or a path to UTF-8 text")

@@ -172,10 +172,9 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
 
 def test_cudnn_impl_without_gpu_or_for_gru_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
   from deeprnn_jax import cudnn
-  monkeypatch.setattr(cudnn, "has_cuda", lambda: False)  # as on a machine without CUDA
+  monkeypatch.setattr(cudnn, "has_gpu", lambda: False)  # as on a machine without CUDA
   code, _, err = run_train(["--impl", "cudnn", "--out", str(tmp_path / "a")], capsys)
   assert code == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
-  monkeypatch.setattr(cudnn, "has_cuda", lambda: True)
   code, _, err = run_train(["--impl", "cudnn", "--cell", "gru", "--out", str(tmp_path / "b")],
                            capsys)
   assert code == 2 and "LSTMs without dropout" in err
@@ -279,4 +278,3 @@ def test_os_errors_are_one_line_exit_2(capsys):
 
   assert cli.run(fails, [], prog="p") == 2
   assert capsys.readouterr().err.strip() == "p: error: Permission denied: /root/x"
-

@@ -20,7 +20,7 @@ import pytest
 
 from jax.experimental import rnn
 
-from deeprnn_jax import cells, cudnn, recurrence, training
+from deeprnn_jax import cells, cudnn, generate, recurrence, training
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
@@ -35,6 +35,7 @@ CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
 
 
 def _close(a, b, tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
@@ -123,9 +124,10 @@ def test_wavefront_edge_shapes_and_unrolls(cell, num_layers, batch, steps, unrol
   _check("wavefront", cell, "tanh", num_layers, batch, steps, seed=5, fresh_jit=True)
 
 
-def test_wavefront_refuses_dropout():
+def test_wavefront_refuses_dropout_between_layers():
   with pytest.raises(UsageError, match="without dropout"):
     RNNLM(VOCAB, HIDDENS, 2, "lstm", dropout=0.1, impl="wavefront")
+  RNNLM(VOCAB, HIDDENS, 1, "lstm", dropout=0.1, impl="wavefront")  # one layer: nothing to drop
 
 
 @pytest.mark.parametrize("num_layers,batch,steps", [(1, 3, 6), (2, 3, 6), (3, 2, 4), (2, 1, 1)])
@@ -135,18 +137,32 @@ def test_cudnn_matches_scan_and_numpy(num_layers, batch, steps):
 
 def test_cudnn_weight_layout():
   """The packed vector is cuDNN's documented layout: all W_ih, W_hh, then all b_ih, b_hh."""
-  layers = [{name: jnp.full(shape, 10 * l + i, jnp.float32) for i, (name, shape) in enumerate(
-      [("W_xh", (n_in, 8)), ("W_hh", (2, 8)), ("b_xh", (8,)), ("b_hh", (8,))])}
-            for l, n_in in enumerate([3, 2])]
-  layers[0]["W_xh"] = jnp.arange(24, dtype=jnp.float32).reshape(3, 8)
+  sizes = {"W_xh": [(3, 8), (2, 8)], "W_hh": [(2, 8), (2, 8)], "b_xh": [(8,), (8,)],
+           "b_hh": [(8,), (8,)]}
+  layers = [{name: 100 * (4 * l + i) + jnp.arange(np.prod(shapes[l]), dtype=jnp.float32)
+             .reshape(shapes[l]) for i, (name, shapes) in enumerate(sizes.items())}
+            for l in range(2)]
   w = cudnn.pack_lstm_weights(layers)
   assert w.shape == (rnn.get_num_params_in_lstm(3, 2, 2, False),)
   W_ih, W_hh, b_ih, b_hh = rnn.unpack_lstm_weights(w, 3, 2, 2, False)
-  np.testing.assert_array_equal(W_ih[0], layers[0]["W_xh"].T)  # [4H, in], PyTorch's weight_ih
-  for l in range(2):
-    for ours, theirs in (("W_hh", W_hh), ("b_xh", b_ih), ("b_hh", b_hh)):
-      want = layers[l][ours].T if ours == "W_hh" else layers[l][ours]
-      np.testing.assert_array_equal(theirs[l], want)
+  for l in range(2):  # [4H, in] and [4H, H]: PyTorch's weight_ih, weight_hh
+    np.testing.assert_array_equal(W_ih[l], layers[l]["W_xh"].T)
+    np.testing.assert_array_equal(W_hh[l], layers[l]["W_hh"].T)
+    np.testing.assert_array_equal(b_ih[l], layers[l]["b_xh"])
+    np.testing.assert_array_equal(b_hh[l], layers[l]["b_hh"])
+
+
+@pytest.mark.parametrize("impl", ["wavefront", "cudnn"])
+def test_forward_only_and_generation_match_layerwise(impl):
+  """The paths taken without gradients: a jitted apply, and compiled generation (one step)."""
+  scan, fast, params, state, X, _, _ = _case("lstm", "tanh", 2, batch=3, steps=6, seed=7,
+                                             impl=impl)
+  apply = lambda m: jax.jit(lambda p, x, s: m.apply({"params": p}, x, s))(params, X, state)
+  _close(apply(fast), apply(scan), FWD_TOL)
+  prefix = jnp.asarray([1, 2, 3, 0], jnp.int32)
+  want = generate.generate_tokens(scan, params, prefix, 8, 0.0, None, jnp.int32(3))
+  got = generate.generate_tokens(fast, params, prefix, 8, 0.0, None, jnp.int32(3))
+  np.testing.assert_array_equal(got, want)
 
 
 def test_cudnn_impl_refuses_what_it_cannot_run():

@@ -1,7 +1,8 @@
 """The deep RNN language model against the NumPy reference, and its contracts.
 
-``RNNLM`` with ``impl="scan"`` (the chapter's formulation) and ``impl="layerwise"`` (the fast
-path) must both compute the function written in ``tests/reference.py`` from the equations.
+``RNNLM`` with ``impl="scan"`` (the chapter's formulation) and ``impl="layerwise"`` (the default
+fast path) must both compute the function written in ``tests/reference.py`` from the equations.
+The other fast paths (``wavefront``, ``cudnn``) are checked in ``test_fast_paths.py``.
 """
 
 from __future__ import annotations
@@ -196,11 +197,11 @@ def test_reference_matches_torch(cell, activation):
 
 
 # --------------------------------------------------------------------------------------------
-# vmap, gradients, the two implementations.
+# vmap, gradients, the implementations.
 
 
 @pytest.mark.parametrize("cell,impl", [("lstm", "layerwise"), ("rnn", "scan"),
-                                       ("gru", "layerwise")])
+                                       ("gru", "layerwise"), ("gru", "wavefront")])
 def test_vmap_over_stacked_params_equals_loop(cell, impl):
   vocab, hiddens, L, batch, steps, n = 5, 4, 2, 2, 3, 3
   model = RNNLM(vocab, hiddens, L, cell, impl=impl)
