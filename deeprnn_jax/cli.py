@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from deeprnn_jax.errors import UsageError
@@ -15,9 +17,38 @@ class Diverged(RuntimeError):
   """Training produced a non-finite loss."""
 
 
+CACHE_ENV = "DEEPRNN_JAX_CACHE"
+
+
+def compile_cache_dir() -> Path | None:
+  """Where the command-line tools keep compiled programs: ``$DEEPRNN_JAX_CACHE``, by default
+  ``$XDG_CACHE_HOME/deeprnn_jax/xla`` (``~/.cache/…``); ``none`` (or empty) turns it off."""
+  value = os.environ.get(CACHE_ENV)
+  if value is None:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "deeprnn_jax" / "xla"
+  return None if value.strip().lower() in ("", "none", "off") else Path(value)
+
+
+def enable_compile_cache() -> None:
+  """JAX's persistent compilation cache, so that a second run skips compiling (on a GPU the
+  chapter's model takes seconds to compile). Takes effect if JAX has not compiled yet."""
+  path = compile_cache_dir()
+  if path is None:
+    return
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError:  # a read-only home: run uncached rather than fail
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
         prog: str = "deeprnn_jax") -> int:
   """Runs ``main(argv)``, turning the project's errors into one stderr line and an exit code."""
+  enable_compile_cache()
   try:
     return int(main(argv) or 0)
   except UsageError as e:

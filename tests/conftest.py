@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 DATA_ENV = "DEEPRNN_JAX_DATA"
+# The CLIs called in-process must not fill the user's compilation cache (test_cli checks it).
+os.environ["DEEPRNN_JAX_CACHE"] = "none"
 REPO = Path(__file__).resolve().parent.parent
 
 if os.environ.get(DATA_ENV):

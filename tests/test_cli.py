@@ -217,6 +217,33 @@ def test_subprocess_error_has_no_traceback(tmp_path):
       f"deeprnn_jax.train: error: corpus file not found: {tmp_path / 'missing.txt'}"]
 
 
+def test_compile_cache_is_filled_and_reused_with_the_same_results(tmp_path):
+  """The CLI fills $DEEPRNN_JAX_CACHE, and a second run over the filled cache trains the same."""
+  cache = tmp_path / "cache"
+  env = dict(os.environ, DEEPRNN_JAX_CACHE=str(cache))
+  perplexities = []
+  for name in ("cold", "warm"):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deeprnn_jax.train", *SMALL, "--num-epochs", "2", "--quiet",
+         "--out", str(tmp_path / name)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert any(p.name.startswith("jit_epoch") for p in cache.iterdir())
+    rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    perplexities.append([json.loads(r)["train_perplexity"] for r in rows])
+  assert perplexities[0] == perplexities[1]
+
+
+def test_compile_cache_location(monkeypatch, tmp_path):
+  from deeprnn_jax import cli
+  monkeypatch.delenv("DEEPRNN_JAX_CACHE")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert cli.compile_cache_dir() == tmp_path / "deeprnn_jax" / "xla"
+  for off in ("", "none", "OFF"):
+    monkeypatch.setenv("DEEPRNN_JAX_CACHE", off)
+    assert cli.compile_cache_dir() is None
+
+
 def test_bare_resume_keeps_the_saved_settings_and_flags_override_them(tmp_path, capsys):
   run = tmp_path / "run"
   assert run_train(["--num-epochs", "1", "--quiet", "--lr", "1.5", "--seed", "7",
