@@ -94,8 +94,8 @@ def from_torch(args: argparse.Namespace) -> int:
   out = Path(args.out)
   _check_out(out, args.force, is_dir=True)
   state_dict = load_torch_state_dict(args.from_torch)
-  vocab_size, num_hiddens = interop.infer_sizes(state_dict, cfg.cell, cfg.num_layers)
   params = interop.params_from_torch(state_dict, cfg.cell, cfg.num_layers)
+  num_hiddens, vocab_size = params["W_hq"].shape
   cfg = dataclasses.replace(cfg, num_hiddens=num_hiddens)
   # The vocabulary exactly as training builds it: indices must mean the same characters.
   _, vocab = data.load_corpus(cfg.corpus, clean=cfg.clean, max_tokens=cfg.max_tokens)

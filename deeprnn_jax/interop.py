@@ -243,6 +243,6 @@ def model_from_torch(state_dict: Mapping[str, Any], cell: str, num_layers: int,
   """
   from deeprnn_jax.models import RNNLM  # Keeps `import deeprnn_jax.interop` light.
 
-  vocab_size, num_hiddens = infer_sizes(state_dict, cell, num_layers)
-  model = RNNLM(vocab_size, num_hiddens, num_layers, cell, activation, **model_kwargs)
-  return model, params_from_torch(state_dict, cell, num_layers)
+  params = params_from_torch(state_dict, cell, num_layers)
+  num_hiddens, vocab_size = params["W_hq"].shape
+  return RNNLM(vocab_size, num_hiddens, num_layers, cell, activation, **model_kwargs), params

@@ -77,6 +77,11 @@ def check_model_args(
                      "'layerwise'")
 
 
+def _time_major(inputs: Array) -> Array:
+  """``<int32>[batch, steps]`` or ``<float32>[batch, steps, n]`` with time first, for lax.scan."""
+  return inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
+
+
 def state_to_carries(cell: str, state) -> list:
   """d2l layout ``[L, batch, hiddens]`` (LSTM: a pair) -> one carry per layer."""
   if cell == "lstm":
@@ -141,12 +146,10 @@ class StackStep(_Stack):
   @nn.compact
   def __call__(self, carries, x):
     new_carries = []
-    for l, activation in enumerate(self.activations):
+    for l, layer in enumerate(self.layer_cells()):
       if l > 0 and self.dropout > 0.0:  # Between layers only, as PyTorch.
         x = nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
-      num_inputs = self.num_inputs if l == 0 else self.num_hiddens
-      carry, x = cells.Cell(self.cell, num_inputs, self.num_hiddens, activation,
-                            name=f"layer_{l}")(carries[l], x)
+      carry, x = layer(carries[l], x)
       new_carries.append(carry)
     return tuple(new_carries), x
 
@@ -176,9 +179,7 @@ class LayerwiseRNN(_Stack):
 
   @nn.compact
   def __call__(self, carries, inputs: Array):
-    # Time-major inside, so lax.scan slices the leading axis.
-    xs = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
-    carries, xs = self.layer_by_layer(self.layer_cells(), carries, xs)
+    carries, xs = self.layer_by_layer(self.layer_cells(), carries, _time_major(inputs))
     return carries, jnp.swapaxes(xs, 0, 1)
 
 
@@ -193,8 +194,7 @@ class WavefrontRNN(_Stack):
 
   @nn.compact
   def __call__(self, carries, inputs: Array):
-    xs = inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
-    layers = self.layer_cells()
+    xs, layers = _time_major(inputs), self.layer_cells()
     if len(layers) == 1 or xs.shape[0] == 1:
       carries, xs = self.layer_by_layer(layers, carries, xs)
     else:

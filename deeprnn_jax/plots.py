@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # Files only; never needs a display.
 import matplotlib.pyplot as plt  # noqa: E402
+
+from deeprnn_jax.files import atomic_write_bytes  # noqa: E402
 
 
 def plot_perplexity(rows: Sequence[dict], out_stem: str | Path, title: str = "") -> list[Path]:
@@ -38,7 +41,9 @@ def plot_perplexity(rows: Sequence[dict], out_stem: str | Path, title: str = "")
   paths = []
   for suffix in (".png", ".svg"):
     path = Path(out_stem).with_suffix(suffix)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=suffix[1:])
+    atomic_write_bytes(path, buffer.getvalue())
     paths.append(path)
   plt.close(fig)
   return paths

@@ -29,8 +29,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (d2l)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  if args.num_preds < 0:
-    raise UsageError(f"--num-preds must be >= 0, got {args.num_preds}")
   if not 0 <= args.seed < 2**32:
     raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
   model, params, vocab = load_model(args.checkpoint)

@@ -217,7 +217,6 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
       "compile_seconds": compile_seconds,
       "wall_seconds": time.perf_counter() - t_start,
       "device": device_name(),
-      "impl": config.impl,
       "epochs": config.num_epochs,
   }
   files.atomic_write_json(run_dir / "summary.json", summary)
