@@ -14,6 +14,9 @@ Parameters follow the chapter's names, with gates fused along the last axis in P
     b_hh <float32>[G * num_hiddens]               (PyTorch's bias_hh)
 
 with G = 1 for the RNN, 3 for the GRU (gates r, z, n) and 4 for the LSTM (gates i, f, g, o).
+The LSTM's and GRU's gate nonlinearities (:func:`lstm_gates`, :func:`gru_gates`) carry their
+derivatives written out (``jax.custom_vjp``); tests/test_cells.py checks them against automatic
+differentiation of the equations as written in the docstrings.
 The chapter's single bias is ``b_h = b_xh + b_hh``; it is kept as two so that PyTorch weights
 convert both ways exactly and the GRU's ``b_hn`` can sit inside ``r ⊙ (·)`` as PyTorch has it.
 """
@@ -58,13 +61,7 @@ def gru_step(params: dict, h: Array, gx: Array) -> tuple[Array, Array]:
   N_t = tanh(X W_xn + b_xn + R_t ⊙ (H W_hn + b_hn))
   H_t = (1 - Z_t) ⊙ N_t + Z_t ⊙ H_{t-1}
   """
-  gh = h @ params["W_hh"] + params["b_hh"]
-  xr, xz, xn = jnp.split(gx, 3, axis=-1)
-  hr, hz, hn = jnp.split(gh, 3, axis=-1)
-  r = jax.nn.sigmoid(xr + hr)
-  z = jax.nn.sigmoid(xz + hz)
-  n = jnp.tanh(xn + r * hn)
-  h = (1.0 - z) * n + z * h
+  h = gru_gates(gx, h @ params["W_hh"] + params["b_hh"], h)
   return h, h
 
 
@@ -76,10 +73,86 @@ def lstm_step(params: dict, carry: tuple[Array, Array], gx: Array) -> tuple[tupl
   H_t = σ(O) ⊙ tanh(C_t)
   """
   h, c = carry
-  i, f, g, o = jnp.split(gx + h @ params["W_hh"] + params["b_hh"], 4, axis=-1)
-  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-  h = jax.nn.sigmoid(o) * jnp.tanh(c)
+  h, c = lstm_gates(gx + h @ params["W_hh"] + params["b_hh"], c)
   return (h, c), h
+
+
+# The gate nonlinearities of the two equations above, with their derivatives written out.
+# σ(x) = (1 + tanh(x/2)) / 2 lets one tanh run over a whole gate array: XLA:CPU evaluates
+# σ and tanh on column slices of one array several times slower than one tanh over all of it
+# (BENCHMARKS.md), and the derivatives need only the tanh values: σ'(x) = (1 - tanh²(x/2)) / 4.
+
+
+def _sigmoid(t: Array) -> Array:
+  """σ(x) from ``t = tanh(x/2)``."""
+  return 0.5 * t + 0.5
+
+
+def _sigmoid_grad(t: Array) -> Array:
+  """σ'(x) from ``t = tanh(x/2)``."""
+  return 0.25 * (1.0 - t * t)
+
+
+def _lstm_gates_fwd(z: Array, c: Array):
+  H = c.shape[-1]
+  scale = jnp.repeat(jnp.asarray([0.5, 0.5, 1.0, 0.5], z.dtype), H)  # G's tanh is a tanh already
+  t = jnp.tanh(z * scale)
+  t_i, t_f, g, t_o = jnp.split(t, 4, axis=-1)
+  c_new = _sigmoid(t_f) * c + _sigmoid(t_i) * g
+  tanh_c = jnp.tanh(c_new)
+  return (_sigmoid(t_o) * tanh_c, c_new), (t, c, tanh_c)
+
+
+def _lstm_gates_bwd(res, cotangents):
+  t, c, tanh_c = res
+  d_h, d_c = cotangents
+  t_i, t_f, g, t_o = jnp.split(t, 4, axis=-1)
+  d_c = d_c + d_h * _sigmoid(t_o) * (1.0 - tanh_c * tanh_c)
+  # Each block in full before the concatenation: one more pass over [batch, 4H] was slower.
+  d_z = jnp.concatenate([d_c * g * _sigmoid_grad(t_i), d_c * c * _sigmoid_grad(t_f),
+                         d_c * _sigmoid(t_i) * (1.0 - g * g), d_h * tanh_c * _sigmoid_grad(t_o)],
+                        axis=-1)
+  return d_z, d_c * _sigmoid(t_f)
+
+
+@jax.custom_vjp
+def lstm_gates(z: Array, c: Array) -> tuple[Array, Array]:
+  """``(H_t, C_t)`` from ``z = [I; F; G; O] <float32>[batch, 4H]`` and ``C_{t-1} <float32>[batch, H]``."""
+  return _lstm_gates_fwd(z, c)[0]
+
+
+lstm_gates.defvjp(_lstm_gates_fwd, _lstm_gates_bwd)
+
+
+def _gru_gates_fwd(gx: Array, gh: Array, h: Array):
+  H = h.shape[-1]
+  t = jnp.tanh(0.5 * (gx[..., :2 * H] + gh[..., :2 * H]))  # R and Z
+  t_r, t_z = jnp.split(t, 2, axis=-1)
+  hn = gh[..., 2 * H:]
+  n = jnp.tanh(gx[..., 2 * H:] + _sigmoid(t_r) * hn)
+  z = _sigmoid(t_z)
+  return (1.0 - z) * n + z * h, (t, n, hn, h)
+
+
+def _gru_gates_bwd(res, d_h):
+  t, n, hn, h = res
+  t_r, t_z = jnp.split(t, 2, axis=-1)
+  z = _sigmoid(t_z)
+  d_n = d_h * (1.0 - z) * (1.0 - n * n)
+  d_r = d_n * hn * _sigmoid_grad(t_r)
+  d_z = d_h * (h - n) * _sigmoid_grad(t_z)
+  return (jnp.concatenate([d_r, d_z, d_n], axis=-1),
+          jnp.concatenate([d_r, d_z, d_n * _sigmoid(t_r)], axis=-1), d_h * z)
+
+
+@jax.custom_vjp
+def gru_gates(gx: Array, gh: Array, h: Array) -> Array:
+  """``H_t`` from the input part ``gx <float32>[batch, 3H]``, the recurrent part
+  ``gh = H_{t-1} W_hh + b_hh <float32>[batch, 3H]`` and ``H_{t-1} <float32>[batch, H]``."""
+  return _gru_gates_fwd(gx, gh, h)[0]
+
+
+gru_gates.defvjp(_gru_gates_fwd, _gru_gates_bwd)
 
 
 def step(cell: str, params: dict, carry: Carry, gx: Array, activation: str = "tanh"):

@@ -16,8 +16,8 @@ are written) over ``gx <float32>[steps, batch, G*H]`` with a hand-written backwa
 * Transposed operands of the backward products are laid out first (:func:`_t`): XLA:CPU
   multiplies them ~2.5x slower in place.
 
-Both passes differentiate the step function itself (``jax.vjp`` of ``cells.step`` per step), so
-no derivative of a cell is written by hand here: the gate gradient is read off as the gradient
+Both passes differentiate the step function itself (``jax.vjp`` of ``cells.step`` per step, which
+uses the gate derivatives ``cells`` writes out), so no derivative of a cell is written here: the gate gradient is read off as the gradient
 with respect to a per-row copy of ``b_hh``, and the product ``H_{t-1} W_hh``, computed once per
 step, is handed to the step as a stand-in for ``W_hh`` (:class:`_Product`) whose ``h @ W`` is the
 stored product. :func:`input_gates` is the hoisted input projection with the same treatment of
