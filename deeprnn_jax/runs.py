@@ -143,9 +143,33 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   compiled, compile_seconds = {}, 0.0
   eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
 
-  def save(epoch: int, data_rng_state: dict) -> None:
+  def save(epoch: int, state: training.TrainState, data_rng_state: dict) -> None:
     ckpt.save_checkpoint(run_dir, params=state.params, opt_state=state.opt_state, epoch=epoch,
                          vocab=vocab, config=config, data_rng_state=data_rng_state)
+
+  def logged(epoch: int) -> bool:
+    return epoch % options.log_every == 0 or epoch == config.num_epochs
+
+  def needs_state(tag) -> bool:  # the epochs whose parameters are read: kept, not donated
+    epoch = tag[0]
+    return ((logged(epoch) and (not options.quiet or len(valid_corpus) > 0))
+            or epoch % options.checkpoint_every == 0 or epoch == config.num_epochs)
+
+  def epochs():
+    nonlocal compile_seconds
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+      Xs, Ys = loader.epoch()
+      if Xs.shape not in compiled:
+        t = time.perf_counter()
+        compiled[Xs.shape] = epoch_fn.lower(state_spec, Xs, Ys, train_key).compile()
+        compile_seconds += time.perf_counter() - t
+      yield (epoch, loader.rng_state), Xs, Ys, jax.random.fold_in(train_key, epoch)
+
+  # Compiled from shapes: the state itself may have gone on to an earlier epoch by then.
+  state_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type),
+                            state)
+  pipeline = training.EpochPipeline(lambda s, Xs, Ys, key: compiled[Xs.shape](s, Xs, Ys, key),
+                                    needs_state)
 
   show_bar = options.progress if options.progress is not None else err.isatty()
   bar = None
@@ -155,57 +179,64 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                dynamic_ncols=True)
 
   last_saved = start_epoch if saved is not None else None
-  done_epoch, done_rng = start_epoch, loader.rng_state  # the last finished epoch, data RNG after it
+  last_row = start_epoch  # metrics.jsonl has a row for every epoch up to this one
   tokens = seconds = 0.0
   ppl = valid_ppl = math.nan
+  metrics = metrics_file.open("a")
+
+  n_tokens = lambda losses: losses.size * config.batch_size * config.num_steps
+
+  def write_row(epoch: int, losses: np.ndarray, dt: float, valid_ppl) -> float:
+    nonlocal last_row
+    ppl = training.perplexity(losses.mean())
+    row = {"epoch": epoch, "train_perplexity": ppl, "valid_perplexity": valid_ppl,
+           "tokens_per_sec": n_tokens(losses) / dt, "seconds": dt}
+    rows.append(row)
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+    last_row = epoch
+    return ppl
+
   try:
-    with metrics_file.open("a") as metrics:
-      for epoch in range(start_epoch + 1, config.num_epochs + 1):
-        Xs, Ys = loader.epoch()
-        key = jax.random.fold_in(train_key, epoch)
-        if Xs.shape not in compiled:
-          t = time.perf_counter()
-          compiled[Xs.shape] = epoch_fn.lower(state, Xs, Ys, key).compile()
-          compile_seconds += time.perf_counter() - t
-        t = time.perf_counter()
-        new_state, losses = compiled[Xs.shape](state, Xs, Ys, key)
-        state = None  # Donated to the epoch: only new_state is valid from here on.
-        losses = np.asarray(losses)  # The epoch's one host sync.
-        dt = time.perf_counter() - t
-        if not np.all(np.isfinite(losses)):
-          where = (f"the checkpoint of epoch {last_saved} is kept" if last_saved is not None
-                   else "no checkpoint had been saved")
-          raise Diverged(f"non-finite loss at epoch {epoch} (try a lower --lr or --clip); "
-                         f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
-        state, done_epoch, done_rng = new_state, epoch, loader.rng_state
-        ppl = training.perplexity(losses.mean())
-        logged = epoch % options.log_every == 0 or epoch == config.num_epochs
-        valid_ppl = None
-        if len(valid_corpus) and logged:
-          valid_ppl = training.evaluate(model, state.params, valid_corpus, eval_rows)
-        if epoch > start_epoch + 1 or epoch == config.num_epochs:
-          tokens, seconds = tokens + Xs.size, seconds + dt
-        row = {"epoch": epoch, "train_perplexity": ppl, "valid_perplexity": valid_ppl,
-               "tokens_per_sec": Xs.size / dt, "seconds": dt}
-        rows.append(row)
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if bar is not None:
-          bar.update(1)
-          bar.set_postfix(perplexity=f"{ppl:.2f}")
-        if logged and not options.quiet:
-          valid_text = f", valid perplexity {valid_ppl:.1f}" if valid_ppl is not None else ""
-          line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix)}"
-          bar.write(line, file=out) if bar is not None else say(line)
-        if epoch % options.checkpoint_every == 0 or epoch == config.num_epochs:
-          save(epoch, done_rng)
-          last_saved = epoch
+    for done in pipeline.run(state, epochs()):
+      (epoch, done_rng), losses, dt = done.tag, done.losses, done.seconds
+      state = done.state  # None where it went on to the next epoch (donated)
+      if not np.all(np.isfinite(losses)):
+        where = (f"the checkpoint of epoch {last_saved} is kept" if last_saved is not None
+                 else "no checkpoint had been saved")
+        raise Diverged(f"non-finite loss at epoch {epoch} (try a lower --lr or --clip); "
+                       f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
+      valid_ppl = None
+      if len(valid_corpus) and logged(epoch):
+        valid_ppl = training.evaluate(model, state.params, valid_corpus, eval_rows)
+      ppl = write_row(epoch, losses, dt, valid_ppl)
+      if epoch > start_epoch + 1 or epoch == config.num_epochs:
+        tokens, seconds = tokens + n_tokens(losses), seconds + dt
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(perplexity=f"{ppl:.2f}")
+      if logged(epoch) and not options.quiet:
+        valid_text = f", valid perplexity {valid_ppl:.1f}" if valid_ppl is not None else ""
+        line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix)}"
+        bar.write(line, file=out) if bar is not None else say(line)
+      if epoch % options.checkpoint_every == 0 or epoch == config.num_epochs:
+        save(epoch, state, done_rng)
+        last_saved = epoch
   except KeyboardInterrupt:
-    if state is not None and done_epoch != (last_saved or 0):
-      save(done_epoch, done_rng)
-      print(f"saved the checkpoint of epoch {done_epoch} in {run_dir}", file=err)
+    # Keep the newest finished epoch: its metrics rows, then its checkpoint.
+    newest = None
+    for done in pipeline.drain():
+      if not np.all(np.isfinite(done.losses)):
+        break
+      if done.tag[0] > last_row:
+        write_row(done.tag[0], done.losses, done.seconds, None)
+      newest = done if done.state is not None else newest
+    if newest is not None and newest.tag[0] != (last_saved or 0):
+      save(newest.tag[0], newest.state, newest.tag[1])
+      print(f"saved the checkpoint of epoch {newest.tag[0]} in {run_dir}", file=err)
     raise
   finally:
+    metrics.close()
     if bar is not None:
       bar.close()
 

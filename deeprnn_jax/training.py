@@ -2,14 +2,17 @@
 
 The hot path is :func:`make_train_epoch`: one jitted call runs every minibatch of an epoch under
 ``lax.scan`` with the parameters and optimiser state donated, and returns the per-minibatch losses
-with no host sync in between.
+with no host sync in between. :class:`EpochPipeline` runs such epochs back to back with the one
+host sync per epoch overlapped by the next epoch's compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+import time
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +117,98 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) -> 
     return ts, losses
 
   return jax.jit(epoch, donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedEpoch:
+  """One epoch's results, as :meth:`EpochPipeline.run` hands them out.
+
+  Attributes:
+    tag: what the epoch's item carried (an epoch number, say).
+    losses: ``<float32>[num_batches]`` on the host.
+    seconds: the epoch's share of the wall time (from when the device could start it to when its
+      losses were read), not counting work done while the previous epoch still ran.
+    state: the train state after the epoch, or ``None`` where it was already donated to the next
+      epoch (every epoch the pipeline's ``needs_state`` does not ask for).
+  """
+
+  tag: Any
+  losses: np.ndarray
+  seconds: float
+  state: TrainState | None
+
+
+def _deleted(tree) -> bool:
+  return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
+
+
+class EpochPipeline:
+  """Runs jitted epochs back to back, keeping the device busy.
+
+  Epoch ``k + 1`` is dispatched before epoch ``k``'s losses are read back, so that the host sync
+  and the host's work between epochs (the next minibatches, logging) overlap the next epoch's
+  compute. The train state is donated to every epoch, so epoch ``k``'s state only survives where
+  ``needs_state(tag)`` asks for it (for predictions or a checkpoint): the pipeline then waits for
+  epoch ``k``, hands its state out, and dispatches epoch ``k + 1`` when the caller asks for the
+  next result. A state handed out is valid until then.
+
+  A non-finite loss in epoch ``k`` is seen one epoch late on the device, not on the host: the
+  caller reads ``losses`` before anything else, and epoch ``k + 1``, already dispatched, is
+  dropped with the pipeline.
+
+  Args:
+    epoch_fn: ``(state, Xs, Ys, key) -> (state, losses)``, as :func:`make_train_epoch` returns.
+    needs_state: ``tag -> bool``; by default no epoch's state is kept but the last one's.
+  """
+
+  def __init__(self, epoch_fn: Callable, needs_state: Callable[[Any], bool] = lambda tag: False):
+    self._epoch_fn, self._needs_state = epoch_fn, needs_state
+    self._inflight = None  # (tag, state, device losses, dispatch time)
+    self._last: FinishedEpoch | None = None
+    self._last_done = -math.inf
+
+  def _dispatch(self, item, state) -> bool:
+    if item is None:
+      return False
+    tag, Xs, Ys, key = item
+    t = time.perf_counter()
+    new_state, losses = self._epoch_fn(state, Xs, Ys, key)
+    self._inflight = (tag, new_state, losses, t)
+    return True
+
+  def run(self, state: TrainState, items: Iterable) -> Iterator[FinishedEpoch]:
+    """Trains ``state`` (donated) on ``items``, each ``(tag, Xs, Ys, key)``; yields every epoch.
+
+    ``items`` is read one item ahead of the epoch being handed out, so whatever it does (loading
+    the next minibatches, compiling) overlaps the device's work.
+    """
+    items = iter(items)
+    self._dispatch(next(items, None), state)
+    while self._inflight is not None:
+      tag, state, losses, t = self._inflight
+      self._inflight = None
+      if not self._needs_state(tag) and self._dispatch(next(items, None), state):
+        state = None  # donated to the next epoch
+      losses = np.asarray(losses)  # waits for this epoch
+      now = time.perf_counter()
+      self._last = FinishedEpoch(tag, losses, now - max(t, self._last_done), state)
+      self._last_done = now
+      yield self._last
+      if state is not None:
+        self._dispatch(next(items, None), state)
+
+  def drain(self) -> list[FinishedEpoch]:
+    """After an interrupt: the epoch last handed out and the one in flight (waited for), oldest
+    first, whichever exist; a state already donated is ``None``. What the caller may still
+    record and save."""
+    out = [self._last] if self._last is not None else []
+    if self._inflight is not None:
+      tag, state, losses, t = self._inflight
+      self._inflight = None
+      losses = np.asarray(losses)
+      out.append(FinishedEpoch(tag, losses, time.perf_counter() - max(t, self._last_done), state))
+    return [dataclasses.replace(f, state=None) if f.state is not None and _deleted(f.state) else f
+            for f in out]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -277,7 +277,9 @@ def test_run_files_get_ordinary_permissions(tmp_path, capsys):
     assert (run / name).stat().st_mode & 0o777 == 0o644, name
 
 
-def test_interrupt_saves_the_last_finished_epoch(tmp_path, monkeypatch, capsys):
+def test_interrupt_saves_the_newest_finished_epoch_and_its_metrics(tmp_path, monkeypatch, capsys):
+  """Ctrl-C while epoch 3 is being recorded: epoch 4 is already running on the device (the
+  pipeline dispatched it), so the run waits for it and keeps both epochs' rows and epoch 4."""
   from deeprnn_jax import runs, training
   calls = []
   real = training.perplexity
@@ -289,11 +291,31 @@ def test_interrupt_saves_the_last_finished_epoch(tmp_path, monkeypatch, capsys):
     return real(mean_loss)
 
   monkeypatch.setattr(runs.training, "perplexity", interrupt_on_third)
-  code = train.main(SMALL + ["--num-epochs", "5", "--quiet", "--checkpoint-every", "100",
-                             "--out", str(tmp_path / "run")])
+  run = tmp_path / "run"
+  code = train.main(SMALL + ["--num-epochs", "6", "--quiet", "--checkpoint-every", "100",
+                             "--out", str(run)])
   err = capsys.readouterr().err
-  assert code == 130 and "epoch 3" in err
-  assert checkpoint.load_checkpoint(tmp_path / "run").epoch == 3
+  assert code == 130 and "epoch 4" in err
+  assert checkpoint.load_checkpoint(run).epoch == 4
+  epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert epochs == [1, 2, 3, 4]
+  # Resuming goes on from there as an uninterrupted run would.
+  monkeypatch.undo()
+  assert train.main(SMALL + ["--num-epochs", "6", "--quiet", "--resume", "--out", str(run)]) == 0
+  epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_interrupt_before_anything_finished_saves_nothing(tmp_path, monkeypatch, capsys):
+  from deeprnn_jax import training
+
+  def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(training.EpochPipeline, "run", interrupt)
+  code = train.main(SMALL + ["--num-epochs", "3", "--quiet", "--out", str(tmp_path / "run")])
+  assert code == 130
+  assert not (tmp_path / "run" / "checkpoint.msgpack").exists()
 
 
 def test_os_errors_are_one_line_exit_2(capsys):

@@ -84,6 +84,63 @@ def test_jitted_epoch_equals_python_loop_of_steps(use_random_iter, cell):
   chex.assert_trees_all_close(new_ts.params, loop_ts.params, rtol=1e-4, atol=1e-6)
 
 
+def _epoch_items(n, tags=None, log=None):
+  loader = data.SeqDataLoader(_corpus(900), 4, 7, use_random_iter=False, seed=3)
+  for i in range(n):
+    Xs, Ys = loader.epoch()
+    if log is not None:
+      log.append(i)
+    yield (tags[i] if tags else i), Xs, Ys, jax.random.PRNGKey(i)
+
+
+def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for():
+  model, opt, ts = _setup(cell="gru")
+  epoch_fn = training.make_train_epoch(model, opt)
+  state, expected = training.init_train_state(model, opt, jax.random.PRNGKey(0)), []
+  for _, Xs, Ys, key in _epoch_items(5):
+    state, losses = epoch_fn(state, Xs, Ys, key)
+    expected.append((np.asarray(losses), jax.device_get(state.params)))
+
+  pipeline = training.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 2)
+  done = list(pipeline.run(ts, _epoch_items(5)))
+  assert [f.tag for f in done] == [0, 1, 2, 3, 4]
+  for f, (losses, params) in zip(done, expected):
+    np.testing.assert_array_equal(f.losses, losses)
+    assert f.seconds > 0
+  # Epoch 2 was asked for and the last one is not donated to anything; the others were.
+  assert [f.state is not None for f in done] == [False, False, True, False, True]
+  chex.assert_trees_all_equal(jax.device_get(done[4].state.params), expected[4][1])
+  assert training._deleted(done[2].state)  # handed on to epoch 3 once the caller moved on
+
+
+def test_epoch_pipeline_reads_one_item_ahead_unless_the_state_is_needed():
+  model, opt, ts = _setup(layers=1)
+  epoch_fn = training.make_train_epoch(model, opt)
+  produced = []
+  pipeline = training.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 1)
+  seen = []
+  for f in pipeline.run(ts, _epoch_items(4, log=produced)):
+    seen.append((f.tag, len(produced)))
+    if f.tag == 1:
+      chex.assert_tree_all_finite(f.state.params)  # usable before the next epoch starts
+  # Epoch 0 is handed out with epoch 1 already dispatched; epoch 1's state is kept, so epoch 2
+  # is only read after the caller is done with it.
+  assert seen == [(0, 2), (1, 2), (2, 4), (3, 4)]
+
+
+def test_epoch_pipeline_drain_returns_the_epoch_in_flight_with_its_state():
+  model, opt, ts = _setup(layers=1)
+  pipeline = training.EpochPipeline(training.make_train_epoch(model, opt))
+  run = pipeline.run(ts, _epoch_items(3))
+  first = next(run)  # epoch 1 is in flight now, holding the state
+  assert first.tag == 0 and first.state is None
+  drained = pipeline.drain()
+  assert [f.tag for f in drained] == [0, 1]
+  assert drained[0].state is None and drained[1].state is not None
+  chex.assert_tree_all_finite(drained[1].state.params)
+  assert pipeline.drain() == [drained[0]]  # nothing in flight any more
+
+
 def test_sequential_epoch_carries_state_and_random_does_not():
   model, opt, ts = _setup("gru")
   Xs, Ys = data.sequential_epoch(_corpus(), 4, 7, seed=1)
