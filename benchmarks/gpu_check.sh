@@ -13,8 +13,8 @@
 # (everything printed), BENCHMARKS_gpu.md (tables), variants.jsonl, and results.tgz (the JSON
 # results and the training runs' files), refreshed after every stage.
 # DEVICE=cpu runs the same stages on the CPU: a dry run of this script, not a measurement, with
-# FULL_RUN_ARGS="--num-epochs 5", SEED_VARIANTS=res:1,cudnn:1, IMPLS=layerwise and R=1 to keep
-# it short. A session with a device: carry a folder holding timemachine.txt (the ../shared beside
+# FULL_RUN_ARGS="--num-epochs 5", SEED_VARIANTS=res:1,cudnn:1, IMPLS=layerwise, SEED_EPOCHS=5 and
+# R=1 to keep it short. A session with a device: carry a folder holding timemachine.txt (the ../shared beside
 # the checkout does not travel) and leave the command ~30 s more than DEADLINE.
 set -u
 
@@ -82,11 +82,13 @@ HI="env JAX_DEFAULT_MATMUL_PRECISION=highest"
 stage tests-fast-paths 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_fast_paths.py
 if [ "${SWEEP:-0}" = 1 ]; then
   stage variants-seed 80 env CONFIG=seed R="${R:-5}" N="${N:-3}" JSON="$OUT/variants.jsonl" \
-    python benchmarks/variants.py "${SEED_VARIANTS:-res:8,res:16,wave:8,wave:16}"
+    python benchmarks/variants.py "${SEED_VARIANTS:-res:8,sliced:8,res:16,wave:8}"
 fi
 IMPLS="${IMPLS:-layerwise,wavefront,cudnn}"
+# 20 epochs a repeat: the train CLI's rhythm, two of them read back with their state (throughput.py
+# LOG_EVERY), the others pipelined.
 stage throughput-seed 45 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
-  --impl "$IMPLS" --repeats 3 --epochs 5 --label "$LABEL" \
+  --impl "$IMPLS" --repeats 3 --epochs "${SEED_EPOCHS:-20}" --label "$LABEL" \
   --out "$WORK/throughput_seed.json" --append-md "$OUT/BENCHMARKS_gpu.md"
 # The chapter's run as a user starts it: the first time (compiling), then again (its programs
 # read from the compilation cache the CLI keeps).
@@ -100,8 +102,8 @@ for cfg in wide big-batch; do
     --impl "$IMPLS" --repeats 3 --epochs 2 --label "$LABEL" \
     --out "$WORK/throughput_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
 done
-stage tests 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_models.py \
-  tests/test_training.py
+stage tests 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_cells.py \
+  tests/test_models.py tests/test_training.py
 
 echo "=== summary (${SECONDS}s)" | tee -a "$LOG"
 for s in "${SUMMARY[@]}"; do echo "  $s" | tee -a "$LOG"; done

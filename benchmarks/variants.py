@@ -9,6 +9,9 @@ Each variant is ``kind:unroll[:hi]``:
 * ``auto``: layerwise, the recurrence differentiated by XLA (``recurrence.layer_scan_autodiff``);
 * ``res``: layerwise, custom VJP keeping the step's vjp residuals (``recurrence.layer_scan``, the
   default). The "products" variant of BENCHMARKS.md was removed from the library after it lost;
+* ``sliced``: ``res`` with the LSTM/GRU gates as the equations read, σ and tanh on column slices
+  of the gate array and differentiated by JAX (the cells before ``cells.lstm_gates`` and
+  ``cells.gru_gates`` took one tanh over the whole array with written-out derivatives);
 * ``wave``: ``RNNLM(impl="wavefront")``, the layers skewed in time as one recurrence;
 * ``cudnn``: ``RNNLM(impl="cudnn")`` (LSTM; cuDNN on a CUDA GPU, unroll ignored);
 * a trailing ``:hi`` traces the variant under ``jax.default_matmul_precision("highest")`` (full
@@ -35,8 +38,27 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import CONFIGS, _data_env  # noqa: E402
 
-from deeprnn_jax import data, recurrence, training  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from deeprnn_jax import cells, data, recurrence, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402
+
+
+def sliced_lstm_gates(z, c):
+  i, f, g, o = jnp.split(z, 4, axis=-1)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def sliced_gru_gates(gx, gh, h):
+  xr, xz, xn = jnp.split(gx, 3, axis=-1)
+  hr, hz, hn = jnp.split(gh, 3, axis=-1)
+  r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+  return (1.0 - z) * jnp.tanh(xn + r * hn) + z * h
+
+
+GATES = {"lstm_gates": cells.lstm_gates, "gru_gates": cells.gru_gates}
+SLICED = {"lstm_gates": sliced_lstm_gates, "gru_gates": sliced_gru_gates}
 
 
 def main():
@@ -56,6 +78,8 @@ def main():
     context = (lambda: jax.default_matmul_precision("highest")) if prec == ["hi"] else \
         contextlib.nullcontext
     recurrence.layer_scan = recurrence.layer_scan_autodiff if kind == "auto" else layer_scan
+    for k, f in (SLICED if kind == "sliced" else GATES).items():  # read when traced, below
+      setattr(cells, k, f)
     os.environ["DEEPRNN_JAX_UNROLL"] = unroll
     impl = {"scan": "scan", "cudnn": "cudnn", "wave": "wavefront"}.get(kind, "layerwise")
     model = RNNLM(len(vocab), H, L, cell, impl=impl)
@@ -72,6 +96,8 @@ def main():
     variants[spec] = {"fn": epoch, "ts": ts, "ctx": context, "wall": [], "cpu": [],
                       "first": time.perf_counter() - t}
   recurrence.layer_scan = layer_scan
+  for k, f in GATES.items():
+    setattr(cells, k, f)
   os.environ.pop("DEEPRNN_JAX_UNROLL")
   N = env("N", 3)
   for _ in range(env("R", 5)):

@@ -399,6 +399,18 @@ class SeqDataLoader:
   def __iter__(self):
     return zip(*self.epoch())
 
+  def epoch_shapes(self) -> list[tuple[int, int, int]]:
+    """Every shape :meth:`epoch`'s arrays can have: ``num_batches`` depends on the epoch's
+    random offset (``[0, num_steps]`` sequential, ``[0, num_steps - 1]`` random), so a corpus
+    may give two. For compiling them all before training."""
+    n, B, T = len(self.corpus), self.batch_size, self.num_steps
+    if self.use_random_iter:  # random_epoch: subsequences of the corpus after the offset
+      num_batches = lambda offset: (n - offset - 1) // T // B
+    else:  # sequential_epoch: B rows of (n - offset - 1) // B tokens
+      num_batches = lambda offset: (n - offset - 1) // B // T
+    offsets = range(T if self.use_random_iter else T + 1)
+    return sorted({(num_batches(offset), B, T) for offset in offsets})
+
   @property
   def rng_state(self) -> dict:
     return self.rng.bit_generator.state

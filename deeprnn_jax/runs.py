@@ -156,18 +156,16 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
             or epoch % options.checkpoint_every == 0 or epoch == config.num_epochs)
 
   def epochs():
-    nonlocal compile_seconds
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       Xs, Ys = loader.epoch()
-      if Xs.shape not in compiled:
-        t = time.perf_counter()
-        compiled[Xs.shape] = epoch_fn.lower(state_spec, Xs, Ys, train_key).compile()
-        compile_seconds += time.perf_counter() - t
       yield (epoch, loader.rng_state), Xs, Ys, jax.random.fold_in(train_key, epoch)
 
-  # Compiled from shapes: the state itself may have gone on to an earlier epoch by then.
-  state_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type),
-                            state)
+  # Every epoch shape compiled now, not while an epoch runs (the pipeline reads ahead).
+  t = time.perf_counter()
+  for shape in loader.epoch_shapes():
+    Xs = jax.ShapeDtypeStruct(shape, jnp.int32)
+    compiled[shape] = epoch_fn.lower(state, Xs, Xs, train_key).compile()
+  compile_seconds += time.perf_counter() - t
   pipeline = training.EpochPipeline(lambda s, Xs, Ys, key: compiled[Xs.shape](s, Xs, Ys, key),
                                     needs_state)
 

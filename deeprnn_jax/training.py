@@ -8,6 +8,7 @@ host sync per epoch overlapped by the next epoch's compute.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -126,10 +127,10 @@ class FinishedEpoch:
   Attributes:
     tag: what the epoch's item carried (an epoch number, say).
     losses: ``<float32>[num_batches]`` on the host.
-    seconds: the epoch's share of the wall time (from when the device could start it to when its
-      losses were read), not counting work done while the previous epoch still ran.
-    state: the train state after the epoch, or ``None`` where it was already donated to the next
-      epoch (every epoch the pipeline's ``needs_state`` does not ask for).
+    seconds: the epoch's share of the wall time: from when the device could start it (its
+      dispatch, or the previous epoch's end if later) to when its losses were read.
+    state: the train state after the epoch, or ``None`` where it was donated to the next epoch
+      (the pipeline keeps it only where ``needs_state`` asks, and for the last epoch).
   """
 
   tag: Any
@@ -152,9 +153,8 @@ class EpochPipeline:
   epoch ``k``, hands its state out, and dispatches epoch ``k + 1`` when the caller asks for the
   next result. A state handed out is valid until then.
 
-  A non-finite loss in epoch ``k`` is seen one epoch late on the device, not on the host: the
-  caller reads ``losses`` before anything else, and epoch ``k + 1``, already dispatched, is
-  dropped with the pipeline.
+  A non-finite loss is therefore seen on the host after the next epoch has been dispatched on the
+  diverged parameters; the caller checks ``losses`` first and drops the pipeline.
 
   Args:
     epoch_fn: ``(state, Xs, Ys, key) -> (state, losses)``, as :func:`make_train_epoch` returns.
@@ -163,8 +163,10 @@ class EpochPipeline:
 
   def __init__(self, epoch_fn: Callable, needs_state: Callable[[Any], bool] = lambda tag: False):
     self._epoch_fn, self._needs_state = epoch_fn, needs_state
-    self._inflight = None  # (tag, state, device losses, dispatch time)
+    # Dispatched, not yet handed out, oldest first: [tag, state, device losses, dispatch time].
+    self._queue: collections.deque = collections.deque()
     self._last: FinishedEpoch | None = None
+    self._last_entry = None
     self._last_done = -math.inf
 
   def _dispatch(self, item, state) -> bool:
@@ -173,40 +175,47 @@ class EpochPipeline:
     tag, Xs, Ys, key = item
     t = time.perf_counter()
     new_state, losses = self._epoch_fn(state, Xs, Ys, key)
-    self._inflight = (tag, new_state, losses, t)
+    self._queue.append([tag, new_state, losses, t])
     return True
+
+  def _finish(self, entry) -> FinishedEpoch:
+    tag, state, losses, t = entry
+    losses = np.asarray(losses)  # waits for the epoch
+    now = time.perf_counter()
+    done = FinishedEpoch(tag, losses, now - max(t, self._last_done), state)
+    self._last_done = now
+    return done
 
   def run(self, state: TrainState, items: Iterable) -> Iterator[FinishedEpoch]:
     """Trains ``state`` (donated) on ``items``, each ``(tag, Xs, Ys, key)``; yields every epoch.
 
     ``items`` is read one item ahead of the epoch being handed out, so whatever it does (loading
-    the next minibatches, compiling) overlaps the device's work.
+    the next minibatches) overlaps the device's work; it should not compile (that time would
+    count as the running epoch's).
     """
     items = iter(items)
     self._dispatch(next(items, None), state)
-    while self._inflight is not None:
-      tag, state, losses, t = self._inflight
-      self._inflight = None
-      if not self._needs_state(tag) and self._dispatch(next(items, None), state):
-        state = None  # donated to the next epoch
-      losses = np.asarray(losses)  # waits for this epoch
-      now = time.perf_counter()
-      self._last = FinishedEpoch(tag, losses, now - max(t, self._last_done), state)
-      self._last_done = now
-      yield self._last
-      if state is not None:
-        self._dispatch(next(items, None), state)
+    while self._queue:
+      entry = self._queue[0]
+      if not self._needs_state(entry[0]) and self._dispatch(next(items, None), entry[1]):
+        entry[1] = None  # donated to the next epoch
+      done = self._finish(entry)
+      self._last, self._last_entry = done, entry
+      self._queue.popleft()  # only now: an interrupt while waiting leaves it for drain()
+      yield done
+      if done.state is not None:
+        self._dispatch(next(items, None), done.state)
 
   def drain(self) -> list[FinishedEpoch]:
-    """After an interrupt: the epoch last handed out and the one in flight (waited for), oldest
-    first, whichever exist; a state already donated is ``None``. What the caller may still
+    """After an interrupt: the epoch last handed out, then every epoch dispatched since (each
+    waited for), oldest first; a state donated since is ``None``. What the caller may still
     record and save."""
     out = [self._last] if self._last is not None else []
-    if self._inflight is not None:
-      tag, state, losses, t = self._inflight
-      self._inflight = None
-      losses = np.asarray(losses)
-      out.append(FinishedEpoch(tag, losses, time.perf_counter() - max(t, self._last_done), state))
+    if self._queue and self._queue[0] is self._last_entry:  # interrupted before its popleft
+      self._queue.popleft()
+    while self._queue:
+      out.append(self._finish(self._queue[0]))
+      self._queue.popleft()
     return [dataclasses.replace(f, state=None) if f.state is not None and _deleted(f.state) else f
             for f in out]
 

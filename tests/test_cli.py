@@ -326,3 +326,17 @@ def test_os_errors_are_one_line_exit_2(capsys):
 
   assert cli.run(fails, [], prog="p") == 2
   assert capsys.readouterr().err.strip() == "p: error: Permission denied: /root/x"
+
+
+def test_a_corpus_giving_two_epoch_shapes_compiles_both_before_training(tmp_path, capsys):
+  """2,966 tokens in rows of 8 give 37 minibatches of 10 steps for offsets 0-5, 36 for 6-10
+  ones: both programs are compiled up front (the pipeline looks one epoch ahead, and a program
+  missing from the run's table would stop it)."""
+  args = SMALL[:-6] + ["--max-tokens", "2966", "--batch-size", "8", "--num-steps", "10"]
+  run = tmp_path / "run"
+  code, _, err = run_train(args + ["--num-epochs", "12", "--quiet", "--out", str(run)], capsys)
+  assert code == 0, err
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in rows] == list(range(1, 13))
+  sizes = {round(r["tokens_per_sec"] * r["seconds"]) for r in rows}
+  assert sizes == {36 * 8 * 10, 37 * 8 * 10}  # both shapes trained on

@@ -594,3 +594,13 @@ def test_iterator_properties(n, batch_size, num_steps, vocab_size, seed, use_ran
     row_len = (n - offset - 1) // batch_size
     np.testing.assert_array_equal(Px[0, :, 0], offset + row_len * np.arange(batch_size))
     assert num_batches == d2l_num_batches(n, batch_size, num_steps, offset, False)
+
+
+@pytest.mark.parametrize("use_random_iter", [False, True])
+@pytest.mark.parametrize("n,batch,steps", [(10000, 32, 35), (2000, 16, 20), (1333, 8, 64),
+                                           (900, 4, 7), (301, 3, 5)])
+def test_epoch_shapes_are_exactly_the_shapes_epochs_take(n, batch, steps, use_random_iter):
+  corpus = np.random.default_rng(0).integers(0, 28, n)
+  loader = data.SeqDataLoader(corpus, batch, steps, use_random_iter, seed=1)
+  seen = {loader.epoch()[0].shape for _ in range(40 * steps)}  # every offset, almost surely
+  assert seen == set(loader.epoch_shapes())

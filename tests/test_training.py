@@ -141,6 +141,40 @@ def test_epoch_pipeline_drain_returns_the_epoch_in_flight_with_its_state():
   assert pipeline.drain() == [drained[0]]  # nothing in flight any more
 
 
+class _Losses:
+  """Device losses stand-in whose read-back is interrupted (Ctrl-C) the first time, if asked."""
+
+  def __init__(self, value, interrupt):
+    self.value, self.interrupt = value, interrupt
+
+  def __array__(self, dtype=None, copy=None):
+    if self.interrupt:
+      self.interrupt = False
+      raise KeyboardInterrupt
+    return np.full(3, self.value, np.float32)
+
+
+@pytest.mark.parametrize("kept", [None, 2])
+def test_epoch_pipeline_interrupted_while_waiting_loses_no_epoch(kept):
+  def epoch_fn(state, Xs, Ys, key):  # a state whose value counts the epochs run on it
+    return state + 1, _Losses(float(key), interrupt=key == 2)
+
+  items = ((k, None, None, k) for k in range(6))
+  pipeline = training.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == kept)
+  handed = []
+  with pytest.raises(KeyboardInterrupt):
+    for f in pipeline.run(jnp.zeros(()), items):
+      handed.append(f.tag)
+  assert handed == [0, 1]
+  drained = pipeline.drain()
+  tags = [f.tag for f in drained]
+  assert tags == ([1, 2] if kept == 2 else [1, 2, 3])  # epoch 2 kept: nothing dispatched after
+  assert [float(f.losses[0]) for f in drained] == tags
+  assert drained[-1].state is not None and int(drained[-1].state) == tags[-1] + 1
+  assert all(f.state is None for f in drained[:-1])
+  assert [f.tag for f in pipeline.drain()] == [1]  # nothing left in flight
+
+
 def test_sequential_epoch_carries_state_and_random_does_not():
   model, opt, ts = _setup("gru")
   Xs, Ys = data.sequential_epoch(_corpus(), 4, 7, seed=1)
