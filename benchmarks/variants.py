@@ -38,27 +38,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import CONFIGS, _data_env  # noqa: E402
 
-import jax.numpy as jnp  # noqa: E402
-
 from deeprnn_jax import cells, data, recurrence, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402
 
-
-def sliced_lstm_gates(z, c):
-  i, f, g, o = jnp.split(z, 4, axis=-1)
-  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-  return jax.nn.sigmoid(o) * jnp.tanh(c), c
-
-
-def sliced_gru_gates(gx, gh, h):
-  xr, xz, xn = jnp.split(gx, 3, axis=-1)
-  hr, hz, hn = jnp.split(gh, 3, axis=-1)
-  r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
-  return (1.0 - z) * jnp.tanh(xn + r * hn) + z * h
-
-
 GATES = {"lstm_gates": cells.lstm_gates, "gru_gates": cells.gru_gates}
-SLICED = {"lstm_gates": sliced_lstm_gates, "gru_gates": sliced_gru_gates}
+SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_textbook}
 
 
 def main():

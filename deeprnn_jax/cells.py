@@ -16,7 +16,7 @@ Parameters follow the chapter's names, with gates fused along the last axis in P
 with G = 1 for the RNN, 3 for the GRU (gates r, z, n) and 4 for the LSTM (gates i, f, g, o).
 The LSTM's and GRU's gate nonlinearities (:func:`lstm_gates`, :func:`gru_gates`) carry their
 derivatives written out (``jax.custom_vjp``); tests/test_cells.py checks them against automatic
-differentiation of the equations as written in the docstrings.
+differentiation of the equations as written (:func:`lstm_gates_textbook`, :func:`gru_gates_textbook`).
 The chapter's single bias is ``b_h = b_xh + b_hh``; it is kept as two so that PyTorch weights
 convert both ways exactly and the GRU's ``b_hn`` can sit inside ``r ⊙ (·)`` as PyTorch has it.
 """
@@ -153,6 +153,22 @@ def gru_gates(gx: Array, gh: Array, h: Array) -> Array:
 
 
 gru_gates.defvjp(_gru_gates_fwd, _gru_gates_bwd)
+
+
+def lstm_gates_textbook(z: Array, c: Array) -> tuple[Array, Array]:
+  """:func:`lstm_gates` as the equations read (σ and tanh on slices), differentiated by JAX: the
+  reference its derivatives are tested against and the baseline it was measured against."""
+  i, f, g, o = jnp.split(z, 4, axis=-1)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def gru_gates_textbook(gx: Array, gh: Array, h: Array) -> Array:
+  """:func:`gru_gates` as the equations read, differentiated by JAX (as :func:`lstm_gates_textbook`)."""
+  xr, xz, xn = jnp.split(gx, 3, axis=-1)
+  hr, hz, hn = jnp.split(gh, 3, axis=-1)
+  r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+  return (1.0 - z) * jnp.tanh(xn + r * hn) + z * h
 
 
 def step(cell: str, params: dict, carry: Carry, gx: Array, activation: str = "tanh"):

@@ -1,28 +1,18 @@
 """The gate nonlinearities' written-out derivatives equal automatic differentiation of the
-equations as the chapter writes them (σ as ``jax.nn.sigmoid``, the gates as slices)."""
+equations as the chapter writes them (σ as ``jax.nn.sigmoid``, the gates as slices), and those
+textbook forms equal the NumPy reference's cells."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 
 from deeprnn_jax import cells
 
 
-def lstm_textbook(z, c):
-  i, f, g, o = jnp.split(z, 4, axis=-1)
-  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-  return jax.nn.sigmoid(o) * jnp.tanh(c), c
-
-
-def gru_textbook(gx, gh, h):
-  xr, xz, xn = jnp.split(gx, 3, axis=-1)
-  hr, hz, hn = jnp.split(gh, 3, axis=-1)
-  r = jax.nn.sigmoid(xr + hr)
-  z = jax.nn.sigmoid(xz + hz)
-  n = jnp.tanh(xn + r * hn)
-  return (1.0 - z) * n + z * h
+lstm_textbook, gru_textbook = cells.lstm_gates_textbook, cells.gru_gates_textbook
 
 
 def _normal(key, shape, scale):
@@ -68,3 +58,21 @@ def test_gradients_under_jit_and_vmap(cell):
   grads_ref = jax.vmap(jax.grad(loss(ref), argnums=tuple(range(len(xs)))))(*xs)
   chex.assert_trees_all_close(grads, grads_ref, atol=1e-6, rtol=1e-5)
   assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_textbook_gates_equal_the_numpy_reference_cells():
+  rng = np.random.default_rng(0)
+  B, H = 4, 6
+  h, c = rng.normal(size=(B, H)), rng.normal(size=(B, H))
+  W_hh, b_hh = rng.normal(size=(H, 4 * H)), rng.normal(size=4 * H)
+  x = rng.normal(size=(B, 4 * H))  # with W_xh = I and b_xh = 0, X W_xh + b_xh = x
+  p = {"W_xh": np.eye(4 * H), "b_xh": np.zeros(4 * H), "W_hh": W_hh, "b_hh": b_hh}
+  z = x + h @ W_hh + b_hh
+  f32 = lambda *a: [jnp.asarray(v, jnp.float32) for v in a]
+  np.testing.assert_allclose(lstm_textbook(*f32(z, c)), reference.lstm_cell(p, x, h, c),
+                             atol=2e-6)
+  p = {"W_xh": np.eye(3 * H), "b_xh": np.zeros(3 * H), "W_hh": W_hh[:, :3 * H],
+       "b_hh": b_hh[:3 * H]}
+  gh = h @ p["W_hh"] + p["b_hh"]
+  np.testing.assert_allclose(gru_textbook(*f32(x[:, :3 * H], gh, h)),
+                             reference.gru_cell(p, x[:, :3 * H], h), atol=2e-6)
