@@ -418,14 +418,16 @@ def markdown(results: dict, command: str) -> str:
            + (f" ({info['torch_threads']} threads)" if info.get("torch_threads") else "") + ", "
            f"python {info['python']}, CPU: {info['cpu_model']} ({os.cpu_count()} cores)", ""]
   if results.get("configs"):
-    lines += ["| config | ours tokens/s | torch tokens/s | ours / torch (wall) | ours / torch "
+    lines += ["| config | ours tokens/s (min–max) | torch tokens/s (min–max) | ours / torch (wall) | ours / torch "
               "(CPU time) | ours compile s | ours peak MB | torch peak MB |",
               "|---|---|---|---|---|---|---|---|"]
+    spread = lambda r: (f"{r['tokens_per_s']:,.0f} ({min(r['tokens_per_s_all']):,.0f}–"
+                        f"{max(r['tokens_per_s_all']):,.0f})")
     for r in results["configs"]:
       j, t = r["jax"], r["torch"]
       mem = "device_peak_mb" if "device_peak_mb" in j else "peak_rss_mb"
       name = r["config"] + (f" ({r['impl']})" if r.get("impl", "layerwise") != "layerwise" else "")
-      lines.append(f"| {name} | {j['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
+      lines.append(f"| {name} | {spread(j)} | {spread(t)} | "
                    f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x | {j['compile_s']:.1f} | "
                    f"{j[mem]:,.0f} | {t[mem]:,.0f} |")
     lines.append("")
