@@ -10,6 +10,7 @@ from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM, check_model_args
 from deeprnn_jax.training import make_optimizer
 
+
 def parse_activation(text: str) -> str | tuple[str, ...]:
   """``"relu"`` -> ``"relu"``; ``"relu,tanh"`` (one per layer) -> ``("relu", "tanh")``."""
   names = tuple(name.strip() for name in text.split(","))

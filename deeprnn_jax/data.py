@@ -316,6 +316,20 @@ def _as_rng(seed) -> np.random.Generator:
   return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
+def _num_offsets(num_steps: int, use_random_iter: bool) -> int:
+  """An epoch starts at a random offset in ``[0, num_steps]`` (sequential, as d2l) or
+  ``[0, num_steps - 1]`` (random)."""
+  return num_steps if use_random_iter else num_steps + 1
+
+
+def _num_batches(num_tokens: int, batch_size: int, num_steps: int, offset: int,
+                 use_random_iter: bool) -> int:
+  """Minibatches in an epoch of a ``num_tokens`` corpus starting at ``offset``."""
+  if use_random_iter:  # whole subsequences of the text after the offset, batch_size at a time
+    return (num_tokens - offset - 1) // num_steps // batch_size
+  return (num_tokens - offset - 1) // batch_size // num_steps  # batch_size rows, cut in windows
+
+
 def sequential_epoch(
     corpus: np.ndarray, batch_size: int, num_steps: int, seed=None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -330,11 +344,11 @@ def sequential_epoch(
   """
   check_corpus_size(corpus, batch_size, num_steps, use_random_iter=False)
   corpus = np.asarray(corpus, dtype=np.int32)
-  offset = int(_as_rng(seed).integers(0, num_steps + 1))
+  offset = int(_as_rng(seed).integers(0, _num_offsets(num_steps, False)))
   num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
   xs = corpus[offset : offset + num_tokens].reshape(batch_size, -1)
   ys = corpus[offset + 1 : offset + 1 + num_tokens].reshape(batch_size, -1)
-  num_batches = xs.shape[1] // num_steps
+  num_batches = _num_batches(len(corpus), batch_size, num_steps, offset, False)
   shape = (batch_size, num_batches, num_steps)
   xs = xs[:, : num_batches * num_steps].reshape(shape).transpose(1, 0, 2)
   ys = ys[:, : num_batches * num_steps].reshape(shape).transpose(1, 0, 2)
@@ -351,11 +365,12 @@ def random_epoch(
   """
   check_corpus_size(corpus, batch_size, num_steps, use_random_iter=True)
   rng = _as_rng(seed)
-  corpus = np.asarray(corpus, dtype=np.int32)[int(rng.integers(0, num_steps)) :]
+  offset = int(rng.integers(0, _num_offsets(num_steps, True)))
+  num_batches = _num_batches(len(corpus), batch_size, num_steps, offset, True)
+  corpus = np.asarray(corpus, dtype=np.int32)[offset:]
   num_subseqs = (len(corpus) - 1) // num_steps
   starts = np.arange(0, num_subseqs * num_steps, num_steps)
   rng.shuffle(starts)
-  num_batches = num_subseqs // batch_size
   starts = starts[: num_batches * batch_size].reshape(num_batches, batch_size)
   window = starts[..., None] + np.arange(num_steps)
   return corpus[window], corpus[window + 1]
@@ -401,15 +416,10 @@ class SeqDataLoader:
 
   def epoch_shapes(self) -> list[tuple[int, int, int]]:
     """Every shape :meth:`epoch`'s arrays can have: ``num_batches`` depends on the epoch's
-    random offset (``[0, num_steps]`` sequential, ``[0, num_steps - 1]`` random), so a corpus
-    may give two. For compiling them all before training."""
-    n, B, T = len(self.corpus), self.batch_size, self.num_steps
-    if self.use_random_iter:  # random_epoch: subsequences of the corpus after the offset
-      num_batches = lambda offset: (n - offset - 1) // T // B
-    else:  # sequential_epoch: B rows of (n - offset - 1) // B tokens
-      num_batches = lambda offset: (n - offset - 1) // B // T
-    offsets = range(T if self.use_random_iter else T + 1)
-    return sorted({(num_batches(offset), B, T) for offset in offsets})
+    random offset, so a corpus may give two. For compiling them all before training."""
+    B, T, random_iter = self.batch_size, self.num_steps, self.use_random_iter
+    return sorted({(_num_batches(len(self.corpus), B, T, offset, random_iter), B, T)
+                   for offset in range(_num_offsets(T, random_iter))})
 
   @property
   def rng_state(self) -> dict:

@@ -140,7 +140,6 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   predict = lambda p: generate.predict(p, 50, state.params, model, vocab)
   say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
   epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter)
-  compiled, compile_seconds = {}, 0.0
   eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
 
   def save(epoch: int, state: training.TrainState, data_rng_state: dict) -> None:
@@ -162,10 +161,11 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
 
   # Every epoch shape compiled now, not while an epoch runs (the pipeline reads ahead).
   t = time.perf_counter()
+  compiled = {}
   for shape in loader.epoch_shapes():
     Xs = jax.ShapeDtypeStruct(shape, jnp.int32)
     compiled[shape] = epoch_fn.lower(state, Xs, Xs, train_key).compile()
-  compile_seconds += time.perf_counter() - t
+  compile_seconds = time.perf_counter() - t
   pipeline = training.EpochPipeline(lambda s, Xs, Ys, key: compiled[Xs.shape](s, Xs, Ys, key),
                                     needs_state)
 
@@ -177,7 +177,6 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                dynamic_ncols=True)
 
   last_saved = start_epoch if saved is not None else None
-  last_row = start_epoch  # metrics.jsonl has a row for every epoch up to this one
   tokens = seconds = 0.0
   ppl = valid_ppl = math.nan
   metrics = metrics_file.open("a")
@@ -185,14 +184,12 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   n_tokens = lambda losses: losses.size * config.batch_size * config.num_steps
 
   def write_row(epoch: int, losses: np.ndarray, dt: float, valid_ppl) -> float:
-    nonlocal last_row
     ppl = training.perplexity(losses.mean())
     row = {"epoch": epoch, "train_perplexity": ppl, "valid_perplexity": valid_ppl,
            "tokens_per_sec": n_tokens(losses) / dt, "seconds": dt}
     rows.append(row)
     metrics.write(json.dumps(row) + "\n")
     metrics.flush()
-    last_row = epoch
     return ppl
 
   try:
@@ -222,7 +219,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
         last_saved = epoch
   except KeyboardInterrupt:
     # Keep the newest finished epoch: its metrics rows, then its checkpoint.
-    newest = None
+    newest, last_row = None, rows[-1]["epoch"] if rows else start_epoch
     for done in pipeline.drain():
       if not np.all(np.isfinite(done.losses)):
         break
