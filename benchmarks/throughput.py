@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -33,6 +34,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,8 +51,10 @@ CONFIGS = {
     # 10,000 tokens give no minibatch of 512 x 35: the whole corpus (~170k tokens) is used.
     "big-batch": ("lstm", 2, 256, 512, 35, -1, 1),
 }
-LR, CLIP = 2.0, 1.0  # d2l's chapter
-LOG_EVERY = 10  # the train CLI's default --log-every: where it reads the parameters back
+# d2l's chapter, as TrainConfig's and RunOptions' defaults; literals so that this module (which the
+# PyTorch workers import too) does not import JAX.
+LR, CLIP = 2.0, 1.0
+LOG_EVERY = 10  # the train CLI's --log-every: where it reads the parameters back
 
 
 def _data_env():
@@ -108,7 +112,7 @@ class JaxRunner:
     for done in pipeline.run(self.ts, items()):
       tokens += done.losses.size * self.batch_tokens
       self.ts = done.state
-      self.ppl = float(self.np.exp(done.losses.mean()))
+      self.ppl = self.training.perplexity(done.losses.mean())
     return tokens
 
   def memory(self) -> dict:
@@ -223,8 +227,8 @@ def worker(framework: str, config: str, device: str, impl: str) -> None:
   for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["op"] == "run":
-      tokens, t, c = 0, time.perf_counter(), time.process_time()
-      tokens += runner.run(cmd["epochs"])
+      t, c = time.perf_counter(), time.process_time()
+      tokens = runner.run(cmd["epochs"])
       _sync(runner)
       wall, cpu = time.perf_counter() - t, time.process_time() - c
       print(json.dumps({"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "ppl": runner.ppl}),
@@ -389,10 +393,14 @@ print(f"perplexity {r.ppl:.1f}, wall {time.perf_counter() - t0:.1f} s")
 """
 
 
-def bench_full_run(device, out_dir) -> dict:
-  env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def bench_full_run(device, out_dir=None) -> dict:
+  """The train CLI as a user runs it (its predictions every 10 epochs included, compiling from
+  scratch: no compilation cache) against TORCH_FULL_RUN, one after the other."""
+  env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+             DEEPRNN_JAX_CACHE="none")
   res = {}
-  cmd = [sys.executable, "-m", "deeprnn_jax.train", "--quiet", "--out", str(out_dir)]
+  out_dir = out_dir or tempfile.mkdtemp(prefix="deeprnn_full_run_")
+  cmd = [sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir)]
   t = time.perf_counter()
   p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
   res["jax_wall_s"], res["jax_rc"] = time.perf_counter() - t, p.returncode
@@ -402,7 +410,8 @@ def bench_full_run(device, out_dir) -> dict:
                      capture_output=True, text=True)
   res["torch_wall_s"], res["torch_rc"] = time.perf_counter() - t, p.returncode
   res["torch_tail"] = (p.stdout + p.stderr).strip().splitlines()[-3:]
-  res["ratio_wall"] = res["jax_wall_s"] / res["torch_wall_s"]
+  ok = res["jax_rc"] == 0 and res["torch_rc"] == 0
+  res["ratio_wall"] = res["jax_wall_s"] / res["torch_wall_s"] if ok else math.nan
   return res
 
 
@@ -458,7 +467,7 @@ def main(argv=None) -> int:
   p.add_argument("--label", default=None, help="device label for the table")
   p.add_argument("--generation", action="store_true", help="also the generation benchmark")
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
-  p.add_argument("--full-run-dir", default="/tmp/deeprnn_full_run")
+  p.add_argument("--full-run-dir", default=None, help="the CLI run's folder (default: a new one)")
   p.add_argument("--impl", default="layerwise",
                  help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn "
                       "(one that a config cannot run, cudnn for a GRU say, is skipped for it)")

@@ -31,18 +31,33 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import CONFIGS, _data_env  # noqa: E402
+from throughput import CLIP, CONFIGS, LR, _data_env  # noqa: E402
 
 from deeprnn_jax import cells, data, recurrence, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402
 
-GATES = {"lstm_gates": cells.lstm_gates, "gru_gates": cells.gru_gates}
 SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_textbook}
+
+
+@contextlib.contextmanager
+def patched(kind: str, unroll: str):
+  """The library as variant ``kind`` traces it (the functions it swaps are looked up at trace
+  time), restored afterwards."""
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(mock.patch.dict(os.environ, {"DEEPRNN_JAX_UNROLL": unroll}))
+    if kind == "auto":
+      stack.enter_context(mock.patch.object(recurrence, "layer_scan",
+                                            recurrence.layer_scan_autodiff))
+    if kind == "sliced":
+      for name, fn in SLICED.items():
+        stack.enter_context(mock.patch.object(cells, name, fn))
+    yield
 
 
 def main():
@@ -55,34 +70,28 @@ def main():
         env("MAXTOK", 10000)
   loader, vocab = data.load_data_time_machine(B, T, max_tokens=maxtok)
   Xs, Ys = loader.epoch()
-  opt = training.make_optimizer(2.0, 1.0)
-  layer_scan, variants = recurrence.layer_scan, {}
+  opt = training.make_optimizer(LR, CLIP)
+  variants = {}
   for spec in sys.argv[1].split(","):
     kind, unroll, *prec = spec.split(":")
     context = (lambda: jax.default_matmul_precision("highest")) if prec == ["hi"] else \
         contextlib.nullcontext
-    recurrence.layer_scan = recurrence.layer_scan_autodiff if kind == "auto" else layer_scan
-    for k, f in (SLICED if kind == "sliced" else GATES).items():  # read when traced, below
-      setattr(cells, k, f)
-    os.environ["DEEPRNN_JAX_UNROLL"] = unroll
     impl = {"scan": "scan", "cudnn": "cudnn", "wave": "wavefront"}.get(kind, "layerwise")
     model = RNNLM(len(vocab), H, L, cell, impl=impl)
-    ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
-    epoch = training.make_train_epoch(model, opt)
-    t = time.perf_counter()
     try:
-      with context():  # the precision is part of jit's cache key: every call runs under it
-        ts, losses = epoch(ts, Xs, Ys, jax.random.PRNGKey(1))  # traced and compiled now
+      # The precision is part of jit's cache key: every call runs under it; the patches only
+      # matter while tracing, which the first call does.
+      with patched(kind, unroll), context():
+        ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+        epoch = training.make_train_epoch(model, opt)
+        t = time.perf_counter()
+        ts, losses = epoch(ts, Xs, Ys, jax.random.PRNGKey(1))
         losses.block_until_ready()
     except Exception as e:  # noqa: BLE001 - report the variant and measure the others
       print(f"{spec}: failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
       continue
     variants[spec] = {"fn": epoch, "ts": ts, "ctx": context, "wall": [], "cpu": [],
                       "first": time.perf_counter() - t}
-  recurrence.layer_scan = layer_scan
-  for k, f in GATES.items():
-    setattr(cells, k, f)
-  os.environ.pop("DEEPRNN_JAX_UNROLL")
   N = env("N", 3)
   for _ in range(env("R", 5)):
     for v in variants.values():
