@@ -19,43 +19,43 @@ def _normal(key, shape, scale):
   return scale * jax.random.normal(key, shape, jnp.float32)
 
 
+GATES = {"lstm": (cells.lstm_gates, lstm_textbook), "gru": (cells.gru_gates, gru_textbook)}
+
+
+def _inputs(cell, key, lead, hiddens, scale):
+  """The gates' arguments: LSTM ``(z [..., 4H], C [..., H])``, GRU ``(gx, gh [..., 3H], H [..., H])``."""
+  k = jax.random.split(key, 3)
+  if cell == "lstm":
+    return _normal(k[0], lead + (4 * hiddens,), scale), _normal(k[1], lead + (hiddens,), scale)
+  return (_normal(k[0], lead + (3 * hiddens,), scale), _normal(k[1], lead + (3 * hiddens,), scale),
+          _normal(k[2], lead + (hiddens,), 1.0))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 6.0])  # 6: saturated gates
 @pytest.mark.parametrize("batch,hiddens", [(1, 1), (3, 5), (8, 32)])
-def test_lstm_gates_value_and_vjp(scale, batch, hiddens):
-  k = jax.random.split(jax.random.PRNGKey(hiddens), 4)
-  z, c = _normal(k[0], (batch, 4 * hiddens), scale), _normal(k[1], (batch, hiddens), scale)
-  cot = (_normal(k[2], (batch, hiddens), 1.0), _normal(k[3], (batch, hiddens), 1.0))
-  out, vjp = jax.vjp(cells.lstm_gates, z, c)
-  out_ref, vjp_ref = jax.vjp(lstm_textbook, z, c)
+def test_gates_value_and_vjp(cell, scale, batch, hiddens):
+  fn, textbook = GATES[cell]
+  args = _inputs(cell, jax.random.PRNGKey(hiddens), (batch,), hiddens, scale)
+  out, vjp = jax.vjp(fn, *args)
+  out_ref, vjp_ref = jax.vjp(textbook, *args)
+  leaves, treedef = jax.tree.flatten(out)
+  keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+  cot = treedef.unflatten([_normal(k, x.shape, 1.0) for k, x in zip(keys, leaves)])
   chex.assert_trees_all_close(out, out_ref, atol=1e-6, rtol=1e-6)
-  chex.assert_trees_all_close(vjp(cot), vjp_ref(cot), atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("scale", [0.1, 1.0, 6.0])
-@pytest.mark.parametrize("batch,hiddens", [(1, 1), (3, 5), (8, 32)])
-def test_gru_gates_value_and_vjp(scale, batch, hiddens):
-  k = jax.random.split(jax.random.PRNGKey(hiddens), 4)
-  gx, gh = (_normal(k[i], (batch, 3 * hiddens), scale) for i in range(2))
-  h, cot = _normal(k[2], (batch, hiddens), 1.0), _normal(k[3], (batch, hiddens), 1.0)
-  out, vjp = jax.vjp(cells.gru_gates, gx, gh, h)
-  out_ref, vjp_ref = jax.vjp(gru_textbook, gx, gh, h)
-  chex.assert_trees_all_close(out, out_ref, atol=1e-6, rtol=1e-6)
-  chex.assert_trees_all_close(vjp(cot), vjp_ref(cot), atol=1e-6, rtol=1e-5)
+  # float32 rounding of products of saturated gates reaches ~1e-6 in a few elements.
+  chex.assert_trees_all_close(vjp(cot), vjp_ref(cot), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gradients_under_jit_and_vmap(cell):
   """Per-example gradients (``vmap`` of ``grad``, jitted) through the written-out derivatives."""
-  fn = cells.lstm_gates if cell == "lstm" else cells.gru_gates
-  ref = lstm_textbook if cell == "lstm" else gru_textbook
-  G = 4 if cell == "lstm" else 3
-  k = jax.random.split(jax.random.PRNGKey(0), 3)
-  xs = ((_normal(k[0], (4, 2, G * 3), 1.0), _normal(k[1], (4, 2, 3), 1.0)) if cell == "lstm" else
-        (_normal(k[0], (4, 2, G * 3), 1.0), _normal(k[1], (4, 2, G * 3), 1.0),
-         _normal(k[2], (4, 2, 3), 1.0)))
+  fn, textbook = GATES[cell]
+  xs = _inputs(cell, jax.random.PRNGKey(0), (4, 2), 3, 1.0)
   loss = lambda f: lambda *a: jnp.sum(jax.tree.leaves(f(*a))[0] ** 2)
-  grads = jax.jit(jax.vmap(jax.grad(loss(fn), argnums=tuple(range(len(xs))))))(*xs)
-  grads_ref = jax.vmap(jax.grad(loss(ref), argnums=tuple(range(len(xs)))))(*xs)
+  argnums = tuple(range(len(xs)))
+  grads = jax.jit(jax.vmap(jax.grad(loss(fn), argnums=argnums)))(*xs)
+  grads_ref = jax.vmap(jax.grad(loss(textbook), argnums=argnums))(*xs)
   chex.assert_trees_all_close(grads, grads_ref, atol=1e-6, rtol=1e-5)
   assert all(np.all(np.isfinite(g)) for g in grads)
 

@@ -332,7 +332,7 @@ def test_a_corpus_giving_two_epoch_shapes_compiles_both_before_training(tmp_path
   """2,966 tokens in rows of 8 give 37 minibatches of 10 steps for offsets 0-5, 36 for 6-10
   ones: both programs are compiled up front (the pipeline looks one epoch ahead, and a program
   missing from the run's table would stop it)."""
-  args = SMALL[:-6] + ["--max-tokens", "2966", "--batch-size", "8", "--num-steps", "10"]
+  args = SMALL + ["--max-tokens", "2966"]  # the later flag wins
   run = tmp_path / "run"
   code, _, err = run_train(args + ["--num-epochs", "12", "--quiet", "--out", str(run)], capsys)
   assert code == 0, err

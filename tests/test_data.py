@@ -540,7 +540,7 @@ def d2l_num_batches(n, batch_size, num_steps, offset, use_random_iter):
   """How many minibatches d2l's iterators give for a corpus of n tokens and an offset."""
   if use_random_iter:
     return ((n - offset - 1) // num_steps) // batch_size
-  return (((n - offset - 1) // batch_size) * batch_size // batch_size) // num_steps
+  return (n - offset - 1) // batch_size // num_steps  # batch_size rows, cut in num_steps windows
 
 
 @settings(max_examples=80, deadline=None)

@@ -18,7 +18,7 @@ from absl.testing import parameterized
 
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
-from reference import reference_forward
+from reference import NUM_GATES, reference_forward
 
 IMPLS = ("scan", "layerwise")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -75,11 +75,8 @@ def assert_state(state, cell: str, num_layers: int, batch: int, hiddens: int):
 
 
 def assert_state_close(state, ref_state, cell: str):
-  if cell == "lstm":
-    np.testing.assert_allclose(np.asarray(state[0]), ref_state[0], **TOL)
-    np.testing.assert_allclose(np.asarray(state[1]), ref_state[1], **TOL)
-  else:
-    np.testing.assert_allclose(np.asarray(state), ref_state, **TOL)
+  chex.assert_trees_all_close(tuple(state) if cell == "lstm" else state,
+                              tuple(ref_state) if cell == "lstm" else ref_state, **TOL)
 
 
 def init_params(model: RNNLM, key, batch: int = 2, steps: int = 3):
@@ -94,7 +91,7 @@ def layout_params(seed: int, vocab: int, hiddens: int, num_layers: int, cell: st
   ``[-scale, scale]``, wider than the initialisation so the nonlinearities are exercised.
   """
   rng = np.random.default_rng(seed)
-  G = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
+  G = NUM_GATES[cell]
   u = lambda *shape: rng.uniform(-scale, scale, shape).astype(np.float32)
   params = {"rnn": {}, "W_hq": u(hiddens, vocab), "b_q": u(vocab)}
   for l in range(num_layers):
@@ -154,7 +151,7 @@ def test_reference_matches_torch(cell, activation):
 
   batch, steps, hiddens, vocab, L = 2, 5, 4, 6, 2
   rng = np.random.default_rng(0)
-  G = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
+  G = NUM_GATES[cell]
   params = {"rnn": {}, "W_hq": rng.uniform(-0.5, 0.5, (hiddens, vocab)),
             "b_q": rng.uniform(-0.5, 0.5, vocab)}
   for l in range(L):

@@ -84,13 +84,13 @@ def test_jitted_epoch_equals_python_loop_of_steps(use_random_iter, cell):
   chex.assert_trees_all_close(new_ts.params, loop_ts.params, rtol=1e-4, atol=1e-6)
 
 
-def _epoch_items(n, tags=None, log=None):
+def _epoch_items(n, log=None):
   loader = data.SeqDataLoader(_corpus(900), 4, 7, use_random_iter=False, seed=3)
   for i in range(n):
     Xs, Ys = loader.epoch()
     if log is not None:
       log.append(i)
-    yield (tags[i] if tags else i), Xs, Ys, jax.random.PRNGKey(i)
+    yield i, Xs, Ys, jax.random.PRNGKey(i)
 
 
 def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for():
