@@ -85,8 +85,9 @@ class JaxRunner:
     if device == "cpu":
       jax.config.update("jax_platforms", "cpu")
     import numpy as np
-    from deeprnn_jax import data, training
+    from deeprnn_jax import data, parallel, training
     from deeprnn_jax.models import RNNLM
+    parallel.use_cpu_cores()  # as the train CLI does, before JAX starts
     self.jax, self.np = jax, np
     self.rss0 = _rss_mb()
     cell, layers, hiddens, batch, steps, max_tokens, _ = cfg
@@ -94,7 +95,9 @@ class JaxRunner:
     model = RNNLM(len(vocab), hiddens, layers, cell, impl=impl)
     opt = training.make_optimizer(LR, CLIP)
     self.ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
-    self.epoch_fn = training.make_train_epoch(model, opt, use_random_iter=False)
+    self.devices = parallel.batch_devices(batch, hiddens)  # the CLI's default split
+    self.epoch_fn = training.make_train_epoch(model, opt, use_random_iter=False,
+                                              devices=self.devices)
     self.key, self.count = jax.random.PRNGKey(1), 0
     self.training, self.batch_tokens = training, batch * steps
 
@@ -126,7 +129,7 @@ class JaxRunner:
   def info(self) -> dict:
     import flax, optax
     return {"jax": self.jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "device": str(self.jax.devices()[0].device_kind)}
+            "device": str(self.jax.devices()[0].device_kind), "shards": len(self.devices)}
 
 
 class TorchRunner:
@@ -436,6 +439,7 @@ def markdown(results: dict, command: str) -> str:
       j, t = r["jax"], r["torch"]
       mem = "device_peak_mb" if "device_peak_mb" in j else "peak_rss_mb"
       name = r["config"] + (f" ({r['impl']})" if r.get("impl", "layerwise") != "layerwise" else "")
+      name += f", {j['shards']} shards" if j.get("shards", 1) > 1 else ""
       lines.append(f"| {name} | {spread(j)} | {spread(t)} | "
                    f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x | {j['compile_s']:.1f} | "
                    f"{j[mem]:,.0f} | {t[mem]:,.0f} |")

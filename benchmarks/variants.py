@@ -14,6 +14,9 @@ Each variant is ``kind:unroll[:hi]``:
   ``cells.gru_gates`` took one tanh over the whole array with written-out derivatives);
 * ``wave``: ``RNNLM(impl="wavefront")``, the layers skewed in time as one recurrence;
 * ``cudnn``: ``RNNLM(impl="cudnn")`` (LSTM; cuDNN on a CUDA GPU, unroll ignored);
+* ``split``: ``res`` with every minibatch's rows split over the CPU cores, one JAX CPU device
+  each (``parallel.batch_devices``; the train CLI's default where ``parallel.auto_shards`` says
+  so); ``split`` followed by a number (``split2``) asks for that many shards;
 * a trailing ``:hi`` traces the variant under ``jax.default_matmul_precision("highest")`` (full
   float32 products; without it XLA:GPU and cuDNN may use TF32).
 
@@ -39,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import CLIP, CONFIGS, LR, _data_env  # noqa: E402
 
-from deeprnn_jax import cells, data, recurrence, training  # noqa: E402
+from deeprnn_jax import cells, data, parallel, recurrence, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402
 
 SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_textbook}
@@ -62,6 +65,7 @@ def patched(kind: str, unroll: str):
 
 def main():
   _data_env()
+  parallel.use_cpu_cores()  # before JAX starts; the other variants run on the first device
   env = lambda k, d: type(d)(os.environ.get(k, d))
   if os.environ.get("CONFIG"):
     cell, L, H, B, T, maxtok, _ = CONFIGS[os.environ["CONFIG"]]
@@ -83,7 +87,10 @@ def main():
       # matter while tracing, which the first call does.
       with patched(kind, unroll), context():
         ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
-        epoch = training.make_train_epoch(model, opt)
+        devices = None
+        if kind.startswith("split"):
+          devices = parallel.batch_devices(B, H, int(kind[5:]) if kind[5:] else None)
+        epoch = training.make_train_epoch(model, opt, devices=devices)
         t = time.perf_counter()
         ts, losses = epoch(ts, Xs, Ys, jax.random.PRNGKey(1))
         losses.block_until_ready()

@@ -49,6 +49,8 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         prog: str = "deeprnn_jax") -> int:
   """Runs ``main(argv)``, turning the project's errors into one stderr line and an exit code."""
   enable_compile_cache()
+  from deeprnn_jax import parallel
+  parallel.use_cpu_cores()  # before JAX starts: a CPU run may split its batches over the cores
   try:
     return int(main(argv) or 0)
   except UsageError as e:

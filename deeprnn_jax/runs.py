@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import data, files, generate, plots, training
+from deeprnn_jax import data, files, generate, parallel, plots, training
 from deeprnn_jax.cli import Diverged
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
@@ -75,6 +75,7 @@ class RunOptions:
   checkpoint_every: int = 50
   quiet: bool = False
   progress: bool | None = None  # None: a bar on stderr when it is a terminal.
+  shards: int | None = None  # CPU devices a minibatch's rows are split over; None: parallel's rule
 
   def validate(self) -> "RunOptions":
     if self.log_every < 1:
@@ -97,6 +98,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   out, err = out or sys.stdout, err or sys.stderr
   config.validate()
   options.validate()
+  devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
   run_dir = check_run_dir(run_dir)
   saved = None
   if resume:
@@ -139,7 +141,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   prefix, short_prefix = default_prefixes(config, corpus, vocab)
   predict = lambda p: generate.predict(p, 50, state.params, model, vocab)
   say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
-  epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter)
+  epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter, devices)
   eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
 
   def save(epoch: int, state: training.TrainState, data_rng_state: dict) -> None:
@@ -243,6 +245,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
       "compile_seconds": compile_seconds,
       "wall_seconds": time.perf_counter() - t_start,
       "device": device_name(),
+      "shards": len(devices),
       "epochs": config.num_epochs,
   }
   files.atomic_write_json(run_dir / "summary.json", summary)

@@ -54,10 +54,13 @@ def parser() -> argparse.ArgumentParser:
   r.add_argument("--checkpoint-every", type=int, default=RunOptions.checkpoint_every)
   r.add_argument("--log-every", type=int, default=RunOptions.log_every)
   r.add_argument("--quiet", action="store_true", help="print only the final lines")
+  r.add_argument("--shards", type=int, default=None,
+                 help="CPU cores a minibatch's rows are split over (1: no split; default: split "
+                      "where it was measured to pay, see deeprnn_jax/parallel.py)")
   return p
 
 
-_RUN_FLAGS = {"out", "resume", "checkpoint_every", "log_every", "quiet"}
+_RUN_FLAGS = {"out", "resume", "checkpoint_every", "log_every", "quiet", "shards"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
@@ -89,7 +92,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     config = TrainConfig(**config_fields(args)).validate()
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
   train_run(config, out, resume=args.resume,
-            options=RunOptions(args.log_every, args.checkpoint_every, args.quiet))
+            options=RunOptions(args.log_every, args.checkpoint_every, args.quiet,
+                                shards=args.shards))
   return 0
 
 

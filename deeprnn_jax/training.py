@@ -13,18 +13,21 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
 Array = jax.Array
 OPTIMIZERS = ("sgd", "adam")
+BATCH_AXIS = "batch"  # the mesh axis a minibatch's rows are split over
 
 
 def make_optimizer(lr: float, clip_norm: float, name: str = "sgd") -> optax.GradientTransformation:
@@ -72,11 +75,14 @@ def init_train_state(model: RNNLM, optimizer, key: Array, batch_size: int = 1,
   return jax.jit(init)(key)
 
 
-def make_train_step(model: RNNLM, optimizer) -> Callable:
+def make_train_step(model: RNNLM, optimizer, axis_name: str | None = None) -> Callable:
   """``(train_state, state, X, Y, key) -> (train_state, state, loss)`` for one minibatch.
 
   ``X`` and ``Y`` are ``<int32>[batch, steps]``; ``state`` is the model state entering the
   minibatch. The returned state is detached (``stop_gradient``), as d2l's ``state.detach_()``.
+  Under ``shard_map`` over ``axis_name`` each device holds a shard of the rows: the loss and the
+  gradients are averaged over the shards (equal shards, so the mean over all tokens), and each
+  shard draws its own dropout masks.
   """
 
   def loss_fn(params, state, X, Y, key):
@@ -85,7 +91,11 @@ def make_train_step(model: RNNLM, optimizer) -> Callable:
     return cross_entropy(logits, Y), state
 
   def train_step(ts: TrainState, state, X, Y, key):
+    if axis_name is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts.params, state, X, Y, key)
+    if axis_name is not None:
+      loss, grads = jax.lax.pmean((loss, grads), axis_name)
     updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
     return TrainState(params, opt_state), jax.lax.stop_gradient(state), loss
@@ -93,14 +103,18 @@ def make_train_step(model: RNNLM, optimizer) -> Callable:
   return train_step
 
 
-def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) -> Callable:
+def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
+                     devices: Sequence[jax.Device] | None = None) -> Callable:
   """A jitted ``(train_state, Xs, Ys, key) -> (train_state, losses <float32>[num_batches])``.
 
   ``Xs`` and ``Ys`` are ``<int32>[num_batches, batch, steps]``. Sequential partitioning starts
   the epoch from a zero state and carries it across minibatches; random partitioning starts every
-  minibatch from zeros. The train state's buffers are donated.
+  minibatch from zeros. The train state's buffers are donated. With several ``devices``
+  (:func:`deeprnn_jax.parallel.batch_devices`) every minibatch's rows are split across them, the
+  train state replicated on each.
   """
-  train_step = make_train_step(model, optimizer)
+  sharded = devices is not None and len(devices) > 1
+  train_step = make_train_step(model, optimizer, axis_name=BATCH_AXIS if sharded else None)
 
   def epoch(ts: TrainState, Xs, Ys, key):
     zeros = model.begin_state(Xs.shape[1])
@@ -117,6 +131,14 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) -> 
     (ts, _), losses = jax.lax.scan(body, (ts, zeros), (Xs, Ys, keys))
     return ts, losses
 
+  if sharded:
+    rows = P(None, BATCH_AXIS)
+    epoch = jax.shard_map(epoch, mesh=Mesh(np.asarray(devices), (BATCH_AXIS,)),
+                          in_specs=(P(), rows, rows, P()), out_specs=(P(), P()),
+                          # Gradients are taken within each shard, never through a collective,
+                          # so JAX's check of per-shard variance (which the recurrence's custom
+                          # VJPs would have to annotate) guards nothing here.
+                          check_vma=False)
   return jax.jit(epoch, donate_argnums=0)
 
 

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from deeprnn_jax import parallel
+
 DATA_ENV = "DEEPRNN_JAX_DATA"
 # The CLIs called in-process must not fill the user's compilation cache (test_cli checks it).
 os.environ["DEEPRNN_JAX_CACHE"] = "none"
 REPO = Path(__file__).resolve().parent.parent
+# Two CPU devices whatever the machine, so that the batch-split path is tested everywhere.
+parallel.use_cpu_cores(2)
 
 if os.environ.get(DATA_ENV):
   os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).resolve())

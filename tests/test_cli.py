@@ -52,7 +52,7 @@ def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, cap
   assert all(r["tokens_per_sec"] > 0 and r["seconds"] > 0 for r in rows)
   summary = json.loads((run / "summary.json").read_text())
   assert set(summary) == {"train_perplexity", "valid_perplexity", "tokens_per_sec",
-                          "compile_seconds", "wall_seconds", "device", "epochs"}
+                          "compile_seconds", "wall_seconds", "device", "shards", "epochs"}
   assert summary["epochs"] == 6 and summary["device"] == m.group(3)
   assert f"{summary['train_perplexity']:.1f}" == m.group(1)
   assert summary["train_perplexity"] == pytest.approx(rows[-1]["train_perplexity"])
@@ -118,7 +118,8 @@ def _write(tmp_path, name, payload: bytes) -> str:
     "missing", "directory", "empty", "nothing_left", "non_utf8", "too_short", "layers", "hiddens",
     "batch", "steps", "lr", "clip", "dropout_high", "dropout_negative", "cell", "activation",
     "optimizer", "resume_without_checkpoint", "resume_without_out", "impl", "valid_fraction",
-    "epochs", "seed", "lstm_activation", "out_is_file", "out_is_msgpack", "out_under_file"])
+    "epochs", "seed", "lstm_activation", "out_is_file", "out_is_msgpack", "out_under_file",
+    "shards_zero", "shards_uneven", "shards_too_many"])
 def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
   out_dir = str(tmp_path / "run")
   args = {
@@ -149,6 +150,9 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
       "out_is_file": ["--out", _write(tmp_path, "f.txt", b"keep me")],
       "out_is_msgpack": ["--out", str(tmp_path / "run.msgpack")],
       "out_under_file": ["--out", str(tmp_path / "g.txt" / "run")],
+      "shards_zero": ["--shards", "0"],
+      "shards_uneven": ["--shards", "3"],  # batch 8
+      "shards_too_many": ["--shards", "8"],  # conftest: 2 CPU devices
   }[case]
   if case == "out_under_file":
     _write(tmp_path, "g.txt", b"keep me")
@@ -203,6 +207,33 @@ def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path, capsys):
   assert code == 2 and "corrupt" in err
   assert predict.main(["--checkpoint", str(tmp_path / "none")]) == 2
   assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_split_over_two_cpu_devices_trains_as_one_device_does(tmp_path, capsys):
+  rows = {}
+  for shards in (1, 2):
+    run = tmp_path / str(shards)
+    code, _, err = run_train(["--num-epochs", "3", "--quiet", "--shards", str(shards),
+                              "--out", str(run)], capsys)
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["shards"] == shards
+    rows[shards] = [json.loads(l)["train_perplexity"]
+                    for l in (run / "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose(rows[1], rows[2], rtol=1e-4)
+
+
+def test_the_cli_gives_jax_a_device_per_core_and_splits_by_the_rule(tmp_path):
+  """A fresh process: the command, not conftest, sets the CPU devices up."""
+  from deeprnn_jax import parallel
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+  args = ["--num-hiddens", "16", "--batch-size", "16", "--num-steps", "10", "--max-tokens", "2000"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "deeprnn_jax.train", *args, "--num-epochs", "1", "--quiet",
+       "--out", str(tmp_path / "run")],
+      capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["shards"] == parallel.auto_shards(16, 16, parallel.usable_cores())
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

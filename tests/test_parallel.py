@@ -1,0 +1,98 @@
+"""Data parallelism over CPU devices: the split rule, and a split epoch equal to an unsplit one.
+
+``conftest.py`` gives this process two CPU devices, so the split path runs on any machine.
+"""
+
+import chex
+import jax
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deeprnn_jax import parallel, training
+from deeprnn_jax.errors import UsageError
+from deeprnn_jax.models import RNNLM
+
+VOCAB = 11
+
+
+def test_the_test_process_has_two_cpu_devices():
+  assert len(jax.devices("cpu")) >= 2
+
+
+@given(batch=st.integers(1, 600), hiddens=st.integers(1, 1100), devices=st.integers(1, 16))
+def test_auto_shards_is_the_largest_split_that_the_rule_allows(batch, hiddens, devices):
+  s = parallel.auto_shards(batch, hiddens, devices)
+  allowed = lambda s: (s == 1 or (batch % s == 0 and batch // s >= parallel.MIN_SHARD_ROWS
+                                  and batch // s * hiddens**2 <= parallel.MAX_SHARD_WORK))
+  assert 1 <= s <= devices and allowed(s)
+  assert not any(allowed(t) for t in range(s + 1, devices + 1))
+
+
+@pytest.mark.parametrize("batch,hiddens,shards", [
+    (32, 256, 2),  # the chapter's run: split (measured faster)
+    (32, 512, 1), (64, 256, 1), (512, 256, 1), (128, 1024, 1),  # measured no faster, or slower
+    (8, 256, 1),  # shards of 4 rows: not measured
+])
+def test_auto_shards_on_two_cores_splits_only_where_it_was_measured_to_pay(batch, hiddens, shards):
+  assert parallel.auto_shards(batch, hiddens, 2) == shards
+
+
+def test_batch_devices():
+  assert len(parallel.batch_devices(32, 256)) == 2
+  assert len(parallel.batch_devices(32, 256, shards=1)) == 1
+  assert list(parallel.batch_devices(6, 8, shards=2)) == jax.devices()[:2]
+  for shards, match in [(0, "positive"), (1.5, "positive"), (3, "does not split|CPU devices"),
+                        (len(jax.devices()) + 1, "CPU devices")]:
+    with pytest.raises(UsageError, match=match):
+      parallel.batch_devices(6, 8, shards=shards)
+
+
+def test_use_cpu_cores_after_jax_started_reports_the_devices_it_has():
+  assert parallel.use_cpu_cores(5) == len(jax.devices("cpu"))
+
+
+def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
+  model = RNNLM(VOCAB, 16, 2, cell, dropout=dropout)
+  opt = training.make_optimizer(1.0, 1.0)
+  rng = np.random.default_rng(0)
+  Xs, Ys = (rng.integers(0, VOCAB, (3, 6, 5)).astype(np.int32) for _ in range(2))
+  out = []
+  for devices in (None, jax.devices()[:shards]):
+    ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+    epoch = training.make_train_epoch(model, opt, use_random_iter, devices)
+    out.append(epoch(ts, Xs, Ys, jax.random.PRNGKey(1)))
+  return out
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("use_random_iter", [False, True])
+def test_a_split_epoch_trains_as_one_device_does(cell, use_random_iter):
+  (ts1, losses1), (ts2, losses2) = _epochs(cell, use_random_iter)
+  # Every minibatch's mean loss over all rows, and the same SGD steps from the same gradients.
+  chex.assert_trees_all_close(losses1, losses2, rtol=1e-5)
+  chex.assert_trees_all_close(ts1.params, ts2.params, rtol=1e-5, atol=1e-6)
+  assert ts2.params["W_hq"].sharding.is_fully_replicated
+  assert len(ts2.params["W_hq"].sharding.device_set) == 2
+
+
+def test_split_shards_draw_their_own_dropout_masks():
+  """Both shards get the same rows; their states differ only if their masks do."""
+  model = RNNLM(VOCAB, 16, 2, "lstm", dropout=0.5)
+  opt = training.make_optimizer(1.0, 1.0)
+  ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+  step = training.make_train_step(model, opt, axis_name=training.BATCH_AXIS)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), (training.BATCH_AXIS,))
+  P = jax.sharding.PartitionSpec
+  rows, state_rows = P(training.BATCH_AXIS), P(None, training.BATCH_AXIS)
+  split_step = jax.jit(jax.shard_map(step, mesh=mesh,
+                                     in_specs=(P(), state_rows, rows, rows, P()),
+                                     out_specs=(P(), state_rows, P()), check_vma=False))
+  X = np.tile(np.random.default_rng(0).integers(0, VOCAB, (3, 5)), (2, 1)).astype(np.int32)
+  state = model.begin_state(6)
+  _, (H, C), loss = split_step(ts, state, X, X, jax.random.PRNGKey(2))
+  H, C = np.asarray(H), np.asarray(C)
+  assert np.isfinite(loss)
+  assert not np.allclose(H[1, :3], H[1, 3:])  # layer 2 reads layer 1 through dropout
+  np.testing.assert_allclose(H[0, :3], H[0, 3:], rtol=1e-6)  # layer 1 has none before it
