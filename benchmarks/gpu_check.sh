@@ -103,7 +103,7 @@ for cfg in wide big-batch; do
     --out "$WORK/throughput_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
 done
 stage tests 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_cells.py \
-  tests/test_models.py tests/test_training.py
+  tests/test_models.py tests/test_training.py tests/test_parallel.py
 
 echo "=== summary (${SECONDS}s)" | tee -a "$LOG"
 for s in "${SUMMARY[@]}"; do echo "  $s" | tee -a "$LOG"; done

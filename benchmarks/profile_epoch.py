@@ -8,6 +8,8 @@ Runs ``training.make_train_epoch`` for ``N`` epochs (after two warm-up epochs) u
 time per epoch, with how often each ran per epoch and, for XLA ops, the HLO line that names it
 (``while/body`` in the source path marks the per-time-step ops). Per-op times are inflated by the
 tracing itself; compare them with each other, not with the untraced epoch time it also prints.
+The batch is split over the CPU cores as the train CLI splits it (``parallel.batch_devices``;
+``SHARDS=1`` for one device); with a split, the times are summed over the shards.
 """
 
 import collections
@@ -27,12 +29,13 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import CONFIGS, LR, CLIP, _data_env  # noqa: E402
 
-from deeprnn_jax import data, training  # noqa: E402
+from deeprnn_jax import data, parallel, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402
 
 
 def main():
   _data_env()
+  parallel.use_cpu_cores()
   name, N, top = os.environ.get("CONFIG", "seed"), int(os.environ.get("N", 3)), \
       int(os.environ.get("TOP", 30))
   cell, layers, hiddens, batch, steps, max_tokens, _ = CONFIGS[name]
@@ -41,7 +44,9 @@ def main():
   model = RNNLM(len(vocab), hiddens, layers, cell)
   opt = training.make_optimizer(LR, CLIP)
   ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
-  epoch = training.make_train_epoch(model, opt)
+  shards = int(os.environ["SHARDS"]) if os.environ.get("SHARDS") else None
+  devices = parallel.batch_devices(batch, hiddens, shards)
+  epoch = training.make_train_epoch(model, opt, devices=devices)
   key = jax.random.PRNGKey(1)
   hlo = epoch.lower(ts, Xs, Ys, key).compile().as_text()
   for _ in range(2):
@@ -69,8 +74,9 @@ def main():
       total[e["name"]] += e.get("dur", 0)
       count[e["name"]] += 1
 
-  print(f"config {name} ({cell}, {layers}x{hiddens}, batch {batch}), {jax.devices()[0]}: "
-        f"untraced epoch {untraced * 1e3:.1f} ms; per epoch under tracing:")
+  print(f"config {name} ({cell}, {layers}x{hiddens}, batch {batch}), {jax.devices()[0]}, "
+        f"{len(devices)} shard(s): untraced epoch {untraced * 1e3:.1f} ms; per epoch under "
+        f"tracing{', summed over the shards' if len(devices) > 1 else ''}:")
   for op, us in total.most_common(top):
     line = re.search(rf"^\s*(?:ROOT )?%{re.escape(op)} = (\S+) .*$", hlo, re.M)
     what = ""

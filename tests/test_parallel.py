@@ -1,6 +1,7 @@
 """Data parallelism over CPU devices: the split rule, and a split epoch equal to an unsplit one.
 
-``conftest.py`` gives this process two CPU devices, so the split path runs on any machine.
+``conftest.py`` gives this process two CPU devices, so the split path runs on any machine (on
+one whose JAX computes on a GPU, these tests run on its CPU devices).
 """
 
 import chex
@@ -15,10 +16,12 @@ from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
 VOCAB = 11
+CPUS = jax.devices("cpu")
+ON_CPU = jax.default_backend() == "cpu"
 
 
 def test_the_test_process_has_two_cpu_devices():
-  assert len(jax.devices("cpu")) >= 2
+  assert len(CPUS) >= 2
 
 
 @given(batch=st.integers(1, 600), hiddens=st.integers(1, 1100), devices=st.integers(1, 16))
@@ -40,6 +43,11 @@ def test_auto_shards_on_two_cores_splits_only_where_it_was_measured_to_pay(batch
 
 
 def test_batch_devices():
+  if not ON_CPU:  # a GPU: never split
+    assert len(parallel.batch_devices(32, 256)) == 1
+    with pytest.raises(UsageError, match="for CPU cores"):
+      parallel.batch_devices(32, 256, shards=2)
+    return
   assert len(parallel.batch_devices(32, 256)) == 2
   assert len(parallel.batch_devices(32, 256, shards=1)) == 1
   assert list(parallel.batch_devices(6, 8, shards=2)) == jax.devices()[:2]
@@ -59,10 +67,11 @@ def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
   rng = np.random.default_rng(0)
   Xs, Ys = (rng.integers(0, VOCAB, (3, 6, 5)).astype(np.int32) for _ in range(2))
   out = []
-  for devices in (None, jax.devices()[:shards]):
-    ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
-    epoch = training.make_train_epoch(model, opt, use_random_iter, devices)
-    out.append(epoch(ts, Xs, Ys, jax.random.PRNGKey(1)))
+  for devices in (None, CPUS[:shards]):
+    with jax.default_device(CPUS[0]):
+      ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+      epoch = training.make_train_epoch(model, opt, use_random_iter, devices)
+      out.append(epoch(ts, Xs, Ys, jax.random.PRNGKey(1)))
   return out
 
 
@@ -81,16 +90,17 @@ def test_split_shards_draw_their_own_dropout_masks():
   """Both shards get the same rows; their states differ only if their masks do."""
   model = RNNLM(VOCAB, 16, 2, "lstm", dropout=0.5)
   opt = training.make_optimizer(1.0, 1.0)
-  ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+  with jax.default_device(CPUS[0]):
+    ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+    state = model.begin_state(6)
   step = training.make_train_step(model, opt, axis_name=training.BATCH_AXIS)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), (training.BATCH_AXIS,))
+  mesh = jax.sharding.Mesh(np.asarray(CPUS[:2]), (training.BATCH_AXIS,))
   P = jax.sharding.PartitionSpec
   rows, state_rows = P(training.BATCH_AXIS), P(None, training.BATCH_AXIS)
   split_step = jax.jit(jax.shard_map(step, mesh=mesh,
                                      in_specs=(P(), state_rows, rows, rows, P()),
                                      out_specs=(P(), state_rows, P()), check_vma=False))
   X = np.tile(np.random.default_rng(0).integers(0, VOCAB, (3, 5)), (2, 1)).astype(np.int32)
-  state = model.begin_state(6)
   _, (H, C), loss = split_step(ts, state, X, X, jax.random.PRNGKey(2))
   H, C = np.asarray(H), np.asarray(C)
   assert np.isfinite(loss)
