@@ -43,9 +43,9 @@ def main():
   Xs, Ys = loader.epoch()
   model = RNNLM(len(vocab), hiddens, layers, cell)
   opt = training.make_optimizer(LR, CLIP)
-  ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
   shards = int(os.environ["SHARDS"]) if os.environ.get("SHARDS") else None
   devices = parallel.batch_devices(batch, hiddens, shards)
+  ts = parallel.replicate(training.init_train_state(model, opt, jax.random.PRNGKey(0)), devices)
   epoch = training.make_train_epoch(model, opt, devices=devices)
   key = jax.random.PRNGKey(1)
   hlo = epoch.lower(ts, Xs, Ys, key).compile().as_text()

@@ -94,8 +94,9 @@ class JaxRunner:
     self.loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
     model = RNNLM(len(vocab), hiddens, layers, cell, impl=impl)
     opt = training.make_optimizer(LR, CLIP)
-    self.ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
     self.devices = parallel.batch_devices(batch, hiddens)  # the CLI's default split
+    self.ts = parallel.replicate(training.init_train_state(model, opt, jax.random.PRNGKey(0)),
+                                 self.devices)
     self.epoch_fn = training.make_train_epoch(model, opt, use_random_iter=False,
                                               devices=self.devices)
     self.key, self.count = jax.random.PRNGKey(1), 0

@@ -86,10 +86,11 @@ def main():
       # The precision is part of jit's cache key: every call runs under it; the patches only
       # matter while tracing, which the first call does.
       with patched(kind, unroll), context():
-        ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
-        devices = None
+        devices = jax.devices()[:1]
         if kind.startswith("split"):
           devices = parallel.batch_devices(B, H, int(kind[5:]) if kind[5:] else None)
+        ts = parallel.replicate(training.init_train_state(model, opt, jax.random.PRNGKey(0)),
+                                devices)
         epoch = training.make_train_epoch(model, opt, devices=devices)
         t = time.perf_counter()
         ts, losses = epoch(ts, Xs, Ys, jax.random.PRNGKey(1))

@@ -5,27 +5,34 @@ over every core, and the hand-off between threads costs about as much as the ari
 JAX CPU device per core (:func:`use_cpu_cores`) the rows can be split instead
 (:func:`batch_devices`): each device runs its rows' whole recurrence on one core, and the
 gradients are averaged once per minibatch (``training.make_train_epoch(..., devices=...)``). The
-mean loss and its gradient are the same as on one device, up to the order of float32 sums.
+mean loss and its gradient are the same as on one device, up to the order of float32 sums; with
+dropout, each shard draws its own masks, so those depend on the number of shards.
 
 Splitting wins only where the per-step product is small; where it is large, XLA's threads already
-keep the cores busy and one device is as fast or faster (``BENCHMARKS.md``, 2-core AMD EPYC:
-seed config 1.18x; 4 layers 1.10x; batch 64, hidden 512, batch 512: no gain; hidden 1024 at batch
-128: 0.91x). :func:`auto_shards` encodes that rule.
+keep the cores busy and one device is as fast (``BENCHMARKS.md``, 2-core AMD EPYC, one epoch
+interleaved with and without the split: the chapter's LSTM 1.16-1.19x, GRU 1.22-1.32x, RNN
+1.31-1.36x, 4 layers 1.10x; hidden 512 at batch 32, batch 64 and batch 512: no gain beyond the
+noise; hidden 1024 at batch 128: 0.97x). :func:`auto_shards` encodes that rule.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax.errors import UsageError
 
+BATCH_AXIS = "batch"  # the mesh axis a minibatch's rows are split over
 # rows x hidden² of one shard's per-step product at or below which a split has won (the seed
 # config's 16 rows x 256²); the sizes above it measured no gain or a loss.
 MAX_SHARD_WORK = 16 * 256 * 256
 MIN_SHARD_ROWS = 8
+MAX_AUTO_SHARDS = 2  # measured on 2 cores only; more shards are for the user to ask for
 
 
 def usable_cores() -> int:
@@ -36,28 +43,30 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def use_cpu_cores(n: int | None = None) -> int:
-  """Gives JAX one CPU device per core (``n``, default :func:`usable_cores`), so that a batch can
-  be split across them. Takes effect only before JAX's first computation, and leaves a count the
-  user chose (``JAX_NUM_CPU_DEVICES``, ``--xla_force_host_platform_device_count``) as it is;
-  returns how many CPU devices JAX has or will have."""
-  from jax._src import xla_bridge  # no public way to ask whether the backends have started
-
-  chosen = (jax.config.jax_num_cpu_devices >= 0
-            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
-  if xla_bridge.backends_are_initialized() or chosen:
-    return len(jax.devices("cpu"))
-  n = n or usable_cores()
-  jax.config.update("jax_num_cpu_devices", n)
-  return n
+def use_cpu_cores(n: int | None = None) -> bool:
+  """Gives JAX ``n`` CPU devices (default: one per usable core), so that a batch can be split
+  across them. Returns whether it did: not once JAX has computed anything (it keeps the devices
+  it started with), nor where the user chose a count (``JAX_NUM_CPU_DEVICES``,
+  ``--xla_force_host_platform_device_count``), which it leaves alone."""
+  if n is not None and n < 1:
+    raise UsageError(f"the number of CPU devices must be positive, got {n}")
+  if (jax.config.jax_num_cpu_devices >= 0
+      or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+    return False
+  try:
+    jax.config.update("jax_num_cpu_devices", usable_cores() if n is None else n)
+  except RuntimeError:  # JAX has started
+    return False
+  return True
 
 
 def auto_shards(batch_size: int, num_hiddens: int, num_devices: int) -> int:
-  """How many devices to split ``batch_size`` rows over: the most (up to ``num_devices``) that
-  divide the batch into shards of at least :data:`MIN_SHARD_ROWS` rows whose per-step product
-  (rows x hidden²) is at most :data:`MAX_SHARD_WORK`; 1 (no split) where none does."""
+  """How many devices to split ``batch_size`` rows over: the most (up to ``num_devices`` and
+  :data:`MAX_AUTO_SHARDS`) that divide the batch into shards of at least :data:`MIN_SHARD_ROWS`
+  rows whose per-step product (rows x hidden²) is at most :data:`MAX_SHARD_WORK`; 1 (no split)
+  where none does."""
   best = 1
-  for s in range(2, num_devices + 1):
+  for s in range(2, min(num_devices, MAX_AUTO_SHARDS) + 1):
     rows, rest = divmod(batch_size, s)
     if rest == 0 and rows >= MIN_SHARD_ROWS and rows * num_hiddens**2 <= MAX_SHARD_WORK:
       best = s
@@ -85,3 +94,23 @@ def batch_devices(batch_size: int, num_hiddens: int,
   if batch_size % shards:
     raise UsageError(f"batch size {batch_size} does not split into {shards} equal shards")
   return default[:shards]
+
+
+def batch_mesh(devices: Sequence[jax.Device]) -> Mesh:
+  """The one-axis mesh (:data:`BATCH_AXIS`) a split epoch runs on."""
+  return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
+  """``tree`` with a copy of every array on each of ``devices``, as a split epoch takes and
+  returns its train state (an epoch given the state placed otherwise compiles once more, for
+  the placement it returns); unchanged for one device."""
+  if len(devices) < 2:
+    return tree
+  return jax.device_put(tree, NamedSharding(batch_mesh(devices), P()))
+
+
+def on_first(tree: Any, devices: Sequence[jax.Device]) -> Any:
+  """``tree`` on ``devices[0]`` alone, for work that is not split (evaluation, generation): a
+  replicated tree would run it on every device at once; unchanged for one device."""
+  return tree if len(devices) < 2 else jax.device_put(tree, devices[0])

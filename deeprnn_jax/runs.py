@@ -82,6 +82,8 @@ class RunOptions:
       raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
     if self.checkpoint_every < 1:
       raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+    if self.shards is not None and self.shards < 1:
+      raise UsageError(f"--shards must be >= 1, got {self.shards}")
     return self
 
 
@@ -131,6 +133,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
     start_epoch = saved.epoch
     if start_epoch >= config.num_epochs:
       raise UsageError(f"checkpoint is at epoch {start_epoch}; ask for more with --num-epochs")
+  state = parallel.replicate(state, devices)
 
   run_dir.mkdir(parents=True, exist_ok=True)
   files.atomic_write_json(run_dir / "config.json", config.to_json())
@@ -139,7 +142,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   files.atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
   prefix, short_prefix = default_prefixes(config, corpus, vocab)
-  predict = lambda p: generate.predict(p, 50, state.params, model, vocab)
+  predict = lambda p: generate.predict(p, 50, parallel.on_first(state.params, devices), model,
+                                      vocab)
   say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
   epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter, devices)
   eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
@@ -205,7 +209,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                        f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
       valid_ppl = None
       if len(valid_corpus) and logged(epoch):
-        valid_ppl = training.evaluate(model, state.params, valid_corpus, eval_rows)
+        valid_ppl = training.evaluate(model, parallel.on_first(state.params, devices),
+                                      valid_corpus, eval_rows)
       ppl = write_row(epoch, losses, dt, valid_ppl)
       if epoch > start_epoch + 1 or epoch == config.num_epochs:
         tokens, seconds = tokens + n_tokens(losses), seconds + dt

@@ -19,15 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax.errors import UsageError
+from deeprnn_jax.parallel import BATCH_AXIS, batch_mesh
 from deeprnn_jax.models import RNNLM
 
 Array = jax.Array
 OPTIMIZERS = ("sgd", "adam")
-BATCH_AXIS = "batch"  # the mesh axis a minibatch's rows are split over
 
 
 def make_optimizer(lr: float, clip_norm: float, name: str = "sgd") -> optax.GradientTransformation:
@@ -110,8 +109,9 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
   ``Xs`` and ``Ys`` are ``<int32>[num_batches, batch, steps]``. Sequential partitioning starts
   the epoch from a zero state and carries it across minibatches; random partitioning starts every
   minibatch from zeros. The train state's buffers are donated. With several ``devices``
-  (:func:`deeprnn_jax.parallel.batch_devices`) every minibatch's rows are split across them, the
-  train state replicated on each.
+  (:func:`deeprnn_jax.parallel.batch_devices`) every minibatch's rows are split across them, and
+  the train state is replicated on each: place it so (:func:`deeprnn_jax.parallel.replicate`)
+  before the first call, or the second call compiles again.
   """
   sharded = devices is not None and len(devices) > 1
   train_step = make_train_step(model, optimizer, axis_name=BATCH_AXIS if sharded else None)
@@ -133,7 +133,7 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
 
   if sharded:
     rows = P(None, BATCH_AXIS)
-    epoch = jax.shard_map(epoch, mesh=Mesh(np.asarray(devices), (BATCH_AXIS,)),
+    epoch = jax.shard_map(epoch, mesh=batch_mesh(devices),
                           in_specs=(P(), rows, rows, P()), out_specs=(P(), P()),
                           # Gradients are taken within each shard, never through a collective,
                           # so JAX's check of per-shard variance (which the recurrence's custom

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -151,7 +152,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
       "out_is_msgpack": ["--out", str(tmp_path / "run.msgpack")],
       "out_under_file": ["--out", str(tmp_path / "g.txt" / "run")],
       "shards_zero": ["--shards", "0"],
-      "shards_uneven": ["--shards", "3"],  # batch 8
+      "shards_uneven": ["--batch-size", "9", "--shards", "2"],
       "shards_too_many": ["--shards", "8"],  # conftest: 2 CPU devices
   }[case]
   if case == "out_under_file":
@@ -167,6 +168,10 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
     assert "b.txt" in err and "offset 3" in err
   if case == "too_short":
     assert re.search(r"at least \d+ are needed", err)
+  shards_error = {"shards_zero": "--shards must be >= 1", "shards_uneven": "does not split into 2",
+                  "shards_too_many": "JAX has 2 CPU devices"}
+  if case in shards_error and jax.default_backend() == "cpu":
+    assert shards_error[case] in err
   assert not os.path.exists(os.path.join(out_dir, "checkpoint.msgpack"))
   for name in ("f.txt", "g.txt"):
     if (tmp_path / name).exists():
@@ -210,7 +215,6 @@ def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_a_run_split_over_two_cpu_devices_trains_as_one_device_does(tmp_path, capsys):
-  import jax
   if jax.default_backend() != "cpu":  # JAX computes on a GPU: a split is refused
     code, _, err = run_train(["--shards", "2", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "for CPU cores" in err
@@ -250,6 +254,14 @@ def test_the_cli_gives_jax_a_device_per_core_and_splits_by_the_rule(tmp_path):
     assert summary["shards"] == parallel.auto_shards(16, 16, parallel.usable_cores())
   else:
     assert summary["shards"] == 1
+  # A count the user gave JAX is left as it is.
+  proc = subprocess.run(
+      [sys.executable, "-m", "deeprnn_jax.train", *args, "--num-epochs", "1", "--quiet",
+       "--out", str(tmp_path / "one")],
+      capture_output=True, text=True, env=dict(env, JAX_NUM_CPU_DEVICES="1"),
+      cwd=Path(__file__).resolve().parents[1])
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads((tmp_path / "one" / "summary.json").read_text())["shards"] == 1
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

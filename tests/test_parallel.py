@@ -6,6 +6,7 @@ one whose JAX computes on a GPU, these tests run on its CPU devices).
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
@@ -29,17 +30,19 @@ def test_auto_shards_is_the_largest_split_that_the_rule_allows(batch, hiddens, d
   s = parallel.auto_shards(batch, hiddens, devices)
   allowed = lambda s: (s == 1 or (batch % s == 0 and batch // s >= parallel.MIN_SHARD_ROWS
                                   and batch // s * hiddens**2 <= parallel.MAX_SHARD_WORK))
-  assert 1 <= s <= devices and allowed(s)
-  assert not any(allowed(t) for t in range(s + 1, devices + 1))
+  most = min(devices, parallel.MAX_AUTO_SHARDS)
+  assert 1 <= s <= most and allowed(s)
+  assert not any(allowed(t) for t in range(s + 1, most + 1))
 
 
-@pytest.mark.parametrize("batch,hiddens,shards", [
-    (32, 256, 2),  # the chapter's run: split (measured faster)
-    (32, 512, 1), (64, 256, 1), (512, 256, 1), (128, 1024, 1),  # measured no faster, or slower
-    (8, 256, 1),  # shards of 4 rows: not measured
+@pytest.mark.parametrize("batch,hiddens,devices,shards", [
+    (32, 256, 2, 2),  # the chapter's run: split (measured faster)
+    (32, 256, 16, 2),  # more shards were never measured faster
+    (32, 512, 2, 1), (64, 256, 2, 1), (512, 256, 2, 1), (128, 1024, 2, 1),  # measured no faster
+    (8, 256, 2, 1),  # shards of 4 rows: not measured
 ])
-def test_auto_shards_on_two_cores_splits_only_where_it_was_measured_to_pay(batch, hiddens, shards):
-  assert parallel.auto_shards(batch, hiddens, 2) == shards
+def test_auto_shards_splits_only_where_it_was_measured_to_pay(batch, hiddens, devices, shards):
+  assert parallel.auto_shards(batch, hiddens, devices) == shards
 
 
 def test_batch_devices():
@@ -51,27 +54,47 @@ def test_batch_devices():
   assert len(parallel.batch_devices(32, 256)) == 2
   assert len(parallel.batch_devices(32, 256, shards=1)) == 1
   assert list(parallel.batch_devices(6, 8, shards=2)) == jax.devices()[:2]
-  for shards, match in [(0, "positive"), (1.5, "positive"), (3, "does not split|CPU devices"),
-                        (len(jax.devices()) + 1, "CPU devices")]:
+  for batch, shards, match in [(6, 0, "positive"), (6, 1.5, "positive"),
+                               (7, 2, "does not split into 2"),
+                               (6, len(jax.devices()) + 1, "CPU devices")]:
     with pytest.raises(UsageError, match=match):
-      parallel.batch_devices(6, 8, shards=shards)
+      parallel.batch_devices(batch, 8, shards=shards)
 
 
-def test_use_cpu_cores_after_jax_started_reports_the_devices_it_has():
-  assert parallel.use_cpu_cores(5) == len(jax.devices("cpu"))
+def test_use_cpu_cores_once_jax_has_started_changes_nothing():
+  before = jax.devices("cpu")
+  assert parallel.use_cpu_cores(5) is False
+  assert jax.devices("cpu") == before
+  with pytest.raises(UsageError):
+    parallel.use_cpu_cores(0)
+
+
+def test_replicate_and_on_first():
+  tree = {"a": np.arange(6.0), "b": np.ones((2, 3))}
+  assert parallel.replicate(tree, CPUS[:1]) is tree and parallel.on_first(tree, CPUS[:1]) is tree
+  rep = parallel.replicate(tree, CPUS[:2])
+  for leaf in jax.tree.leaves(rep):
+    assert leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(CPUS[:2])
+  for leaf in jax.tree.leaves(parallel.on_first(rep, CPUS[:2])):
+    assert leaf.sharding.device_set == {CPUS[0]}
+  chex.assert_trees_all_equal(parallel.on_first(rep, CPUS[:2]), tree)
 
 
 def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
+  """One epoch unsplit and split, from the same state; a clip small enough to act every step."""
   model = RNNLM(VOCAB, 16, 2, cell, dropout=dropout)
-  opt = training.make_optimizer(1.0, 1.0)
+  opt = training.make_optimizer(1.0, 0.01)
   rng = np.random.default_rng(0)
   Xs, Ys = (rng.integers(0, VOCAB, (3, 6, 5)).astype(np.int32) for _ in range(2))
   out = []
-  for devices in (None, CPUS[:shards]):
+  for devices in (CPUS[:1], CPUS[:shards]):
     with jax.default_device(CPUS[0]):
-      ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
+      ts = parallel.replicate(training.init_train_state(model, opt, jax.random.PRNGKey(0)),
+                              devices)
       epoch = training.make_train_epoch(model, opt, use_random_iter, devices)
       out.append(epoch(ts, Xs, Ys, jax.random.PRNGKey(1)))
+      epoch(jax.tree.map(jnp.copy, out[-1][0]), Xs, Ys, jax.random.PRNGKey(2))
+      assert epoch._cache_size() == 1  # the state comes back placed as it went in
   return out
 
 
@@ -79,7 +102,7 @@ def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
 @pytest.mark.parametrize("use_random_iter", [False, True])
 def test_a_split_epoch_trains_as_one_device_does(cell, use_random_iter):
   (ts1, losses1), (ts2, losses2) = _epochs(cell, use_random_iter)
-  # Every minibatch's mean loss over all rows, and the same SGD steps from the same gradients.
+  # Every minibatch's mean loss over all rows, and the same clipped SGD steps.
   chex.assert_trees_all_close(losses1, losses2, rtol=1e-5)
   chex.assert_trees_all_close(ts1.params, ts2.params, rtol=1e-5, atol=1e-6)
   assert ts2.params["W_hq"].sharding.is_fully_replicated
