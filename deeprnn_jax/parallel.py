@@ -9,10 +9,11 @@ mean loss and its gradient are the same as on one device, up to the order of flo
 dropout, each shard draws its own masks, so those depend on the number of shards.
 
 Splitting wins only where the per-step product is small; where it is large, XLA's threads already
-keep the cores busy and one device is as fast (``BENCHMARKS.md``, 2-core AMD EPYC, one epoch
+keep the cores busy and one device is as fast (``BENCHMARKS.md``, 2-core AMD EPYC, an epoch
 interleaved with and without the split: the chapter's LSTM 1.16-1.19x, GRU 1.22-1.32x, RNN
-1.31-1.36x, 4 layers 1.10x; hidden 512 at batch 32, batch 64 and batch 512: no gain beyond the
-noise; hidden 1024 at batch 128: 0.97x). :func:`auto_shards` encodes that rule.
+1.31-1.36x, 4 layers 1.10x, batch 512 0.93-1.04x, hidden 1024 at batch 128 0.85-0.97x; in
+separate processes, hidden 512 at batch 32 and batch 64: no gain). :func:`auto_shards` encodes
+that rule.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def usable_cores() -> int:
 
 def use_cpu_cores(n: int | None = None) -> bool:
   """Gives JAX ``n`` CPU devices (default: one per usable core), so that a batch can be split
-  across them. Returns whether it did: not once JAX has computed anything (it keeps the devices
-  it started with), nor where the user chose a count (``JAX_NUM_CPU_DEVICES``,
-  ``--xla_force_host_platform_device_count``), which it leaves alone."""
+  across them. Returns whether it set the count now: not once JAX has computed anything (it keeps
+  the devices it started with), nor where a count is already chosen (``JAX_NUM_CPU_DEVICES``,
+  ``--xla_force_host_platform_device_count``, an earlier call), which it leaves alone."""
   if n is not None and n < 1:
     raise UsageError(f"the number of CPU devices must be positive, got {n}")
   if (jax.config.jax_num_cpu_devices >= 0
@@ -112,5 +113,9 @@ def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
 
 def on_first(tree: Any, devices: Sequence[jax.Device]) -> Any:
   """``tree`` on ``devices[0]`` alone, for work that is not split (evaluation, generation): a
-  replicated tree would run it on every device at once; unchanged for one device."""
-  return tree if len(devices) < 2 else jax.device_put(tree, devices[0])
+  replicated tree would run it on every device at once; unchanged for one device. A copy, so that
+  it outlives the replicated tree being donated to the next epoch."""
+  if len(devices) < 2:
+    return tree
+  # device_put alone may hand back device 0's own buffer of the replicated array.
+  return jax.tree.map(lambda a: a.copy(), jax.device_put(tree, devices[0]))

@@ -18,7 +18,8 @@ DATA_ENV = "DEEPRNN_JAX_DATA"
 # The CLIs called in-process must not fill the user's compilation cache (test_cli checks it).
 os.environ["DEEPRNN_JAX_CACHE"] = "none"
 REPO = Path(__file__).resolve().parent.parent
-# Two CPU devices whatever the machine, so that the batch-split path is tested everywhere.
+# Two CPU devices whatever the machine, so that the batch-split path is tested everywhere (a
+# count set in JAX_NUM_CPU_DEVICES or XLA_FLAGS is left alone; the split tests need 2).
 parallel.use_cpu_cores(2)
 
 if os.environ.get(DATA_ENV):

@@ -78,6 +78,9 @@ def test_replicate_and_on_first():
   for leaf in jax.tree.leaves(parallel.on_first(rep, CPUS[:2])):
     assert leaf.sharding.device_set == {CPUS[0]}
   chex.assert_trees_all_equal(parallel.on_first(rep, CPUS[:2]), tree)
+  first = parallel.on_first(rep, CPUS[:2])
+  jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)(rep)  # as an epoch does
+  chex.assert_trees_all_equal(first, tree)  # still readable
 
 
 def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
