@@ -142,8 +142,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   files.atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
   prefix, short_prefix = default_prefixes(config, corpus, vocab)
-  predict = lambda p: generate.predict(p, 50, parallel.on_first(state.params, devices), model,
-                                      vocab)
+  predict = lambda p, params: generate.predict(p, 50, params, model, vocab)
   say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
   epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter, devices)
   eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
@@ -207,10 +206,12 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                  else "no checkpoint had been saved")
         raise Diverged(f"non-finite loss at epoch {epoch} (try a lower --lr or --clip); "
                        f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
+      # What evaluation and the predictions read, copied once onto one device.
+      params = (parallel.on_first(state.params, devices)
+                if logged(epoch) and state is not None else None)
       valid_ppl = None
       if len(valid_corpus) and logged(epoch):
-        valid_ppl = training.evaluate(model, parallel.on_first(state.params, devices),
-                                      valid_corpus, eval_rows)
+        valid_ppl = training.evaluate(model, params, valid_corpus, eval_rows)
       ppl = write_row(epoch, losses, dt, valid_ppl)
       if epoch > start_epoch + 1 or epoch == config.num_epochs:
         tokens, seconds = tokens + n_tokens(losses), seconds + dt
@@ -219,7 +220,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
         bar.set_postfix(perplexity=f"{ppl:.2f}")
       if logged(epoch) and not options.quiet:
         valid_text = f", valid perplexity {valid_ppl:.1f}" if valid_ppl is not None else ""
-        line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix)}"
+        line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix, params)}"
         bar.write(line, file=out) if bar is not None else say(line)
       if epoch % options.checkpoint_every == 0 or epoch == config.num_epochs:
         save(epoch, state, done_rng)
@@ -259,6 +260,6 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                               f"{config.num_hiddens} hidden units")
   say(f"compile time {compile_seconds:.1f} sec")
   say(f"perplexity {ppl:.1f}, {speed:.1f} tokens/sec on {summary['device']}")
-  say(predict(prefix))
-  say(predict(short_prefix))
+  say(predict(prefix, params))  # the last epoch's: always logged, its state kept
+  say(predict(short_prefix, params))
   return summary

@@ -22,8 +22,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.parallel import BATCH_AXIS, batch_mesh
 from deeprnn_jax.models import RNNLM
+from deeprnn_jax.parallel import BATCH_AXIS, batch_mesh
 
 Array = jax.Array
 OPTIMIZERS = ("sgd", "adam")
