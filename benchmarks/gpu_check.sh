@@ -4,7 +4,7 @@
 #   DEEPRNN_JAX_DATA=<folder with timemachine.txt> PYTHONPATH=. bash benchmarks/gpu_check.sh
 #   SWEEP=1 ...   also the variant sweep (unroll, impl, precision) of benchmarks/variants.py
 # Stages: device info; the fast-path tests at float32 precision; throughput of seed, wide and
-# big-batch (layerwise, wavefront, cudnn vs PyTorch); the chapter's 500-epoch run cold and then
+# big-batch (layerwise in float32 and bfloat16, wavefront, cudnn vs PyTorch); the chapter's 500-epoch run cold and then
 # with its compiled programs cached; the model and training tests.
 # Every stage has its own `timeout`, and the whole script a deadline (DEADLINE seconds, default
 # 290: under 5 minutes): a stage that would start too late is skipped, a failing stage does not
@@ -84,7 +84,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
   stage variants-seed 80 env CONFIG=seed R="${R:-5}" N="${N:-3}" JSON="$OUT/variants.jsonl" \
     python benchmarks/variants.py "${SEED_VARIANTS:-res:8,sliced:8,res:16,wave:8}"
 fi
-IMPLS="${IMPLS:-layerwise,wavefront,cudnn}"
+IMPLS="${IMPLS:-layerwise,layerwise:bfloat16,wavefront,cudnn}"
 # 20 epochs a repeat: the train CLI's rhythm, two of them read back with their state (throughput.py
 # LOG_EVERY), the others pipelined.
 stage throughput-seed 45 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
@@ -103,7 +103,7 @@ for cfg in wide big-batch; do
     --out "$WORK/throughput_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
 done
 stage tests 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_cells.py \
-  tests/test_models.py tests/test_training.py tests/test_parallel.py
+  tests/test_models.py tests/test_training.py tests/test_parallel.py tests/test_precision.py
 
 echo "=== summary (${SECONDS}s)" | tee -a "$LOG"
 for s in "${SUMMARY[@]}"; do echo "  $s" | tee -a "$LOG"; done

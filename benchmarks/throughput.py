@@ -17,6 +17,10 @@ the spread), the ratio ours / torch, compile time, and peak memory, separately.
 * torch: d2l's ``train_epoch_ch8``: ``nn.LSTM/GRU/RNN`` on one-hot inputs plus ``nn.Linear``,
   state detached between minibatches, ``clip_grad_norm_``, SGD, ``loss.item()`` per minibatch.
 
+An implementation of ours may name a precision, ``layerwise:bfloat16`` (``RNNLM(precision=...)``:
+bfloat16 operands, float32 accumulation); ``--torch-precision bfloat16`` runs the PyTorch loop's
+forward and loss under ``torch.autocast(dtype=torch.bfloat16)``, PyTorch's own mixed precision.
+
 Both read the same minibatches (same loader, same seed). Tokens/s counts input tokens
 (``batch * steps * minibatches``), as d2l does.
 """
@@ -24,6 +28,7 @@ Both read the same minibatches (same loader, same seed). Tokens/s counts input t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -78,6 +83,12 @@ def _maxrss_mb() -> float:
 # Workers: one process per framework, driven over stdin/stdout (one JSON object a line).
 
 
+def split_impl(impl: str) -> tuple[str, str]:
+  """``"layerwise:bfloat16"`` -> ``("layerwise", "bfloat16")``; no precision: float32."""
+  name, _, precision = impl.partition(":")
+  return name, precision or "float32"
+
+
 class JaxRunner:
 
   def __init__(self, cfg, device, impl="layerwise"):
@@ -92,7 +103,8 @@ class JaxRunner:
     self.rss0 = _rss_mb()
     cell, layers, hiddens, batch, steps, max_tokens, _ = cfg
     self.loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
-    model = RNNLM(len(vocab), hiddens, layers, cell, impl=impl)
+    impl, precision = split_impl(impl)
+    model = RNNLM(len(vocab), hiddens, layers, cell, impl=impl, precision=precision)
     opt = training.make_optimizer(LR, CLIP)
     self.devices = parallel.batch_devices(batch, hiddens)  # the CLI's default split
     self.ts = parallel.replicate(training.init_train_state(model, opt, jax.random.PRNGKey(0)),
@@ -145,6 +157,9 @@ class TorchRunner:
     if os.environ.get("TORCH_THREADS"):
       torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
     self.dev = torch.device("cuda" if device == "gpu" else "cpu")
+    self.precision = os.environ.get("TORCH_PRECISION", "float32")
+    self.autocast = (lambda: torch.autocast(self.dev.type, dtype=torch.bfloat16)) \
+        if self.precision == "bfloat16" else contextlib.nullcontext
     self.rss0 = _rss_mb()
     cell, layers, hiddens, batch, steps, max_tokens, _ = cfg
     self.loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
@@ -185,8 +200,9 @@ class TorchRunner:
         state = tuple(s.detach() for s in state) if self.lstm else state.detach()
       X = torch.from_numpy(X).to(self.dev)
       y = torch.from_numpy(Y).T.reshape(-1).to(self.dev).long()
-      y_hat, state = self.net(X, state)
-      l = self.loss(y_hat, y)
+      with self.autocast():
+        y_hat, state = self.net(X, state)
+        l = self.loss(y_hat, y)
       self.opt.zero_grad()
       l.backward()
       torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)
@@ -205,6 +221,7 @@ class TorchRunner:
   def info(self) -> dict:
     torch = self.torch
     return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_precision": self.precision,
             "device": torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"}
 
 
@@ -283,7 +300,7 @@ def runnable(name: str, impl: str) -> bool:
   from deeprnn_jax.models import check_model_args
   cell, layers, hiddens = CONFIGS[name][:3]
   try:
-    check_model_args(28, hiddens, layers, cell, "tanh", 0.0, impl)
+    check_model_args(28, hiddens, layers, cell, "tanh", 0.0, *split_impl(impl))
   except UsageError:
     return False
   return True
@@ -397,14 +414,16 @@ print(f"perplexity {r.ppl:.1f}, wall {time.perf_counter() - t0:.1f} s")
 """
 
 
-def bench_full_run(device, out_dir=None) -> dict:
+def bench_full_run(device, out_dir=None, precision="float32") -> dict:
   """The train CLI as a user runs it (its predictions every 10 epochs included, compiling from
   scratch: no compilation cache) against TORCH_FULL_RUN, one after the other."""
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              DEEPRNN_JAX_CACHE="none")
-  res = {}
+  res = {"jax_precision": precision}
   out_dir = out_dir or tempfile.mkdtemp(prefix="deeprnn_full_run_")
   cmd = [sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir)]
+  if precision != "float32":
+    cmd += ["--precision", precision]
   t = time.perf_counter()
   p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
   res["jax_wall_s"], res["jax_rc"] = time.perf_counter() - t, p.returncode
@@ -428,7 +447,9 @@ def markdown(results: dict, command: str) -> str:
            f"`{command}`", "",
            f"jax {info.get('jax')}, flax {info.get('flax')}, optax {info.get('optax')}, "
            f"torch {info.get('torch')}"
-           + (f" ({info['torch_threads']} threads)" if info.get("torch_threads") else "") + ", "
+           + (f" ({info['torch_threads']} threads)" if info.get("torch_threads") else "")
+           + (f", PyTorch under autocast {info['torch_precision']}"
+              if info.get("torch_precision", "float32") != "float32" else "") + ", "
            f"python {info['python']}, CPU: {info['cpu_model']} ({os.cpu_count()} cores)", ""]
   if results.get("configs"):
     lines += ["| config | ours tokens/s (min–max) | torch tokens/s (min–max) | ours / torch (wall) | ours / torch "
@@ -453,7 +474,9 @@ def markdown(results: dict, command: str) -> str:
               f"**{g['speedup_eager']:.0f}x** (compile {g['compile_s']:.1f} s, not included).", ""]
   if results.get("full_run"):
     f = results["full_run"]
-    lines += [f"500-epoch chapter run: ours {f['jax_wall_s']:.0f} s (rc {f['jax_rc']}), "
+    products = f" ({f['jax_precision']} products)" if f.get("jax_precision", "float32") != \
+        "float32" else ""
+    lines += [f"500-epoch chapter run: ours{products} {f['jax_wall_s']:.0f} s (rc {f['jax_rc']}), "
               f"PyTorch {f['torch_wall_s']:.0f} s (rc {f['torch_rc']}): "
               f"**{f['ratio_wall']:.2f}x** the wall time.", ""]
   return "\n".join(lines) + "\n"
@@ -469,13 +492,18 @@ def main(argv=None) -> int:
   p.add_argument("--append-md", default=None, help="append a markdown table to this file")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads for the PyTorch loop (0: PyTorch's default)")
+  p.add_argument("--torch-precision", default="float32", choices=("float32", "bfloat16"),
+                 help="bfloat16: the PyTorch loop under torch.autocast (its mixed precision)")
   p.add_argument("--label", default=None, help="device label for the table")
   p.add_argument("--generation", action="store_true", help="also the generation benchmark")
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
   p.add_argument("--full-run-dir", default=None, help="the CLI run's folder (default: a new one)")
+  p.add_argument("--full-run-precision", default="float32",
+                 help="the train CLI's --precision in the full run (PyTorch's stays float32)")
   p.add_argument("--impl", default="layerwise",
-                 help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn "
-                      "(one that a config cannot run, cudnn for a GRU say, is skipped for it)")
+                 help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn, "
+                      "each with an optional :precision (layerwise:bfloat16); one that a config "
+                      "cannot run, cudnn for a GRU say, is skipped for it")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
@@ -484,6 +512,7 @@ def main(argv=None) -> int:
   _data_env()
   if args.torch_threads:
     os.environ["TORCH_THREADS"] = str(args.torch_threads)
+  os.environ["TORCH_PRECISION"] = args.torch_precision
   names = [c for c in args.configs.split(",") if c]
   unknown = [c for c in names if c not in CONFIGS]
   if unknown:
@@ -515,7 +544,8 @@ def main(argv=None) -> int:
     name = f"{r['config']} ({r['impl']})"
     results["configs"].append(r)
     for fw in ("jax", "torch"):
-      results["info"].update({k: r[fw][k] for k in ("torch_threads",) if k in r[fw]})
+      results["info"].update({k: r[fw][k] for k in ("torch_threads", "torch_precision")
+                              if k in r[fw]})
     print(f"{name:22s} ours {r['jax']['tokens_per_s']:>12,.0f} tok/s   torch "
           f"{r['torch']['tokens_per_s']:>12,.0f} tok/s   ratio {r['ratio']:.2f}x (CPU time "
           f"{r['ratio_cpu_time']:.2f}x)   compile {r['jax']['compile_s']:.1f}s   ppl "
@@ -526,7 +556,8 @@ def main(argv=None) -> int:
           f"{g['python_loop_s']*1e3:.0f} ms ({g['speedup']:.1f}x), eager loop "
           f"{g['eager_loop_s']:.2f} s ({g['speedup_eager']:.0f}x)", flush=True)
   if args.full_run:
-    results["full_run"] = f = bench_full_run(args.device, args.full_run_dir)
+    results["full_run"] = f = bench_full_run(args.device, args.full_run_dir,
+                                             args.full_run_precision)
     print(f"full run: ours {f['jax_wall_s']:.1f}s torch {f['torch_wall_s']:.1f}s "
           f"ratio {f['ratio_wall']:.2f}x\n  ours: {f['jax_tail']}\n  torch: {f['torch_tail']}",
           flush=True)

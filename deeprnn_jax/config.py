@@ -43,11 +43,12 @@ class TrainConfig:
   valid_fraction: float = 0.0
   optimizer: str = "sgd"
   impl: str = "layerwise"
+  precision: str = "float32"
 
   def validate(self) -> "TrainConfig":
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""
     check_model_args(1, self.num_hiddens, self.num_layers, self.cell, self.activation,
-                     self.dropout, self.impl)
+                     self.dropout, self.impl, self.precision)
     if self.impl == "cudnn" and not cudnn.has_gpu():
       raise UsageError("impl 'cudnn' needs a CUDA GPU (JAX sees none here); use impl 'layerwise'")
     for name in ("batch_size", "num_steps", "num_epochs"):
@@ -64,7 +65,7 @@ class TrainConfig:
 
   def model(self, vocab_size: int) -> RNNLM:
     return RNNLM(vocab_size, self.num_hiddens, self.num_layers, self.cell, self.activation,
-                 self.dropout, self.impl)
+                 self.dropout, self.impl, self.precision)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)

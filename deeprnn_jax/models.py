@@ -51,7 +51,7 @@ def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple
 
 def check_model_args(
     vocab_size: int, num_hiddens: int, num_layers: int, cell: str, activation, dropout: float,
-    impl: str = "layerwise",
+    impl: str = "layerwise", precision: str = "float32",
 ) -> None:
   """Raises :class:`UsageError` for hyperparameters no model can have."""
   if cell not in cells.NUM_GATES:
@@ -75,6 +75,12 @@ def check_model_args(
   if impl == "wavefront" and dropped:
     raise UsageError(f"impl 'wavefront' runs without dropout (got {dropout}); use impl "
                      "'layerwise'")
+  if precision not in recurrence.PRECISIONS:
+    raise UsageError(f"unknown precision {precision!r}; choose one of "
+                     f"{tuple(recurrence.PRECISIONS)}")
+  if precision != "float32" and impl not in ("layerwise", "wavefront"):
+    raise UsageError(f"precision {precision!r} is for impl 'layerwise' or 'wavefront' (got "
+                     f"{impl!r}: the reference and cuDNN run float32)")
 
 
 def _time_major(inputs: Array) -> Array:
@@ -107,6 +113,7 @@ class _Stack(nn.Module):
     activations: φ_l for each layer (RNN only).
     dropout: drop probability between layers.
     deterministic: ``False`` applies dropout (needs a ``"dropout"`` PRNG key).
+    precision: operand type of the fast paths' products (``recurrence.PRECISIONS``).
   """
 
   cell: str
@@ -115,6 +122,7 @@ class _Stack(nn.Module):
   activations: tuple[str, ...]
   dropout: float = 0.0
   deterministic: bool = True
+  precision: str = "float32"
 
   def layer_cells(self) -> list[cells.Cell]:
     """Each layer's ``cells.Cell`` (its parameters), named ``layer_{l}``."""
@@ -128,10 +136,11 @@ class _Stack(nn.Module):
     for l, (layer, activation) in enumerate(zip(layers, self.activations)):
       if l > 0 and self.dropout > 0.0:
         xs = nn.Dropout(self.dropout)(xs, deterministic=self.deterministic)
-      gx = recurrence.input_gates(layer.weights, xs)  # <float32>[steps, batch, G * hiddens]
+      # <float32>[steps, batch, G * hiddens]
+      gx = recurrence.input_gates(layer.weights, xs, self.precision)
       # The recurrent part with weight gradients as one GEMM after the scan (recurrence.py).
       carry, xs = recurrence.layer_scan(self.cell, activation, recurrence.default_unroll(),
-                                        layer.W_hh, layer.b_hh, carries[l], gx)
+                                        layer.W_hh, layer.b_hh, carries[l], gx, self.precision)
       new_carries.append(carry)
     return tuple(new_carries), xs
 
@@ -200,7 +209,8 @@ class WavefrontRNN(_Stack):
     else:
       gx = recurrence.input_gates(layers[0].weights, xs)  # <float32>[steps, batch, G * hiddens]
       carries, xs = recurrence.wave_scan(self.cell, self.activations, recurrence.default_unroll(),
-                                         [layer.weights for layer in layers], carries, gx)
+                                         [layer.weights for layer in layers], carries, gx,
+                                         self.precision)
     return tuple(carries), jnp.swapaxes(xs, 0, 1)
 
 
@@ -237,6 +247,9 @@ class RNNLM(nn.Module):
     impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation),
       ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
       dropout, one cuDNN call; JAX's reference of it off the GPU).
+    precision: ``"float32"`` (default) or ``"bfloat16"``: the recurrent layers' products take
+      bfloat16 operands and accumulate in float32 (``layerwise`` and ``wavefront`` only; the
+      head, the state, the nonlinearities and the parameters stay float32).
   """
 
   vocab_size: int
@@ -246,10 +259,11 @@ class RNNLM(nn.Module):
   activation: str | tuple[str, ...] = "tanh"
   dropout: float = 0.0
   impl: str = "layerwise"
+  precision: str = "float32"
 
   def __post_init__(self):
     check_model_args(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
-                     self.activation, self.dropout, self.impl)
+                     self.activation, self.dropout, self.impl, self.precision)
     super().__post_init__()
 
   def begin_state(self, batch_size: int = 1):
@@ -279,7 +293,7 @@ class RNNLM(nn.Module):
     carries, hs = rnn(
         self.cell, self.vocab_size, self.num_hiddens,
         layer_activations(self.activation, self.num_layers), self.dropout, deterministic,
-        name="rnn",
+        self.precision, name="rnn",
     )(tuple(state_to_carries(self.cell, state)), inputs)
     bound = 1.0 / self.num_hiddens**0.5
     init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)

@@ -15,6 +15,10 @@ are written) over ``gx <float32>[steps, batch, G*H]`` with a hand-written backwa
   nonlinearities was measured 10% slower on CPU: BENCHMARKS.md.)
 * Transposed operands of the backward products are laid out first (:func:`_t`): XLA:CPU
   multiplies them ~2.5x slower in place.
+* ``precision="bfloat16"`` rounds the operands of these products (and of :func:`input_gates`) to
+  bfloat16 and accumulates in float32 (:func:`_matmul`); the state, the nonlinearities, the
+  parameters and their updates stay float32. On a CPU with AVX512-BF16 the products run ~2x
+  faster (BENCHMARKS.md).
 
 Both passes differentiate the step function itself (``jax.vjp`` of ``cells.step`` per step, which
 uses the gate derivatives ``cells`` writes out), so no derivative of a cell is written here: the gate gradient is read off as the gradient
@@ -43,6 +47,9 @@ from deeprnn_jax import cells
 from deeprnn_jax.errors import UsageError
 
 Array = jax.Array
+
+# Operand types of the recurrent layers' matrix products; accumulation is always float32.
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # lax.scan unroll per backend, measured (BENCHMARKS.md). CPU: unrolling only slows it. GPU (H100):
 # 1 / 4 / 8 / 16 give 466k / 907k / 988k / 1.04M tokens/s on the chapter's model, 16 at 3 s more
@@ -157,16 +164,17 @@ class _WaveStep:
     return tuple(new), _hidden(self.cell, new[-1])
 
 
-def _forward(step, unroll, W, b, carry, xs, keep=False):
+def _forward(step, unroll, precision, W, b, carry, xs, keep=False):
   """The plain recurrence; with ``keep``, also each step's entering ``hidden(carry)`` and its
   linearisation (``jax.vjp`` residuals: gate activations and the like) for the backward pass.
   """
   steps = jax.tree.leaves(xs)[0].shape[0]
   b_rows = jnp.broadcast_to(b, (step.hidden(carry).shape[0], b.shape[0]))
+  W = W.astype(PRECISIONS[precision])  # once, not at every step
 
   def body(carry, x):
     h = step.hidden(carry)
-    product = h @ W
+    product = _matmul(h, W, precision)
     if not keep:
       return step(product, b_rows, carry, x)
     (new, y), vjp = jax.vjp(functools.partial(step, product), b_rows, carry, x)
@@ -178,33 +186,33 @@ def _forward(step, unroll, W, b, carry, xs, keep=False):
   return jax.lax.scan(body, carry, xs, unroll=_split(unroll, steps))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrent_scan(step, unroll: int, W: Array, b: Array, carry, xs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _recurrent_scan(step, unroll: int, precision: str, W: Array, b: Array, carry, xs):
   """``lax.scan`` of ``step`` with the backward pass described in the module docstring.
 
   Where the step adds ``x`` to the gates before any nonlinearity (RNN, LSTM), the gradient of
   ``x`` is the gate gradient (``step.dx_from_dgates``): one ``[steps, batch, G*H]`` output
   buffer less for the backward scan to fill.
   """
-  return _forward(step, unroll, W, b, carry, xs)
+  return _forward(step, unroll, precision, W, b, carry, xs)
 
 
-def _recurrent_scan_fwd(step, unroll, W, b, carry, xs):
-  last, (ys, h_prev, vjps) = _forward(step, unroll, W, b, carry, xs, keep=True)
+def _recurrent_scan_fwd(step, unroll, precision, W, b, carry, xs):
+  last, (ys, h_prev, vjps) = _forward(step, unroll, precision, W, b, carry, xs, keep=True)
   return (last, ys), (W, h_prev, vjps, carry, xs)
 
 
-def _recurrent_scan_bwd(step, unroll, res, cotangents):
+def _recurrent_scan_bwd(step, unroll, precision, res, cotangents):
   W, h_prev, vjps, carry, xs = res
   d_last, d_ys = cotangents
-  W_T = _t(W)  # laid out once, not transposed again in every step's product
+  W_T = _t(W, precision)  # laid out once, not transposed again in every step's product
   _, hidden_T = jax.vjp(step.hidden, carry)  # linear: the same map at every step
 
   def body(d_carry, per_step):
     vjp, d_y = per_step
     d_b, d_prev, d_x = vjp((d_carry, d_y))
     # The product path, hidden(carry) @ W, which the step saw as a constant.
-    d_prev = jax.tree.map(jnp.add, d_prev, hidden_T(d_b @ W_T)[0])
+    d_prev = jax.tree.map(jnp.add, d_prev, hidden_T(_matmul(d_b, W_T, precision))[0])
     return d_prev, (None if step.dx_is_dgates else d_x, d_b)
 
   d_first, (d_xs, d_gates) = jax.lax.scan(body, d_last, (vjps, d_ys), reverse=True,
@@ -212,7 +220,7 @@ def _recurrent_scan_bwd(step, unroll, res, cotangents):
   # Weight gradients as one GEMM over all steps * batch rows; h_prev is hidden(carry) entering
   # each step.
   d_gates_2d = d_gates.reshape(-1, d_gates.shape[-1])
-  d_W = _t(h_prev.reshape(-1, h_prev.shape[-1])) @ d_gates_2d
+  d_W = _matmul(_t(h_prev.reshape(-1, h_prev.shape[-1]), precision), d_gates_2d, precision)
   d_b = d_gates_2d.sum(axis=0)
   if step.dx_is_dgates:
     d_xs = step.dx_from_dgates(d_gates, xs)
@@ -223,7 +231,7 @@ _recurrent_scan.defvjp(_recurrent_scan_fwd, _recurrent_scan_bwd)
 
 
 def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array, carry,
-               gx: Array):
+               gx: Array, precision: str = "float32"):
   """One layer's recurrence over time.
 
   Args:
@@ -234,21 +242,22 @@ def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array
     b_hh: ``<float32>[G*H]``.
     carry: ``H_0 <float32>[batch, H]`` (LSTM: the pair ``(H_0, C_0)``).
     gx: the input part ``X_t W_xh + b_xh`` of every step, ``<float32>[steps, batch, G*H]``.
+    precision: the products' operand type, a key of :data:`PRECISIONS`.
 
   Returns:
     ``(carry_T, hs <float32>[steps, batch, H])``, as ``lax.scan`` over ``cells.step``.
   """
-  return _recurrent_scan(_LayerStep(cell, activation), unroll, W_hh, b_hh, carry, gx)
+  return _recurrent_scan(_LayerStep(cell, activation), unroll, precision, W_hh, b_hh, carry, gx)
 
 
 def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list[dict],
-              carries: tuple, gx0: Array):
+              carries: tuple, gx0: Array, precision: str = "float32"):
   """L stacked layers over time as one recurrence: wave step ``s`` runs layer ``l``'s step
   ``s - l`` for every layer, so the L layers cost ``steps + L - 1`` sequential products instead
   of ``L * steps``, one larger product each (:class:`_WaveStep`).
 
   Args:
-    cell, activations, unroll: as :func:`layer_scan`, one activation per layer.
+    cell, activations, unroll, precision: as :func:`layer_scan`, one activation per layer.
     layers: each layer's ``{W_xh, W_hh, b_xh, b_hh}`` (``cells`` layout); layer 0's ``W_xh`` and
       ``b_xh`` are not used (its input part is ``gx0``).
     carries: one carry per layer.
@@ -277,45 +286,67 @@ def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list
   s, l = jnp.arange(waves)[:, None], jnp.arange(L)[None, :]
   valid = ((s >= l) & (s < steps + l)).astype(gx0.dtype)  # <float32>[waves, L]
   gx = jnp.pad(gx0, ((0, L - 1), (0, 0), (0, 0)))
-  carries, ys = _recurrent_scan(_WaveStep(cell, tuple(activations)), unroll, W, b,
+  carries, ys = _recurrent_scan(_WaveStep(cell, tuple(activations)), unroll, precision, W, b,
                                 tuple(carries), (gx, valid))
   return carries, ys[L - 1:]
 
 
-def _t(a: Array) -> Array:
-  """``aᵀ`` laid out in memory: XLA:CPU multiplies a transposed operand ~2.5x slower."""
-  return jax.lax.optimization_barrier(a.T)
+def _matmul(a: Array, b: Array, precision: str) -> Array:
+  """``a @ b`` ``<float32>`` with both operands rounded to the ``precision`` type first."""
+  if precision == "float32":
+    return a @ b
+  dtype = PRECISIONS[precision]
+  return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def _dense(x: Array, W: Array, b: Array) -> Array:
-  return cells.input_gates({"W_xh": W, "b_xh": b}, x)
+def _t(a: Array, precision: str = "float32") -> Array:
+  """``aᵀ`` ``<[C, R]>`` of ``a <[R, C]>`` laid out in memory, as the ``precision`` type.
+
+  XLA:CPU multiplies a transposed float32 operand ~2.5x slower. For bfloat16 the stakes are
+  higher: its bfloat16 products (YNNPACK) take only row-major operands, and a 2-D transpose
+  reaches that check as a column-major layout, so XLA would silently do the product in float32
+  (its operand upcaster), optimization barrier or not. The same transpose written in 3-D and
+  reshaped back is row-major there (tests/test_fast_paths.py checks that no product is upcast).
+  """
+  if precision == "float32":
+    return jax.lax.optimization_barrier(a.T)
+  R, C = a.shape
+  f = next((f for f in range(2, min(R, 64)) if R % f == 0), 1)  # any split of the rows
+  a = a.astype(PRECISIONS[precision]).reshape(f, R // f, C)
+  return jnp.transpose(a, (2, 0, 1)).reshape(C, R)
 
 
-def _dense_fwd(x, W, b):
-  return _dense(x, W, b), (x, W)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(precision: str, x: Array, W: Array, b: Array) -> Array:
+  if precision == "float32":
+    return cells.input_gates({"W_xh": W, "b_xh": b}, x)
+  return _matmul(x, W, precision) + b
 
 
-def _dense_bwd(res, dy):
+def _dense_fwd(precision, x, W, b):
+  return _dense(precision, x, W, b), (x, W)
+
+
+def _dense_bwd(precision, res, dy):
   x, W = res
   x2d, dy2d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  dx = (dy2d @ _t(W)).reshape(x.shape)
-  return dx, _t(x2d) @ dy2d, dy2d.sum(axis=0)
+  dx = _matmul(dy2d, _t(W, precision), precision).reshape(x.shape)
+  return dx, _matmul(_t(x2d, precision), dy2d, precision), dy2d.sum(axis=0)
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def input_gates(params: dict, x: Array) -> Array:
+def input_gates(params: dict, x: Array, precision: str = "float32") -> Array:
   """``cells.input_gates`` (``X W_xh + b_xh`` for all steps at once) with a CPU-friendly backward.
 
-  Token indices ``<int32>[...]`` keep XLA's gather and scatter-add, which is cheap; for dense
-  ``x <float32>[..., num_inputs]`` the two weight-sized products of the backward pass are done
-  on operands laid out untransposed.
+  Token indices ``<int32>[...]`` keep XLA's gather and scatter-add, which is cheap (and exact:
+  ``precision`` does not apply); for dense ``x <float32>[..., num_inputs]`` the two weight-sized
+  products of the backward pass are done on operands laid out untransposed.
   """
   if jnp.issubdtype(x.dtype, jnp.integer):
     return cells.input_gates(params, x)
-  return _dense(x, params["W_xh"], params["b_xh"])
+  return _dense(precision, x, params["W_xh"], params["b_xh"])
 
 
 def layer_scan_autodiff(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array, carry,
@@ -324,4 +355,4 @@ def layer_scan_autodiff(cell: str, activation: str, unroll: int, W_hh: Array, b_
 
   The same function; kept as the baseline the custom backward pass is measured against.
   """
-  return _forward(_LayerStep(cell, activation), unroll, W_hh, b_hh, carry, gx)
+  return _forward(_LayerStep(cell, activation), unroll, "float32", W_hh, b_hh, carry, gx)

@@ -259,7 +259,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                         title=f"{config.num_layers}-layer {config.cell.upper()}, "
                               f"{config.num_hiddens} hidden units")
   say(f"compile time {compile_seconds:.1f} sec")
-  say(f"perplexity {ppl:.1f}, {speed:.1f} tokens/sec on {summary['device']}")
+  products = "" if config.precision == "float32" else f" ({config.precision} products)"
+  say(f"perplexity {ppl:.1f}, {speed:.1f} tokens/sec on {summary['device']}{products}")
   say(predict(prefix, params))  # the last epoch's: always logged, its state kept
   say(predict(short_prefix, params))
   return summary

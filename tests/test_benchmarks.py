@@ -22,3 +22,12 @@ def test_throughput_benchmark_runs_the_cli_defaults():
   cell, layers, hiddens, batch, steps, max_tokens, _ = tb.CONFIGS["seed"]
   assert (cell, layers, hiddens, batch, steps, max_tokens) == (
       d.cell, d.num_layers, d.num_hiddens, d.batch_size, d.num_steps, d.max_tokens)
+
+
+def test_an_implementation_may_name_its_precision():
+  tb = _throughput()
+  assert tb.split_impl("layerwise:bfloat16") == ("layerwise", "bfloat16")
+  assert tb.split_impl("wavefront") == ("wavefront", "float32")
+  assert tb.runnable("seed", "layerwise:bfloat16") and tb.runnable("seed", "wavefront:bfloat16")
+  assert not tb.runnable("seed", "scan:bfloat16")  # the reference runs float32 only
+  assert not tb.runnable("seed", "layerwise:float16")
