@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/variants.py scan:1,auto:1,res:1,res:5
     CONFIG=wide PYTHONPATH=. python benchmarks/variants.py res:1,res:35,cudnn:1,cudnn:1:hi
 
-Each variant is ``kind:unroll[:hi]``:
+Each variant is ``kind:unroll[:hi|:bf16]``:
 
 * ``scan``: ``RNNLM(impl="scan")``, the chapter's nn.scan reference;
 * ``auto``: layerwise, the recurrence differentiated by XLA (``recurrence.layer_scan_autodiff``);
@@ -17,8 +17,12 @@ Each variant is ``kind:unroll[:hi]``:
 * ``split``: ``res`` with every minibatch's rows split over the CPU cores, one JAX CPU device
   each (``parallel.batch_devices``; the train CLI's default where ``parallel.auto_shards`` says
   so); ``split`` followed by a number (``split2``) asks for that many shards;
+* ``t2d``: ``res`` with the backward's transposed operands as 2-D transposes (``a.T`` behind an
+  optimization barrier, then cast): with ``:bf16``, the first version of the bfloat16 products,
+  which XLA:CPU silently ran in float32 (``recurrence._t``);
 * a trailing ``:hi`` traces the variant under ``jax.default_matmul_precision("highest")`` (full
-  float32 products; without it XLA:GPU and cuDNN may use TF32).
+  float32 products; without it XLA:GPU and cuDNN may use TF32); a trailing ``:bf16`` builds the
+  model with ``precision="bfloat16"`` (bfloat16 operands, float32 accumulation).
 
 All run ``training.make_train_epoch`` on the same epoch arrays, in one process, interleaved
 (``R`` rounds of ``N`` epochs each), each from the same initial parameters. Printed per variant:
@@ -60,6 +64,9 @@ def patched(kind: str, unroll: str):
     if kind == "sliced":
       for name, fn in SLICED.items():
         stack.enter_context(mock.patch.object(cells, name, fn))
+    if kind == "t2d":
+      stack.enter_context(mock.patch.object(recurrence, "_t", lambda a, precision="float32": (
+          jax.lax.optimization_barrier(a.T).astype(recurrence.PRECISIONS[precision]))))
     yield
 
 
@@ -81,7 +88,8 @@ def main():
     context = (lambda: jax.default_matmul_precision("highest")) if prec == ["hi"] else \
         contextlib.nullcontext
     impl = {"scan": "scan", "cudnn": "cudnn", "wave": "wavefront"}.get(kind, "layerwise")
-    model = RNNLM(len(vocab), H, L, cell, impl=impl)
+    model = RNNLM(len(vocab), H, L, cell, impl=impl,
+                  precision="bfloat16" if prec == ["bf16"] else "float32")
     try:
       # The precision is part of jit's cache key: every call runs under it; the patches only
       # matter while tracing, which the first call does.
