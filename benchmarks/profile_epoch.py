@@ -10,6 +10,7 @@ time per epoch, with how often each ran per epoch and, for XLA ops, the HLO line
 tracing itself; compare them with each other, not with the untraced epoch time it also prints.
 The batch is split over the CPU cores as the train CLI splits it (``parallel.batch_devices``;
 ``SHARDS=1`` for one device); with a split, the times are summed over the shards.
+``PRECISION=bfloat16`` profiles the model with bfloat16 products.
 """
 
 import collections
@@ -41,7 +42,8 @@ def main():
   cell, layers, hiddens, batch, steps, max_tokens, _ = CONFIGS[name]
   loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
   Xs, Ys = loader.epoch()
-  model = RNNLM(len(vocab), hiddens, layers, cell)
+  model = RNNLM(len(vocab), hiddens, layers, cell,
+                precision=os.environ.get("PRECISION", "float32"))
   opt = training.make_optimizer(LR, CLIP)
   shards = int(os.environ["SHARDS"]) if os.environ.get("SHARDS") else None
   devices = parallel.batch_devices(batch, hiddens, shards)
