@@ -4,8 +4,8 @@
 #   DEEPRNN_JAX_DATA=<folder with timemachine.txt> PYTHONPATH=. bash benchmarks/gpu_check.sh
 #   SWEEP=1 ...   also the variant sweep (unroll, impl, precision) of benchmarks/variants.py
 # Stages: device info; the fast-path tests at float32 precision; throughput of seed, wide and
-# big-batch (layerwise in float32 and bfloat16, wavefront, cudnn vs PyTorch); the chapter's 500-epoch run cold and then
-# with its compiled programs cached; the model and training tests.
+# big-batch (layerwise in float32 and in bfloat16, wavefront, cudnn vs PyTorch); the chapter's
+# 500-epoch run cold and then with its compiled programs cached; the model and training tests.
 # Every stage has its own `timeout`, and the whole script a deadline (DEADLINE seconds, default
 # 290: under 5 minutes): a stage that would start too late is skipped, a failing stage does not
 # stop the others, and every stage's exit code is reported at the end. Output goes under $OUT
@@ -87,7 +87,7 @@ fi
 IMPLS="${IMPLS:-layerwise,layerwise:bfloat16,wavefront,cudnn}"
 # 20 epochs a repeat: the train CLI's rhythm, two of them read back with their state (throughput.py
 # LOG_EVERY), the others pipelined.
-stage throughput-seed 45 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
+stage throughput-seed 55 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
   --impl "$IMPLS" --repeats 3 --epochs "${SEED_EPOCHS:-20}" --label "$LABEL" \
   --out "$WORK/throughput_seed.json" --append-md "$OUT/BENCHMARKS_gpu.md"
 # The chapter's run as a user starts it: the first time (compiling), then again (its programs
@@ -98,7 +98,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
   stage full-run-wavefront 40 bash -c 'full_run wavefront --impl wavefront'
 fi
 for cfg in wide big-batch; do
-  stage "throughput-$cfg" 40 python benchmarks/throughput.py --device "$DEVICE" --configs "$cfg" \
+  stage "throughput-$cfg" 50 python benchmarks/throughput.py --device "$DEVICE" --configs "$cfg" \
     --impl "$IMPLS" --repeats 3 --epochs 2 --label "$LABEL" \
     --out "$WORK/throughput_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
 done

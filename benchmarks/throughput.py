@@ -428,6 +428,8 @@ def bench_full_run(device, out_dir=None, precision="float32") -> dict:
   p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
   res["jax_wall_s"], res["jax_rc"] = time.perf_counter() - t, p.returncode
   res["jax_tail"] = (p.stdout + p.stderr).strip().splitlines()[-3:]
+  summary = Path(out_dir) / "summary.json"
+  res["jax_summary"] = json.loads(summary.read_text()) if summary.is_file() else None
   t = time.perf_counter()
   p = subprocess.run([sys.executable, "-c", TORCH_FULL_RUN, device], env=env, cwd=ROOT,
                      capture_output=True, text=True)
@@ -498,7 +500,7 @@ def main(argv=None) -> int:
   p.add_argument("--generation", action="store_true", help="also the generation benchmark")
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
   p.add_argument("--full-run-dir", default=None, help="the CLI run's folder (default: a new one)")
-  p.add_argument("--full-run-precision", default="float32",
+  p.add_argument("--full-run-precision", default="float32", choices=("float32", "bfloat16"),
                  help="the train CLI's --precision in the full run (PyTorch's stays float32)")
   p.add_argument("--impl", default="layerwise",
                  help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn, "
@@ -532,6 +534,9 @@ def main(argv=None) -> int:
                       "device_label": args.label or args.device},
              "configs": []}
   impls = [i for i in args.impl.split(",") if i]
+  bad = [i for i in impls if split_impl(i)[1] not in ("float32", "bfloat16")]
+  if bad:
+    p.error(f"unknown precision in {bad}; write layerwise:bfloat16")
 
   def rows():
     for name in names if args.repeats > 0 else []:

@@ -207,7 +207,8 @@ class WavefrontRNN(_Stack):
     if len(layers) == 1 or xs.shape[0] == 1:
       carries, xs = self.layer_by_layer(layers, carries, xs)
     else:
-      gx = recurrence.input_gates(layers[0].weights, xs)  # <float32>[steps, batch, G * hiddens]
+      # <float32>[steps, batch, G * hiddens]
+      gx = recurrence.input_gates(layers[0].weights, xs, self.precision)
       carries, xs = recurrence.wave_scan(self.cell, self.activations, recurrence.default_unroll(),
                                          [layer.weights for layer in layers], carries, gx,
                                          self.precision)

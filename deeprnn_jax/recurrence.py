@@ -305,14 +305,14 @@ def _t(a: Array, precision: str = "float32") -> Array:
   XLA:CPU multiplies a transposed float32 operand ~2.5x slower. For bfloat16 the stakes are
   higher: its bfloat16 products (YNNPACK) take only row-major operands, and a 2-D transpose
   reaches that check as a column-major layout, so XLA would silently do the product in float32
-  (its operand upcaster), optimization barrier or not. The same transpose written in 3-D and
-  reshaped back is row-major there (tests/test_fast_paths.py checks that no product is upcast).
+  (its operand upcaster), optimization barrier or not. The same transpose written in 3-D (a unit
+  axis added) and reshaped back is row-major there (tests/test_precision.py checks that no
+  product of a training epoch is upcast).
   """
   if precision == "float32":
     return jax.lax.optimization_barrier(a.T)
   R, C = a.shape
-  f = next((f for f in range(2, min(R, 64)) if R % f == 0), 1)  # any split of the rows
-  a = a.astype(PRECISIONS[precision]).reshape(f, R // f, C)
+  a = a.astype(PRECISIONS[precision]).reshape(1, R, C)
   return jnp.transpose(a, (2, 0, 1)).reshape(C, R)
 
 

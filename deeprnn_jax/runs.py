@@ -252,6 +252,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
       "wall_seconds": time.perf_counter() - t_start,
       "device": device_name(),
       "shards": len(devices),
+      "precision": config.precision,
       "epochs": config.num_epochs,
   }
   files.atomic_write_json(run_dir / "summary.json", summary)

@@ -53,8 +53,10 @@ def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, cap
   assert all(r["tokens_per_sec"] > 0 and r["seconds"] > 0 for r in rows)
   summary = json.loads((run / "summary.json").read_text())
   assert set(summary) == {"train_perplexity", "valid_perplexity", "tokens_per_sec",
-                          "compile_seconds", "wall_seconds", "device", "shards", "epochs"}
+                          "compile_seconds", "wall_seconds", "device", "shards", "precision",
+                          "epochs"}
   assert summary["epochs"] == 6 and summary["device"] == m.group(3)
+  assert summary["precision"] == "float32"
   assert f"{summary['train_perplexity']:.1f}" == m.group(1)
   assert summary["train_perplexity"] == pytest.approx(rows[-1]["train_perplexity"])
   assert summary["valid_perplexity"] == pytest.approx(rows[-1]["valid_perplexity"])

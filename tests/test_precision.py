@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeprnn_jax import data, recurrence, train, training
+from deeprnn_jax import data, parallel, recurrence, train, training
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
@@ -35,7 +35,9 @@ def _outputs_and_grads(model, params, state, X, R):
     return jnp.sum(logits * R) + sum(jnp.sum(s) for s in jax.tree.leaves(new_state)), \
         (logits, new_state)
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, state)
+  # Full float32 products where float32 is asked for (a GPU would use TF32 by default).
+  with jax.default_matmul_precision("highest"):
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, state)
   return out, grads
 
 
@@ -60,12 +62,14 @@ def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
   assert _relative_error(b16, ref) > 1e-4  # the products were rounded: not float32 in disguise
 
 
-def _epoch_hlo(cell, precision, devices=None):
-  model = RNNLM(VOCAB, HIDDENS, 2, cell, precision=precision)
+def _epoch_hlo(cell, precision, impl="layerwise", devices=None):
+  model = RNNLM(VOCAB, HIDDENS, 2, cell, impl=impl, precision=precision)
   opt = training.make_optimizer(2.0, 1.0)
   ts = training.init_train_state(model, opt, jax.random.PRNGKey(0))
   epoch = training.make_train_epoch(model, opt, devices=devices)
   Xs = jnp.zeros((2, 8, 10), jnp.int32)
+  if devices is not None:
+    ts = parallel.replicate(ts, devices)
   lowered = epoch.lower(ts, Xs, Xs, jax.random.PRNGKey(1))
   return lowered.as_text(), lowered.compile().as_text()
 
@@ -77,16 +81,22 @@ def _upcast_products(compiled_hlo: str) -> list[str]:
           if re.search(r"= f32\[[\d,]*\]\{[\d,]*\} convert\(", line) and "dot_general" in line]
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_the_training_epoch_keeps_its_products_in_bfloat16(cell):
-  lowered, compiled = _epoch_hlo(cell, "bfloat16")
-  # Every product of the two recurrent layers, forward and backward, is asked for in bfloat16:
-  # per layer the step product and its backward and dW_hh, plus layer 2's input projection,
-  # dX and dW_xh.
+@pytest.mark.parametrize("cell,impl,shards", [
+    ("lstm", "layerwise", 1), ("gru", "layerwise", 1), ("rnn", "layerwise", 1),
+    ("lstm", "layerwise", 2), ("gru", "wavefront", 1), ("lstm", "wavefront", 1)])
+def test_the_training_epoch_keeps_its_products_in_bfloat16(cell, impl, shards):
+  # Split over 2 devices as the train CLI does on this CPU (conftest gives the tests 2); a GPU
+  # is never split.
+  devices = parallel.batch_devices(8, HIDDENS, shards) if jax.default_backend() == "cpu" \
+      else None
+  lowered, compiled = _epoch_hlo(cell, "bfloat16", impl, devices)
+  # Every recurrent product, forward and backward, is asked for in bfloat16: layer by layer the
+  # step product, its backward and dW_hh, plus layer 2's input projection, dX and dW_xh (the
+  # wavefront: one step product, its backward and dW).
   bf16_dots = re.findall(r"stablehlo\.dot_general[^\n]*tensor<[^>]*bf16>", lowered)
-  assert len(bf16_dots) >= 9
-  _, compiled32 = _epoch_hlo(cell, "float32")
-  assert "bf16" not in compiled32
+  assert len(bf16_dots) >= (9 if impl == "layerwise" else 3)
+  _, compiled32 = _epoch_hlo(cell, "float32", impl, devices)
+  assert not re.search(r"bf16\[", compiled32)
   if jax.default_backend() == "cpu":
     assert not _upcast_products(compiled), _upcast_products(compiled)[:3]
     assert re.search(r"bf16\[", compiled)
@@ -94,20 +104,19 @@ def test_the_training_epoch_keeps_its_products_in_bfloat16(cell):
 
 def test_the_upcast_detector_sees_a_plain_transposed_bfloat16_product():
   """The check above can fail: a product on a transposed bfloat16 operand, as the first version
-  of ``recurrence._t`` made it, is upcast by XLA:CPU."""
+  of ``recurrence._t`` made it, is upcast by XLA:CPU (jax 0.10)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the operand upcaster checked here is XLA:CPU's")
   f = jax.jit(lambda x, d: jnp.dot(x.T.astype(jnp.bfloat16), d.astype(jnp.bfloat16),
                                    preferred_element_type=jnp.float32))
-  x, d = jnp.ones((64, 16)), jnp.ones((64, 32))
-  compiled = f.lower(x, d).compile().as_text()
-  if jax.default_backend() == "cpu":
-    assert _upcast_products(compiled)
-  # The library's transpose gives the same numbers.
-  np.testing.assert_array_equal(
-      np.asarray(recurrence._t(x, "bfloat16"), np.float32),
-      np.asarray(x.T.astype(jnp.bfloat16), np.float32))
+  compiled = f.lower(jnp.ones((64, 16)), jnp.ones((64, 32))).compile().as_text()
+  if not _upcast_products(compiled):
+    pytest.skip("this XLA:CPU no longer upcasts transposed bfloat16 operands: recurrence._t's "
+                "3-D transpose is no longer needed")
+  assert re.search(r"bf16\[", compiled)
 
 
-@pytest.mark.parametrize("shape", [(35, 8), (7, 3), (1, 5), (67, 2), (4480 // 35, 6)])
+@pytest.mark.parametrize("shape", [(35, 8), (7, 3), (1, 5), (67, 2), (128, 6)])
 def test_the_bfloat16_transpose_is_a_transpose(shape):
   a = jax.random.normal(jax.random.PRNGKey(0), shape)
   t = recurrence._t(a, "bfloat16")
@@ -134,7 +143,7 @@ def test_training_in_bfloat16_follows_the_float32_run(time_machine_path):
   # The model learns in both (perplexity from ~21 in the first epoch to ~16), along one curve.
   for curve in losses.values():
     assert curve[-1] < curve[0] - 0.2
-  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.01)
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-3)
   assert not np.array_equal(losses["bfloat16"], losses["float32"])
 
 
@@ -147,6 +156,7 @@ def test_the_cli_records_the_precision_and_refuses_bad_ones(tmp_path, capsys):
   assert any(re.fullmatch(r"perplexity \d+\.\d, \d+\.\d tokens/sec on \S+ \(bfloat16 products\)",
                           line) for line in out.splitlines()), out
   assert json.loads((run / "config.json").read_text())["precision"] == "bfloat16"
+  assert json.loads((run / "summary.json").read_text())["precision"] == "bfloat16"
   # A bare --resume continues in bfloat16; a flag switches it (the parameters are float32).
   assert train.main(["--resume", "--out", str(run), "--num-epochs", "3"]) == 0
   assert "(bfloat16 products)" in capsys.readouterr()[0]
