@@ -3,6 +3,7 @@
 # Run from the repository root:
 #   DEEPRNN_JAX_DATA=<folder with timemachine.txt> PYTHONPATH=. bash benchmarks/gpu_check.sh
 #   SWEEP=1 ...   also the variant sweep (unroll, impl, precision) of benchmarks/variants.py
+#                 and the chapter's run with the wavefront and with bfloat16 products
 # Stages: device info; the fast-path tests at float32 precision; throughput of seed, wide and
 # big-batch (layerwise in float32 and in bfloat16, wavefront, cudnn vs PyTorch); the chapter's
 # 500-epoch run cold and then with its compiled programs cached; the model and training tests.
@@ -104,6 +105,9 @@ for cfg in wide big-batch; do
 done
 stage tests 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_cells.py \
   tests/test_models.py tests/test_training.py tests/test_parallel.py tests/test_precision.py
+if [ "${SWEEP:-0}" = 1 ]; then  # last: the stage the deadline may drop
+  stage full-run-bfloat16 40 bash -c 'full_run bfloat16 --precision bfloat16'
+fi
 
 echo "=== summary (${SECONDS}s)" | tee -a "$LOG"
 for s in "${SUMMARY[@]}"; do echo "  $s" | tee -a "$LOG"; done
