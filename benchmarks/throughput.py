@@ -60,6 +60,7 @@ CONFIGS = {
 # PyTorch workers import too) does not import JAX.
 LR, CLIP = 2.0, 1.0
 LOG_EVERY = 10  # the train CLI's --log-every: where it reads the parameters back
+PRECISIONS = ("float32", "bfloat16")  # deeprnn_jax.recurrence.PRECISIONS
 
 
 def _data_env():
@@ -494,13 +495,13 @@ def main(argv=None) -> int:
   p.add_argument("--append-md", default=None, help="append a markdown table to this file")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads for the PyTorch loop (0: PyTorch's default)")
-  p.add_argument("--torch-precision", default="float32", choices=("float32", "bfloat16"),
+  p.add_argument("--torch-precision", default="float32", choices=PRECISIONS,
                  help="bfloat16: the PyTorch loop under torch.autocast (its mixed precision)")
   p.add_argument("--label", default=None, help="device label for the table")
   p.add_argument("--generation", action="store_true", help="also the generation benchmark")
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
   p.add_argument("--full-run-dir", default=None, help="the CLI run's folder (default: a new one)")
-  p.add_argument("--full-run-precision", default="float32", choices=("float32", "bfloat16"),
+  p.add_argument("--full-run-precision", default="float32", choices=PRECISIONS,
                  help="the train CLI's --precision in the full run (PyTorch's stays float32)")
   p.add_argument("--impl", default="layerwise",
                  help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn, "
@@ -534,7 +535,7 @@ def main(argv=None) -> int:
                       "device_label": args.label or args.device},
              "configs": []}
   impls = [i for i in args.impl.split(",") if i]
-  bad = [i for i in impls if split_impl(i)[1] not in ("float32", "bfloat16")]
+  bad = [i for i in impls if split_impl(i)[1] not in PRECISIONS]
   if bad:
     p.error(f"unknown precision in {bad}; write layerwise:bfloat16")
 

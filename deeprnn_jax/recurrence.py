@@ -318,8 +318,6 @@ def _t(a: Array, precision: str = "float32") -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dense(precision: str, x: Array, W: Array, b: Array) -> Array:
-  if precision == "float32":
-    return cells.input_gates({"W_xh": W, "b_xh": b}, x)
   return _matmul(x, W, precision) + b
 
 

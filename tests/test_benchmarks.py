@@ -4,6 +4,7 @@ PyTorch workers, which import it, do not import JAX)."""
 import importlib.util
 from pathlib import Path
 
+from deeprnn_jax import recurrence
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.runs import RunOptions
 
@@ -26,6 +27,7 @@ def test_throughput_benchmark_runs_the_cli_defaults():
 
 def test_an_implementation_may_name_its_precision():
   tb = _throughput()
+  assert tb.PRECISIONS == tuple(recurrence.PRECISIONS)
   assert tb.split_impl("layerwise:bfloat16") == ("layerwise", "bfloat16")
   assert tb.split_impl("wavefront") == ("wavefront", "float32")
   assert tb.runnable("seed", "layerwise:bfloat16") and tb.runnable("seed", "wavefront:bfloat16")

@@ -21,6 +21,8 @@ from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
+from test_fast_paths import _loss, _tree_like  # the fast-path tests' projected loss
+
 VOCAB, HIDDENS = 11, 32
 
 
@@ -29,32 +31,26 @@ def _relative_error(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _outputs_and_grads(model, params, state, X, R):
-  def loss(params, state):
-    logits, new_state = model.apply({"params": params}, X, state)
-    return jnp.sum(logits * R) + sum(jnp.sum(s) for s in jax.tree.leaves(new_state)), \
-        (logits, new_state)
-
+def _outputs_and_grads(model, *args):
+  """``(logits, state), (dparams, dstate)`` of ``_loss(model)(params, state, X, R, S)``."""
   # Full float32 products where float32 is asked for (a GPU would use TF32 by default).
   with jax.default_matmul_precision("highest"):
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, state)
+    (_, out), grads = jax.jit(jax.value_and_grad(_loss(model), (0, 1), has_aux=True))(*args)
   return out, grads
 
 
 @pytest.mark.parametrize("impl", ["layerwise", "wavefront"])
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
-  k = jax.random.split(jax.random.PRNGKey(3), 4)
+  k = jax.random.split(jax.random.PRNGKey(3), 5)
   reference = RNNLM(VOCAB, HIDDENS, 2, cell, impl="scan")
   fast32 = RNNLM(VOCAB, HIDDENS, 2, cell, impl=impl)
   fast16 = RNNLM(VOCAB, HIDDENS, 2, cell, impl=impl, precision="bfloat16")
   X = jax.random.randint(k[0], (4, 12), 0, VOCAB)
   params = reference.init(k[1], X)["params"]
-  state = jax.tree.map(lambda s: 0.5 * jax.random.normal(k[2], s.shape), reference.begin_state(4))
-  R = jax.random.normal(k[3], (4, 12, VOCAB))
-  ref = _outputs_and_grads(reference, params, state, X, R)
-  f32 = _outputs_and_grads(fast32, params, state, X, R)
-  b16 = _outputs_and_grads(fast16, params, state, X, R)
+  state = _tree_like(k[2], reference.begin_state(4), 0.5)
+  args = (params, state, X, jax.random.normal(k[3], (4, 12, VOCAB)), _tree_like(k[4], state))
+  ref, f32, b16 = (_outputs_and_grads(m, *args) for m in (reference, fast32, fast16))
   assert _relative_error(f32, ref) < 1e-5
   # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 2e-3 per operand).
   assert _relative_error(b16[0], ref[0]) < 1e-2  # logits and final state
