@@ -12,7 +12,7 @@ the spread), the ratio ours / torch, compile time, and peak memory, separately.
 
 * ours: exactly what the train CLI runs: ``training.make_train_epoch(model, optimizer)`` on
   ``data.sequential_epoch`` arrays of The Time Machine (a new random offset every epoch), run by
-  ``training.EpochPipeline`` (epoch k + 1 dispatched before epoch k's losses are read back; the
+  ``pipeline.EpochPipeline`` (epoch k + 1 dispatched before epoch k's losses are read back; the
   state kept every 10 epochs, where the CLI predicts).
 * torch: d2l's ``train_epoch_ch8``: ``nn.LSTM/GRU/RNN`` on one-hot inputs plus ``nn.Linear``,
   state detached between minibatches, ``clip_grad_norm_``, SGD, ``loss.item()`` per minibatch.
@@ -97,7 +97,7 @@ class JaxRunner:
     if device == "cpu":
       jax.config.update("jax_platforms", "cpu")
     import numpy as np
-    from deeprnn_jax import data, parallel, training
+    from deeprnn_jax import data, parallel, pipeline, training
     from deeprnn_jax.models import RNNLM
     parallel.use_cpu_cores()  # as the train CLI does, before JAX starts
     self.jax, self.np = jax, np
@@ -113,10 +113,10 @@ class JaxRunner:
     self.epoch_fn = training.make_train_epoch(model, opt, use_random_iter=False,
                                               devices=self.devices)
     self.key, self.count = jax.random.PRNGKey(1), 0
-    self.training, self.batch_tokens = training, batch * steps
+    self.training, self.pipeline, self.batch_tokens = training, pipeline, batch * steps
 
   def run(self, epochs: int) -> int:
-    """``epochs`` epochs as the train CLI runs them: through ``training.EpochPipeline``, the
+    """``epochs`` epochs as the train CLI runs them: through ``pipeline.EpochPipeline``, the
     state kept (not dispatched ahead of) every ``LOG_EVERY`` epochs, where the CLI predicts."""
     def items():
       for _ in range(epochs):
@@ -124,7 +124,7 @@ class JaxRunner:
         self.count += 1
         yield self.count, Xs, Ys, self.jax.random.fold_in(self.key, self.count)
 
-    pipeline = self.training.EpochPipeline(self.epoch_fn, lambda n: n % LOG_EVERY == 0)
+    pipeline = self.pipeline.EpochPipeline(self.epoch_fn, lambda n: n % LOG_EVERY == 0)
     tokens = 0
     for done in pipeline.run(self.ts, items()):
       tokens += done.losses.size * self.batch_tokens

@@ -7,15 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from deeprnn_jax.errors import UsageError
-
-EXIT_USAGE = 2  # bad input: files, hyperparameters, checkpoints
-EXIT_DIVERGED = 3  # a non-finite loss stopped training
-
-
-class Diverged(RuntimeError):
-  """Training produced a non-finite loss."""
-
+from deeprnn_jax.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, Diverged,
+                                 UsageError)
 
 CACHE_ENV = "DEEPRNN_JAX_CACHE"
 
@@ -65,4 +58,4 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     return EXIT_DIVERGED
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED

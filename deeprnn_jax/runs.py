@@ -21,9 +21,9 @@ import numpy as np
 
 from deeprnn_jax import checkpoint as ckpt
 from deeprnn_jax import data, files, generate, parallel, plots, training
-from deeprnn_jax.cli import Diverged
 from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.errors import Diverged, UsageError
+from deeprnn_jax.pipeline import EpochPipeline
 
 
 def device_name(device=None) -> str:
@@ -171,7 +171,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
     Xs = jax.ShapeDtypeStruct(shape, jnp.int32)
     compiled[shape] = epoch_fn.lower(state, Xs, Xs, train_key).compile()
   compile_seconds = time.perf_counter() - t
-  pipeline = training.EpochPipeline(lambda s, Xs, Ys, key: compiled[Xs.shape](s, Xs, Ys, key),
+  pipeline = EpochPipeline(lambda s, Xs, Ys, key: compiled[Xs.shape](s, Xs, Ys, key),
                                     needs_state)
 
   show_bar = options.progress if options.progress is not None else err.isatty()

@@ -2,18 +2,14 @@
 
 The hot path is :func:`make_train_epoch`: one jitted call runs every minibatch of an epoch under
 ``lax.scan`` with the parameters and optimiser state donated, and returns the per-minibatch losses
-with no host sync in between. :class:`EpochPipeline` runs such epochs back to back with the one
-host sync per epoch overlapped by the next epoch's compute.
+with no host sync in between (:mod:`deeprnn_jax.pipeline` runs such epochs back to back).
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
 import math
-import time
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,106 +136,6 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
                           # VJPs would have to annotate) guards nothing here.
                           check_vma=False)
   return jax.jit(epoch, donate_argnums=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class FinishedEpoch:
-  """One epoch's results, as :meth:`EpochPipeline.run` hands them out.
-
-  Attributes:
-    tag: what the epoch's item carried (an epoch number, say).
-    losses: ``<float32>[num_batches]`` on the host.
-    seconds: the epoch's share of the wall time: from when the device could start it (its
-      dispatch, or the previous epoch's end if later) to when its losses were read.
-    state: the train state after the epoch, or ``None`` where it was donated to the next epoch
-      (the pipeline keeps it only where ``needs_state`` asks, and for the last epoch).
-  """
-
-  tag: Any
-  losses: np.ndarray
-  seconds: float
-  state: TrainState | None
-
-
-def _deleted(tree) -> bool:
-  return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
-
-
-class EpochPipeline:
-  """Runs jitted epochs back to back, keeping the device busy.
-
-  Epoch ``k + 1`` is dispatched before epoch ``k``'s losses are read back, so that the host sync
-  and the host's work between epochs (the next minibatches, logging) overlap the next epoch's
-  compute. The train state is donated to every epoch, so epoch ``k``'s state only survives where
-  ``needs_state(tag)`` asks for it (for predictions or a checkpoint): the pipeline then waits for
-  epoch ``k``, hands its state out, and dispatches epoch ``k + 1`` when the caller asks for the
-  next result. A state handed out is valid until then.
-
-  A non-finite loss is therefore seen on the host after the next epoch has been dispatched on the
-  diverged parameters; the caller checks ``losses`` first and drops the pipeline.
-
-  Args:
-    epoch_fn: ``(state, Xs, Ys, key) -> (state, losses)``, as :func:`make_train_epoch` returns.
-    needs_state: ``tag -> bool``; by default no epoch's state is kept but the last one's.
-  """
-
-  def __init__(self, epoch_fn: Callable, needs_state: Callable[[Any], bool] = lambda tag: False):
-    self._epoch_fn, self._needs_state = epoch_fn, needs_state
-    # Dispatched, not yet handed out, oldest first: [tag, state, device losses, dispatch time].
-    self._queue: collections.deque = collections.deque()
-    self._last: FinishedEpoch | None = None
-    self._last_entry = None
-    self._last_done = -math.inf
-
-  def _dispatch(self, item, state) -> bool:
-    if item is None:
-      return False
-    tag, Xs, Ys, key = item
-    t = time.perf_counter()
-    new_state, losses = self._epoch_fn(state, Xs, Ys, key)
-    self._queue.append([tag, new_state, losses, t])
-    return True
-
-  def _finish(self, entry) -> FinishedEpoch:
-    tag, state, losses, t = entry
-    losses = np.asarray(losses)  # waits for the epoch
-    now = time.perf_counter()
-    done = FinishedEpoch(tag, losses, now - max(t, self._last_done), state)
-    self._last_done = now
-    return done
-
-  def run(self, state: TrainState, items: Iterable) -> Iterator[FinishedEpoch]:
-    """Trains ``state`` (donated) on ``items``, each ``(tag, Xs, Ys, key)``; yields every epoch.
-
-    ``items`` is read one item ahead of the epoch being handed out, so whatever it does (loading
-    the next minibatches) overlaps the device's work; it should not compile (that time would
-    count as the running epoch's).
-    """
-    items = iter(items)
-    self._dispatch(next(items, None), state)
-    while self._queue:
-      entry = self._queue[0]
-      if not self._needs_state(entry[0]) and self._dispatch(next(items, None), entry[1]):
-        entry[1] = None  # donated to the next epoch
-      done = self._finish(entry)
-      self._last, self._last_entry = done, entry
-      self._queue.popleft()  # only now: an interrupt while waiting leaves it for drain()
-      yield done
-      if done.state is not None:
-        self._dispatch(next(items, None), done.state)
-
-  def drain(self) -> list[FinishedEpoch]:
-    """After an interrupt: the epoch last handed out, then every epoch dispatched since (each
-    waited for), oldest first; a state donated since is ``None``. What the caller may still
-    record and save."""
-    out = [self._last] if self._last is not None else []
-    if self._queue and self._queue[0] is self._last_entry:  # interrupted before its popleft
-      self._queue.popleft()
-    while self._queue:
-      out.append(self._finish(self._queue[0]))
-      self._queue.popleft()
-    return [dataclasses.replace(f, state=None) if f.state is not None and _deleted(f.state) else f
-            for f in out]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -368,12 +368,12 @@ def test_interrupt_saves_the_newest_finished_epoch_and_its_metrics(tmp_path, mon
 
 
 def test_interrupt_before_anything_finished_saves_nothing(tmp_path, monkeypatch, capsys):
-  from deeprnn_jax import training
+  from deeprnn_jax import pipeline
 
   def interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(training.EpochPipeline, "run", interrupt)
+  monkeypatch.setattr(pipeline.EpochPipeline, "run", interrupt)
   code = train.main(SMALL + ["--num-epochs", "3", "--quiet", "--out", str(tmp_path / "run")])
   assert code == 130
   assert not (tmp_path / "run" / "checkpoint.msgpack").exists()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeprnn_jax import data, generate, training
+from deeprnn_jax import data, generate, pipeline, training
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
@@ -101,8 +101,8 @@ def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for(
     state, losses = epoch_fn(state, Xs, Ys, key)
     expected.append((np.asarray(losses), jax.device_get(state.params)))
 
-  pipeline = training.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 2)
-  done = list(pipeline.run(ts, _epoch_items(5)))
+  pipe = pipeline.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 2)
+  done = list(pipe.run(ts, _epoch_items(5)))
   assert [f.tag for f in done] == [0, 1, 2, 3, 4]
   for f, (losses, params) in zip(done, expected):
     np.testing.assert_array_equal(f.losses, losses)
@@ -110,16 +110,16 @@ def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for(
   # Epoch 2 was asked for and the last one is not donated to anything; the others were.
   assert [f.state is not None for f in done] == [False, False, True, False, True]
   chex.assert_trees_all_equal(jax.device_get(done[4].state.params), expected[4][1])
-  assert training._deleted(done[2].state)  # handed on to epoch 3 once the caller moved on
+  assert pipeline._deleted(done[2].state)  # handed on to epoch 3 once the caller moved on
 
 
 def test_epoch_pipeline_reads_one_item_ahead_unless_the_state_is_needed():
   model, opt, ts = _setup(layers=1)
   epoch_fn = training.make_train_epoch(model, opt)
   produced = []
-  pipeline = training.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 1)
+  pipe = pipeline.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 1)
   seen = []
-  for f in pipeline.run(ts, _epoch_items(4, log=produced)):
+  for f in pipe.run(ts, _epoch_items(4, log=produced)):
     seen.append((f.tag, len(produced)))
     if f.tag == 1:
       chex.assert_tree_all_finite(f.state.params)  # usable before the next epoch starts
@@ -130,15 +130,15 @@ def test_epoch_pipeline_reads_one_item_ahead_unless_the_state_is_needed():
 
 def test_epoch_pipeline_drain_returns_the_epoch_in_flight_with_its_state():
   model, opt, ts = _setup(layers=1)
-  pipeline = training.EpochPipeline(training.make_train_epoch(model, opt))
-  run = pipeline.run(ts, _epoch_items(3))
+  pipe = pipeline.EpochPipeline(training.make_train_epoch(model, opt))
+  run = pipe.run(ts, _epoch_items(3))
   first = next(run)  # epoch 1 is in flight now, holding the state
   assert first.tag == 0 and first.state is None
-  drained = pipeline.drain()
+  drained = pipe.drain()
   assert [f.tag for f in drained] == [0, 1]
   assert drained[0].state is None and drained[1].state is not None
   chex.assert_tree_all_finite(drained[1].state.params)
-  assert pipeline.drain() == [drained[0]]  # nothing in flight any more
+  assert pipe.drain() == [drained[0]]  # nothing in flight any more
 
 
 class _Losses:
@@ -160,19 +160,19 @@ def test_epoch_pipeline_interrupted_while_waiting_loses_no_epoch(kept):
     return state + 1, _Losses(float(key), interrupt=key == 2)
 
   items = ((k, None, None, k) for k in range(6))
-  pipeline = training.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == kept)
+  pipe = pipeline.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == kept)
   handed = []
   with pytest.raises(KeyboardInterrupt):
-    for f in pipeline.run(jnp.zeros(()), items):
+    for f in pipe.run(jnp.zeros(()), items):
       handed.append(f.tag)
   assert handed == [0, 1]
-  drained = pipeline.drain()
+  drained = pipe.drain()
   tags = [f.tag for f in drained]
   assert tags == ([1, 2] if kept == 2 else [1, 2, 3])  # epoch 2 kept: nothing dispatched after
   assert [float(f.losses[0]) for f in drained] == tags
   assert drained[-1].state is not None and int(drained[-1].state) == tags[-1] + 1
   assert all(f.state is None for f in drained[:-1])
-  assert [f.tag for f in pipeline.drain()] == [1]  # nothing left in flight
+  assert [f.tag for f in pipe.drain()] == [1]  # nothing left in flight
 
 
 def test_sequential_epoch_carries_state_and_random_does_not():
