@@ -297,11 +297,11 @@ class Worker:
 
 def runnable(name: str, impl: str) -> bool:
   """Whether ``impl`` can run config ``name`` (``cudnn`` is for LSTMs only, for one)."""
+  from deeprnn_jax import validate
   from deeprnn_jax.errors import UsageError
-  from deeprnn_jax.models import check_model_args
   cell, layers, hiddens = CONFIGS[name][:3]
   try:
-    check_model_args(28, hiddens, layers, cell, "tanh", 0.0, *split_impl(impl))
+    validate.model(28, hiddens, layers, cell, "tanh", 0.0, *split_impl(impl))
   except UsageError:
     return False
   return True

@@ -53,11 +53,10 @@ SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_
 
 
 @contextlib.contextmanager
-def patched(kind: str, unroll: str):
+def patched(kind: str):
   """The library as variant ``kind`` traces it (the functions it swaps are looked up at trace
   time), restored afterwards."""
   with contextlib.ExitStack() as stack:
-    stack.enter_context(mock.patch.dict(os.environ, {"DEEPRNN_JAX_UNROLL": unroll}))
     if kind == "auto":
       stack.enter_context(mock.patch.object(recurrence, "layer_scan",
                                             recurrence.layer_scan_autodiff))
@@ -89,11 +88,11 @@ def main():
         contextlib.nullcontext
     impl = {"scan": "scan", "cudnn": "cudnn", "wave": "wavefront"}.get(kind, "layerwise")
     model = RNNLM(len(vocab), H, L, cell, impl=impl,
-                  precision="bfloat16" if prec == ["bf16"] else "float32")
+                  precision="bfloat16" if prec == ["bf16"] else "float32", unroll=int(unroll))
     try:
       # The precision is part of jit's cache key: every call runs under it; the patches only
       # matter while tracing, which the first call does.
-      with patched(kind, unroll), context():
+      with patched(kind), context():
         devices = jax.devices()[:1]
         if kind.startswith("split"):
           devices = parallel.batch_devices(B, H, int(kind[5:]) if kind[5:] else None)

@@ -23,17 +23,27 @@ convert both ways exactly and the GRU's ``b_hn`` can sit inside ``r ⊙ (·)`` a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from deeprnn_jax import validate
+from deeprnn_jax.validate import Activation, Cell as CellName
 
 Array = jax.Array
 Carry = Any  # <float32>[batch, hiddens] for RNN and GRU, a pair (H, C) of those for LSTM.
 
 NUM_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+assert tuple(NUM_GATES) == validate.CELLS and tuple(ACTIVATIONS) == validate.ACTIVATIONS
+
+
+def torch_uniform(num_hiddens: int) -> Callable[[Array, tuple[int, ...]], Array]:
+  """PyTorch's initialiser for recurrent layers and d2l's output layer: ``U(±1/√num_hiddens)``."""
+  bound = 1.0 / num_hiddens**0.5
+  return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def input_gates(params: dict, x: Array) -> Array:
@@ -177,9 +187,8 @@ def step(cell: str, params: dict, carry: Carry, gx: Array, activation: str = "ta
     return rnn_step(params, carry, gx, activation)
   if cell == "gru":
     return gru_step(params, carry, gx)
-  if cell == "lstm":
-    return lstm_step(params, carry, gx)
-  raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(NUM_GATES)}")
+  validate.cell(cell)
+  return lstm_step(params, carry, gx)
 
 
 class Cell(nn.Module):
@@ -195,15 +204,14 @@ class Cell(nn.Module):
     activation: φ for the RNN, ``"tanh"`` or ``"relu"``; ignored by GRU and LSTM.
   """
 
-  cell: str
+  cell: CellName
   num_inputs: int
   num_hiddens: int
-  activation: str = "tanh"
+  activation: Activation = "tanh"
 
   def setup(self):
     width = NUM_GATES[self.cell] * self.num_hiddens
-    bound = 1.0 / self.num_hiddens**0.5
-    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    init = torch_uniform(self.num_hiddens)
     self.W_xh = self.param("W_xh", init, (self.num_inputs, width))
     self.W_hh = self.param("W_hh", init, (self.num_hiddens, width))
     self.b_xh = self.param("b_xh", init, (width,))

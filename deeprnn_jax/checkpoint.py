@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 from deeprnn_jax.config import MODEL_FIELDS, TrainConfig
-from deeprnn_jax.data import Vocab
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.files import atomic_write_bytes
+from deeprnn_jax.vocab import Vocab
 
 FILENAME = "checkpoint.msgpack"
 FORMAT = 1

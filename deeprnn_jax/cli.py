@@ -39,11 +39,16 @@ def enable_compile_cache() -> None:
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
-        prog: str = "deeprnn_jax") -> int:
-  """Runs ``main(argv)``, turning the project's errors into one stderr line and an exit code."""
+        prog: str = "deeprnn_jax", cpu_cores: bool = True) -> int:
+  """Runs ``main(argv)``, turning the project's errors into one stderr line and an exit code.
+
+  ``cpu_cores``: give JAX one CPU device per core first (``parallel.use_cpu_cores``), for the
+  commands that train or predict; a command that only converts files leaves JAX as it is.
+  """
   enable_compile_cache()
-  from deeprnn_jax import parallel
-  parallel.use_cpu_cores()  # before JAX starts: a CPU run may split its batches over the cores
+  if cpu_cores:
+    from deeprnn_jax import parallel
+    parallel.use_cpu_cores()  # before JAX starts: a CPU run may split its batches over the cores
   try:
     return int(main(argv) or 0)
   except UsageError as e:

@@ -1,14 +1,16 @@
-"""The run configuration: one frozen dataclass, the chapter's run as its defaults."""
+"""The run configuration: one frozen dataclass, the chapter's run as its defaults.
+
+Plain data: it imports nothing of the training stack, so a configuration can be built, checked
+and saved before JAX starts. ``models.from_config`` builds its model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from deeprnn_jax import cudnn
-from deeprnn_jax.data import CLEANINGS, check_valid_fraction
+from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM, check_model_args
-from deeprnn_jax.training import make_optimizer
+from deeprnn_jax.validate import Activation, Cell, Cleaning, Impl, Optimizer, Precision
 
 
 def parse_activation(text: str) -> str | tuple[str, ...]:
@@ -25,10 +27,10 @@ MODEL_FIELDS = ("cell", "num_layers", "num_hiddens", "activation")
 class TrainConfig:
   """Everything that determines a training run. Defaults reproduce d2l's chapter."""
 
-  cell: str = "lstm"
+  cell: Cell = "lstm"
   num_layers: int = 2
   num_hiddens: int = 256
-  activation: str | tuple[str, ...] = "tanh"
+  activation: Activation | tuple[Activation, ...] = "tanh"
   dropout: float = 0.0
   batch_size: int = 32
   num_steps: int = 35
@@ -39,33 +41,28 @@ class TrainConfig:
   use_random_iter: bool = False
   seed: int = 0
   corpus: str = "timemachine.txt"
-  clean: str = "d2l"
+  clean: Cleaning = "d2l"
   valid_fraction: float = 0.0
-  optimizer: str = "sgd"
-  impl: str = "layerwise"
-  precision: str = "float32"
+  optimizer: Optimizer = "sgd"
+  impl: Impl = "layerwise"
+  precision: Precision = "float32"
+  unroll: int | None = None  # lax.scan unroll of the recurrence; None: the backend's default
 
   def validate(self) -> "TrainConfig":
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""
-    check_model_args(1, self.num_hiddens, self.num_layers, self.cell, self.activation,
-                     self.dropout, self.impl, self.precision)
-    if self.impl == "cudnn" and not cudnn.has_gpu():
-      raise UsageError("impl 'cudnn' needs a CUDA GPU (JAX sees none here); use impl 'layerwise'")
+    validate.model(1, self.num_hiddens, self.num_layers, self.cell, self.activation,
+                   self.dropout, self.impl, self.precision, self.unroll)
     for name in ("batch_size", "num_steps", "num_epochs"):
-      value = getattr(self, name)
-      if int(value) != value or value < 1:
-        raise UsageError(f"{name.replace('_', ' ')} must be a positive integer, got {value}")
-    make_optimizer(self.lr, self.clip, self.optimizer)  # Checks lr, clip and the name.
+      validate.positive_int(name.replace("_", " "), getattr(self, name))
+    validate.optimizer(self.lr, self.clip, self.optimizer)
     if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
       raise UsageError(f"seed must be an integer in [0, 2**32), got {self.seed}")
-    if self.clean not in CLEANINGS:
-      raise UsageError(f"unknown cleaning {self.clean!r}; choose one of {CLEANINGS}")
-    check_valid_fraction(self.valid_fraction)
+    if int(self.max_tokens) != self.max_tokens or self.max_tokens == 0 or self.max_tokens < -1:
+      raise UsageError(f"max tokens must be a positive integer, or -1 for the whole corpus, "
+                       f"got {self.max_tokens}")
+    validate.one_of("cleaning", self.clean, validate.CLEANINGS)
+    validate.fraction("valid fraction", self.valid_fraction)
     return self
-
-  def model(self, vocab_size: int) -> RNNLM:
-    return RNNLM(vocab_size, self.num_hiddens, self.num_layers, self.cell, self.activation,
-                 self.dropout, self.impl, self.precision)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)

@@ -184,7 +184,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return cli.run(_main, argv, prog=PROG)
+  return cli.run(_main, argv, prog=PROG, cpu_cores=False)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import rnn
 
+from deeprnn_jax.errors import UsageError
+
 Array = jax.Array
 
 
@@ -29,6 +31,12 @@ def has_gpu() -> bool:
   MIOpen on ROCm). Asked at trace time: under ``jax.default_device(cpu)`` on a GPU machine,
   ``impl="cudnn"`` would still choose the GPU kernel and fail to lower."""
   return jax.default_backend() == "gpu"
+
+
+def check_available(impl: str) -> None:
+  """Refuses ``impl="cudnn"`` for training where JAX sees no GPU (the reference is slow)."""
+  if impl == "cudnn" and not has_gpu():
+    raise UsageError("impl 'cudnn' needs a CUDA GPU (JAX sees none here); use impl 'layerwise'")
 
 
 def pack_lstm_weights(layers: Sequence[dict]) -> Array:

@@ -1,144 +1,24 @@
-"""Corpora, vocabulary and minibatch iterators with d2l's semantics.
+"""d2l's input pipeline: cleaning, tokens, the corpus as indices, and minibatch iterators.
 
 Everything here mirrors ``d2l/torch.py`` (classic edition) so that a corpus, a vocabulary and a
 sequence of minibatches built here are the ones d2l builds, except that randomness comes from an
-explicit ``numpy.random.Generator`` instead of Python's global ``random`` module.
-
-Corpus files are found, in order: an explicit path; ``$DEEPRNN_JAX_DATA/<name>``;
-``data/<name>`` under the working directory; else they are downloaded into ``data/`` and checked
-against their SHA-1.
+explicit ``numpy.random.Generator`` instead of Python's global ``random`` module. Finding and
+reading the files is :mod:`deeprnn_jax.corpora`'s; the vocabulary is :mod:`deeprnn_jax.vocab`'s.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import hashlib
 import io
 import os
 import re
-import urllib.request
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.files import atomic_write_bytes
-
-DATA_ENV = "DEEPRNN_JAX_DATA"
-CLEANINGS = ("d2l", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """A public corpus the project knows how to fetch and verify."""
-
-  name: str
-  url: str
-  sha1: str
-  size: int
-
-
-DATASETS = {
-    d.name: d
-    for d in (
-        Dataset(
-            "timemachine.txt",
-            "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
-            "090b5e7e70c295757f55df93cb0a180b9691891a",
-            178979,
-        ),
-        Dataset(
-            "tinyshakespeare.txt",
-            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-            "tinyshakespeare/input.txt",
-            "04486597058d11dcc2c556b1d0433891eb639d2e",
-            1115394,
-        ),
-    )
-}
-
-
-class DataError(UsageError):
-  """A corpus that cannot be found, read, decoded or used as asked."""
-
-
-# --------------------------------------------------------------------------------------------
-# Finding and reading files.
-
-
-def _sha1(path: Path) -> str:
-  return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
-def _download(dataset: Dataset, dest: Path) -> None:
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  with urllib.request.urlopen(dataset.url, timeout=30) as response:
-    payload = response.read()
-  digest = hashlib.sha1(payload).hexdigest()
-  if digest != dataset.sha1:
-    raise DataError(
-        f"downloaded {dataset.name} has SHA-1 {digest}, expected {dataset.sha1}"
-    )
-  atomic_write_bytes(dest, payload)
-
-
-def resolve_corpus(name: str | os.PathLike, download: bool = True) -> Path:
-  """Returns the path of a corpus file, downloading a known one if it is nowhere local.
-
-  Args:
-    name: a path to an existing file, or the name of a known dataset (``timemachine.txt``,
-      ``tinyshakespeare.txt``).
-    download: whether a known dataset that is found nowhere may be downloaded into ``data/``.
-  """
-  path = Path(name)
-  if path.is_file():
-    return path
-  key = path.name
-  if key not in DATASETS or path.parent != Path("."):
-    raise DataError(f"corpus file not found: {name}")
-  candidates = []
-  if os.environ.get(DATA_ENV):
-    candidates.append(Path(os.environ[DATA_ENV]) / key)
-  candidates.append(Path("data") / key)
-  for candidate in candidates:
-    if candidate.is_file():
-      return candidate
-  dataset = DATASETS[key]
-  dest = Path("data") / key
-  ways = (
-      f"pass its path, put it in ${DATA_ENV}/{key}, or place it at data/{key} "
-      f"(source: {dataset.url}, SHA-1 {dataset.sha1})"
-  )
-  if not download:
-    raise DataError(f"{key} not found locally; {ways}")
-  try:
-    _download(dataset, dest)
-  except DataError as e:
-    raise DataError(f"{e}; {ways}") from None
-  except OSError as e:
-    raise DataError(f"could not download {key} ({e}); {ways}") from None
-  return dest
-
-
-def read_text(path: str | os.PathLike) -> str:
-  """Reads a whole UTF-8 file, with a clear error for missing, unreadable or non-UTF-8 files."""
-  path = Path(path)
-  try:
-    raw = path.read_bytes()
-  except FileNotFoundError:
-    raise DataError(f"corpus file not found: {path}") from None
-  except IsADirectoryError:
-    raise DataError(f"corpus path is a directory, not a file: {path}") from None
-  except OSError as e:
-    raise DataError(f"cannot read corpus file {path}: {e.strerror or e}") from None
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(
-        f"{path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}"
-    ) from None
+from deeprnn_jax import validate
+from deeprnn_jax.corpora import read_text, resolve_corpus
+from deeprnn_jax.errors import DataError
+from deeprnn_jax.vocab import Vocab
 
 
 def _readlines(text: str) -> list[str]:
@@ -156,9 +36,8 @@ def read_lines(path: str | os.PathLike, clean: str = "d2l") -> list[str]:
   text = read_text(path)
   if clean == "d2l":
     return [clean_line(line) for line in _readlines(text)]
-  if clean == "none":
-    return _readlines(text)
-  raise DataError(f"unknown cleaning {clean!r}; choose one of {CLEANINGS}")
+  validate.one_of("cleaning", clean, validate.CLEANINGS)
+  return _readlines(text)
 
 
 def read_time_machine() -> list[str]:
@@ -173,76 +52,6 @@ def tokenize(lines: Sequence[str], token: str = "char") -> list[list[str]]:
   if token == "char":
     return [list(line) for line in lines]
   raise DataError(f"unknown token type {token!r}; choose 'char' or 'word'")
-
-
-# --------------------------------------------------------------------------------------------
-# Vocabulary.
-
-
-def count_corpus(tokens) -> collections.Counter:
-  """Counts tokens in a flat list or a list of token lists."""
-  if len(tokens) == 0 or isinstance(tokens[0], list):
-    tokens = [token for line in tokens for token in line]
-  return collections.Counter(tokens)
-
-
-class Vocab:
-  """Token <-> index maps: ``<unk>`` at 0, reserved tokens, then tokens by descending count.
-
-  Ties keep the order of first appearance, as d2l's stable sort of a ``Counter`` does.
-  """
-
-  def __init__(self, tokens=None, min_freq: int = 0, reserved_tokens=None):
-    tokens = [] if tokens is None else tokens
-    reserved_tokens = [] if reserved_tokens is None else list(reserved_tokens)
-    counter = count_corpus(tokens)
-    self._token_freqs = sorted(counter.items(), key=lambda x: x[1], reverse=True)
-    self.idx_to_token = ["<unk>"] + reserved_tokens
-    self.token_to_idx = {token: idx for idx, token in enumerate(self.idx_to_token)}
-    for token, freq in self._token_freqs:
-      if freq < min_freq:
-        break
-      if token not in self.token_to_idx:
-        self.idx_to_token.append(token)
-        self.token_to_idx[token] = len(self.idx_to_token) - 1
-
-  def __len__(self) -> int:
-    return len(self.idx_to_token)
-
-  def __getitem__(self, tokens):
-    if not isinstance(tokens, (list, tuple)):
-      return self.token_to_idx.get(tokens, self.unk)
-    return [self.__getitem__(token) for token in tokens]
-
-  def to_tokens(self, indices):
-    if not isinstance(indices, (list, tuple)):
-      return self.idx_to_token[int(indices)]
-    return [self.idx_to_token[int(index)] for index in indices]
-
-  @property
-  def unk(self) -> int:
-    return 0
-
-  @property
-  def token_freqs(self) -> list[tuple[str, int]]:
-    return self._token_freqs
-
-  def to_json(self) -> list[str]:
-    return list(self.idx_to_token)
-
-  @classmethod
-  def from_tokens_list(cls, idx_to_token: Sequence[str]) -> "Vocab":
-    """Rebuilds a vocabulary from its ``idx_to_token`` list (as saved in a checkpoint)."""
-    if not idx_to_token or idx_to_token[0] != "<unk>":
-      raise DataError("a saved vocabulary must start with '<unk>'")
-    vocab = cls()
-    vocab.idx_to_token = list(idx_to_token)
-    vocab.token_to_idx = {t: i for i, t in enumerate(vocab.idx_to_token)}
-    return vocab
-
-
-# --------------------------------------------------------------------------------------------
-# Corpora.
 
 
 def load_corpus(
@@ -276,20 +85,11 @@ def load_corpus_time_machine(max_tokens: int = -1) -> tuple[np.ndarray, Vocab]:
   return load_corpus("timemachine.txt", token="char", clean="d2l", max_tokens=max_tokens)
 
 
-def check_valid_fraction(valid_fraction: float) -> None:
-  if not 0.0 <= valid_fraction < 1.0:
-    raise DataError(f"valid fraction must be in [0, 1), got {valid_fraction}")
-
-
 def split_corpus(corpus: np.ndarray, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """Splits off the contiguous tail ``valid_fraction`` of a corpus for validation."""
-  check_valid_fraction(valid_fraction)
+  validate.fraction("valid fraction", valid_fraction)
   num_valid = int(round(len(corpus) * valid_fraction))
   return corpus[: len(corpus) - num_valid], corpus[len(corpus) - num_valid :]
-
-
-# --------------------------------------------------------------------------------------------
-# Minibatches.
 
 
 def min_corpus_tokens(batch_size: int, num_steps: int, use_random_iter: bool = False) -> int:
@@ -302,8 +102,8 @@ def min_corpus_tokens(batch_size: int, num_steps: int, use_random_iter: bool = F
 def check_corpus_size(
     corpus: np.ndarray, batch_size: int, num_steps: int, use_random_iter: bool = False
 ) -> None:
-  if batch_size < 1 or num_steps < 1:
-    raise DataError(f"batch size and steps must be >= 1, got {batch_size} and {num_steps}")
+  validate.positive_int("batch size", batch_size)
+  validate.positive_int("number of steps", num_steps)
   need = min_corpus_tokens(batch_size, num_steps, use_random_iter)
   if len(corpus) < need:
     raise DataError(

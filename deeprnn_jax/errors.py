@@ -17,5 +17,9 @@ class UsageError(ValueError):
   """
 
 
+class DataError(UsageError):
+  """A corpus that cannot be found, read, decoded or used as asked."""
+
+
 class Diverged(RuntimeError):
   """Training produced a non-finite loss; the command-line tools exit with :data:`EXIT_DIVERGED`."""

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deeprnn_jax import cells
+from deeprnn_jax import cells, validate
 from deeprnn_jax.errors import UsageError
 
 RNN_PREFIX = "rnn."
@@ -74,11 +74,8 @@ def to_numpy(value, key: str = "value") -> np.ndarray:
 
 
 def _check_cell(cell: str, num_layers) -> int:
-  if cell not in cells.NUM_GATES:
-    raise UsageError(f"unknown cell {cell!r}; choose one of {sorted(cells.NUM_GATES)}")
-  if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < 1:
-    raise UsageError(f"number of layers must be a positive integer, got {num_layers}")
-  return cells.NUM_GATES[cell]
+  validate.positive_int("number of layers", num_layers)
+  return cells.NUM_GATES[validate.cell(cell)]
 
 
 def _cell_guess(rows: int, cols: int) -> str:

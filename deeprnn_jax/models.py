@@ -31,58 +31,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import cells, cudnn, recurrence
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax import cells, cudnn, recurrence, validate
+from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.validate import Activation, Cell, Impl, Precision, layer_activations
 
 Array = jax.Array
-IMPLS = ("scan", "layerwise", "wavefront", "cudnn")
-
-
-def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
-  """φ_l for each layer: one name for all layers, or a sequence of ``num_layers`` names."""
-  names = (activation,) * num_layers if isinstance(activation, str) else tuple(activation)
-  if len(names) != num_layers:
-    raise UsageError(f"got {len(names)} activations for {num_layers} layers")
-  for name in names:
-    if name not in cells.ACTIVATIONS:
-      raise UsageError(f"unknown activation {name!r}; choose one of {sorted(cells.ACTIVATIONS)}")
-  return names
-
-
-def check_model_args(
-    vocab_size: int, num_hiddens: int, num_layers: int, cell: str, activation, dropout: float,
-    impl: str = "layerwise", precision: str = "float32",
-) -> None:
-  """Raises :class:`UsageError` for hyperparameters no model can have."""
-  if cell not in cells.NUM_GATES:
-    raise UsageError(f"unknown cell {cell!r}; choose one of {sorted(cells.NUM_GATES)}")
-  for name, value in (("vocab size", vocab_size), ("hidden units", num_hiddens),
-                      ("layers", num_layers)):
-    if int(value) != value or value < 1:
-      raise UsageError(f"number of {name} must be a positive integer, got {value}")
-  names = layer_activations(activation, num_layers)
-  if cell != "rnn" and set(names) != {"tanh"}:
-    raise UsageError(f"the activation is the RNN's φ; a {cell.upper()} has its own gate "
-                     f"nonlinearities (got {activation!r})")
-  if not 0.0 <= dropout < 1.0:
-    raise UsageError(f"dropout must be in [0, 1), got {dropout}")
-  if impl not in IMPLS:
-    raise UsageError(f"unknown impl {impl!r}; choose one of {IMPLS}")
-  dropped = dropout > 0.0 and num_layers > 1  # one layer has nowhere to drop
-  if impl == "cudnn" and (cell != "lstm" or dropped):
-    raise UsageError(f"impl 'cudnn' runs LSTMs without dropout (got cell {cell!r}, "
-                     f"dropout {dropout}); use impl 'layerwise'")
-  if impl == "wavefront" and dropped:
-    raise UsageError(f"impl 'wavefront' runs without dropout (got {dropout}); use impl "
-                     "'layerwise'")
-  if precision not in recurrence.PRECISIONS:
-    raise UsageError(f"unknown precision {precision!r}; choose one of "
-                     f"{tuple(recurrence.PRECISIONS)}")
-  if precision != "float32" and impl not in ("layerwise", "wavefront"):
-    raise UsageError(f"precision {precision!r} is for impl 'layerwise' or 'wavefront' (got "
-                     f"{impl!r}: the reference and cuDNN run float32)")
-
-
 def _time_major(inputs: Array) -> Array:
   """``<int32>[batch, steps]`` or ``<float32>[batch, steps, n]`` with time first, for lax.scan."""
   return inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
@@ -114,15 +67,17 @@ class _Stack(nn.Module):
     dropout: drop probability between layers.
     deterministic: ``False`` applies dropout (needs a ``"dropout"`` PRNG key).
     precision: operand type of the fast paths' products (``recurrence.PRECISIONS``).
+    unroll: ``lax.scan`` unroll factor of the fast paths' recurrence.
   """
 
-  cell: str
+  cell: Cell
   num_inputs: int
   num_hiddens: int
-  activations: tuple[str, ...]
+  activations: tuple[Activation, ...]
   dropout: float = 0.0
   deterministic: bool = True
-  precision: str = "float32"
+  precision: Precision = "float32"
+  unroll: int = 1
 
   def layer_cells(self) -> list[cells.Cell]:
     """Each layer's ``cells.Cell`` (its parameters), named ``layer_{l}``."""
@@ -139,7 +94,7 @@ class _Stack(nn.Module):
       # <float32>[steps, batch, G * hiddens]
       gx = recurrence.input_gates(layer.weights, xs, self.precision)
       # The recurrent part with weight gradients as one GEMM after the scan (recurrence.py).
-      carry, xs = recurrence.layer_scan(self.cell, activation, recurrence.default_unroll(),
+      carry, xs = recurrence.layer_scan(self.cell, activation, self.unroll,
                                         layer.W_hh, layer.b_hh, carries[l], gx, self.precision)
       new_carries.append(carry)
     return tuple(new_carries), xs
@@ -209,7 +164,7 @@ class WavefrontRNN(_Stack):
     else:
       # <float32>[steps, batch, G * hiddens]
       gx = recurrence.input_gates(layers[0].weights, xs, self.precision)
-      carries, xs = recurrence.wave_scan(self.cell, self.activations, recurrence.default_unroll(),
+      carries, xs = recurrence.wave_scan(self.cell, self.activations, self.unroll,
                                          [layer.weights for layer in layers], carries, gx,
                                          self.precision)
     return tuple(carries), jnp.swapaxes(xs, 0, 1)
@@ -251,20 +206,24 @@ class RNNLM(nn.Module):
     precision: ``"float32"`` (default) or ``"bfloat16"``: the recurrent layers' products take
       bfloat16 operands and accumulate in float32 (``layerwise`` and ``wavefront`` only; the
       head, the state, the nonlinearities and the parameters stay float32).
+    unroll: ``lax.scan`` unroll factor of the ``layerwise`` and ``wavefront`` recurrence; ``None``
+      takes the backend's measured best (:data:`deeprnn_jax.recurrence.DEFAULT_UNROLL`). It
+      changes speed and compile time, never the numbers.
   """
 
   vocab_size: int
   num_hiddens: int = 256
   num_layers: int = 2
-  cell: str = "lstm"
-  activation: str | tuple[str, ...] = "tanh"
+  cell: Cell = "lstm"
+  activation: Activation | tuple[Activation, ...] = "tanh"
   dropout: float = 0.0
-  impl: str = "layerwise"
-  precision: str = "float32"
+  impl: Impl = "layerwise"
+  precision: Precision = "float32"
+  unroll: int | None = None
 
   def __post_init__(self):
-    check_model_args(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
-                     self.activation, self.dropout, self.impl, self.precision)
+    validate.model(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
+                   self.activation, self.dropout, self.impl, self.precision, self.unroll)
     super().__post_init__()
 
   def begin_state(self, batch_size: int = 1):
@@ -294,10 +253,15 @@ class RNNLM(nn.Module):
     carries, hs = rnn(
         self.cell, self.vocab_size, self.num_hiddens,
         layer_activations(self.activation, self.num_layers), self.dropout, deterministic,
-        self.precision, name="rnn",
+        self.precision, self.unroll or recurrence.default_unroll(), name="rnn",
     )(tuple(state_to_carries(self.cell, state)), inputs)
-    bound = 1.0 / self.num_hiddens**0.5
-    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    init = cells.torch_uniform(self.num_hiddens)
     W_hq = self.param("W_hq", init, (self.num_hiddens, self.vocab_size))
     b_q = self.param("b_q", init, (self.vocab_size,))
     return hs @ W_hq + b_q, carries_to_state(self.cell, carries)
+
+
+def from_config(config: TrainConfig, vocab_size: int) -> RNNLM:
+  """The model a run of ``config`` trains, over ``vocab_size`` tokens."""
+  return RNNLM(vocab_size, config.num_hiddens, config.num_layers, config.cell, config.activation,
+               config.dropout, config.impl, config.precision, config.unroll)

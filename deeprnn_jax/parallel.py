@@ -9,11 +9,9 @@ mean loss and its gradient are the same as on one device, up to the order of flo
 dropout, each shard draws its own masks, so those depend on the number of shards.
 
 Splitting wins only where the per-step product is small; where it is large, XLA's threads already
-keep the cores busy and one device is as fast (``BENCHMARKS.md``, 2-core AMD EPYC, an epoch
-interleaved with and without the split: the chapter's LSTM 1.16-1.19x, GRU 1.22-1.32x, RNN
-1.31-1.36x, 4 layers 1.10x, batch 512 0.93-1.04x, hidden 1024 at batch 128 0.85-0.97x; in
-separate processes, hidden 512 at batch 32 and batch 64: no gain). :func:`auto_shards` encodes
-that rule.
+keep the cores busy and one device is as fast or faster. :func:`auto_shards` encodes that rule;
+the measurements behind its thresholds (an epoch interleaved with and without the split, per
+configuration) are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -26,11 +24,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
 
 BATCH_AXIS = "batch"  # the mesh axis a minibatch's rows are split over
-# rows x hidden² of one shard's per-step product at or below which a split has won (the seed
-# config's 16 rows x 256²); the sizes above it measured no gain or a loss.
+# rows x hidden² of one shard's per-step product at or below which a split has won (the chapter's
+# 16 rows x 256² per shard); the sizes above it measured no gain or a loss.
 MAX_SHARD_WORK = 16 * 256 * 256
 MIN_SHARD_ROWS = 8
 MAX_AUTO_SHARDS = 2  # measured on 2 cores only; more shards are for the user to ask for
@@ -49,8 +48,8 @@ def use_cpu_cores(n: int | None = None) -> bool:
   across them. Returns whether it set the count now: not once JAX has computed anything (it keeps
   the devices it started with), nor where a count is already chosen (``JAX_NUM_CPU_DEVICES``,
   ``--xla_force_host_platform_device_count``, an earlier call), which it leaves alone."""
-  if n is not None and n < 1:
-    raise UsageError(f"the number of CPU devices must be positive, got {n}")
+  if n is not None:
+    validate.positive_int("the number of CPU devices", n)
   if (jax.config.jax_num_cpu_devices >= 0
       or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
     return False
@@ -79,8 +78,8 @@ def batch_devices(batch_size: int, num_hiddens: int,
   """The devices a training minibatch is split over: one device (no split) unless JAX computes
   on its CPU devices and there are several. ``shards=None`` chooses by :func:`auto_shards`; an
   integer asks for exactly that many (1: never split)."""
-  if shards is not None and (int(shards) != shards or shards < 1):
-    raise UsageError(f"shards must be a positive integer, got {shards}")
+  if shards is not None:
+    shards = validate.positive_int("shards", shards)
   default = jax.devices()
   if default[0].platform != "cpu":
     if shards not in (None, 1):

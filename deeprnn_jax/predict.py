@@ -8,14 +8,14 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import checkpoint, cli, generate
+from deeprnn_jax import checkpoint, cli, generate, models
 from deeprnn_jax.errors import UsageError
 
 
 def load_model(run_dir):
   """``(model, params, vocab)`` from a run folder's checkpoint."""
   saved = checkpoint.load_checkpoint(run_dir)
-  model = saved.config.model(len(saved.vocab))
+  model = models.from_config(saved.config, len(saved.vocab))
   template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
   params = checkpoint.restore(template["params"], saved.params, f"checkpoint in {run_dir}")
   return model, jax.tree_util.tree_map(jnp.asarray, params), saved.vocab

@@ -12,17 +12,17 @@ are written) over ``gx <float32>[steps, batch, G*H]`` with a hand-written backwa
 * The forward pass keeps each step's linearisation (the ``jax.vjp`` residuals of the step: gate
   activations and the like), so the backward pass recomputes no nonlinearity and multiplies only
   by ``W_hhᵀ``, never by ``W_hh`` again. (Keeping ``H_{t-1} W_hh`` instead and recomputing the
-  nonlinearities was measured 10% slower on CPU: BENCHMARKS.md.)
+  nonlinearities was slower on CPU: BENCHMARKS.md.)
 * Transposed operands of the backward products are laid out first (:func:`_t`): XLA:CPU
-  multiplies them ~2.5x slower in place.
+  multiplies them slower in place.
 * ``precision="bfloat16"`` rounds the operands of these products (and of :func:`input_gates`) to
   bfloat16 and accumulates in float32 (:func:`_matmul`); the state, the nonlinearities, the
-  parameters and their updates stay float32. On a CPU with AVX512-BF16 the products run ~2x
-  faster (BENCHMARKS.md).
+  parameters and their updates stay float32. A CPU with AVX512-BF16 instructions runs them
+  faster (how much: BENCHMARKS.md).
 
 Both passes differentiate the step function itself (``jax.vjp`` of ``cells.step`` per step, which
-uses the gate derivatives ``cells`` writes out), so no derivative of a cell is written here: the gate gradient is read off as the gradient
-with respect to a per-row copy of ``b_hh``, and the product ``H_{t-1} W_hh``, computed once per
+uses the gate derivatives ``cells`` writes out), so no derivative of a cell is written here: the
+gate gradient is read off as the gradient with respect to a per-row copy of ``b_hh``, and the product ``H_{t-1} W_hh``, computed once per
 step, is handed to the step as a stand-in for ``W_hh`` (:class:`_Product`) whose ``h @ W`` is the
 stored product. :func:`input_gates` is the hoisted input projection with the same treatment of
 its backward products.
@@ -30,39 +30,33 @@ its backward products.
 :func:`wave_scan` runs the same kernel on L stacked layers skewed in time (a wavefront): one
 recurrence whose hidden state is all layers' ``H`` side by side and whose ``W`` is block
 bidiagonal (for the GRU, with its input blocks in extra columns), ``steps + L - 1`` sequential
-steps instead of ``L * steps``. Measurements:
-BENCHMARKS.md.
+steps instead of ``L * steps``. Measurements: BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import cells
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax import cells, validate
 
 Array = jax.Array
 
 # Operand types of the recurrent layers' matrix products; accumulation is always float32.
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+assert tuple(PRECISIONS) == validate.PRECISIONS
 
-# lax.scan unroll per backend, measured (BENCHMARKS.md). CPU: unrolling only slows it. GPU (H100):
-# 1 / 4 / 8 / 16 give 466k / 907k / 988k / 1.04M tokens/s on the chapter's model, 16 at 3 s more
-# compilation. TPU: not measured. $DEEPRNN_JAX_UNROLL overrides it.
+# lax.scan unroll per backend, the fastest measured (BENCHMARKS.md): on a CPU unrolling only
+# slows the loop; on a GPU a step is latency-bound and unrolling hides it, at some compile time.
+# TPU: not measured. A model's `unroll` attribute overrides it.
 DEFAULT_UNROLL = {"cpu": 1, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
 
 
 def default_unroll() -> int:
-  value = os.environ.get("DEEPRNN_JAX_UNROLL")
-  if value:
-    if not value.isdigit() or int(value) < 1:
-      raise UsageError(f"DEEPRNN_JAX_UNROLL must be a positive integer, got {value!r}")
-    return int(value)
+  """The unroll of :data:`DEFAULT_UNROLL` for JAX's default backend."""
   return DEFAULT_UNROLL.get(jax.default_backend(), 1)
 
 
@@ -267,7 +261,7 @@ def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list
     ``(carries_T, hs <float32>[steps, batch, H])`` with ``hs`` the last layer's outputs: the
     same as :func:`layer_scan` layer after layer.
   """
-  L, (steps, batch, width) = len(layers), gx0.shape
+  L, (steps, _, width) = len(layers), gx0.shape
   H = layers[0]["W_hh"].shape[0]
   zeros = jnp.zeros((H, width), gx0.dtype)
   if cell == "gru":  # [W_hh blocks on the diagonal | W_xh^(k+1) in row k of L-1 more columns]
@@ -302,7 +296,7 @@ def _matmul(a: Array, b: Array, precision: str) -> Array:
 def _t(a: Array, precision: str = "float32") -> Array:
   """``aᵀ`` ``<[C, R]>`` of ``a <[R, C]>`` laid out in memory, as the ``precision`` type.
 
-  XLA:CPU multiplies a transposed float32 operand ~2.5x slower. For bfloat16 the stakes are
+  XLA:CPU multiplies a transposed float32 operand slower in place. For bfloat16 the stakes are
   higher: its bfloat16 products (YNNPACK) take only row-major operands, and a 2-D transpose
   reaches that check as a column-major layout, so XLA would silently do the product in float32
   (its operand upcaster), optimization barrier or not. The same transpose written in 3-D (a unit

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import data, files, generate, parallel, plots, training
+from deeprnn_jax import cudnn, data, files, generate, models, parallel, plots, training
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import Diverged, UsageError
 from deeprnn_jax.pipeline import EpochPipeline
@@ -99,6 +99,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   t_start = time.perf_counter()
   out, err = out or sys.stdout, err or sys.stderr
   config.validate()
+  cudnn.check_available(config.impl)
   options.validate()
   devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
   run_dir = check_run_dir(run_dir)
@@ -119,7 +120,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                      f"of {len(corpus)} for validation")
   loader = data.SeqDataLoader(train_corpus, config.batch_size, config.num_steps,
                               config.use_random_iter, seed=config.seed)
-  model = config.model(len(vocab))
+  model = models.from_config(config, len(vocab))
   optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer)
   init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
   state = training.init_train_state(model, optimizer, init_key)

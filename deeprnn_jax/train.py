@@ -35,12 +35,16 @@ def parser() -> argparse.ArgumentParser:
                       "batches) or cudnn (LSTM on a CUDA GPU, wide layers)")
   m.add_argument("--precision", default=_D.precision,
                  help="operand type of the recurrent layers' matrix products: float32 or "
-                      "bfloat16 (float32 accumulation; ~1.2-1.7x faster on CPUs with AVX512-BF16, "
-                      "see BENCHMARKS.md)")
+                      "bfloat16 (float32 accumulation; faster on CPUs with AVX512-BF16, see "
+                      "BENCHMARKS.md)")
+  m.add_argument("--unroll", type=int, default=_D.unroll,
+                 help="lax.scan unroll of the recurrence (speed and compile time only; default: "
+                      "the backend's fastest measured, 1 on a CPU, 8 on a GPU)")
   d = p.add_argument_group("data")
   d.add_argument("--corpus", default=_D.corpus, help="a known corpus name or a path to UTF-8 text")
   d.add_argument("--clean", default=_D.clean, help="d2l (letters, lower case) or none")
-  d.add_argument("--max-tokens", type=int, default=_D.max_tokens, help="-1 for the whole corpus")
+  d.add_argument("--max-tokens", type=int, default=_D.max_tokens,
+                 help="the first N tokens of the corpus; -1 for all of it")
   d.add_argument("--valid-fraction", type=float, default=_D.valid_fraction,
                  help="held-out tail of the corpus (0 = d2l: no validation)")
   d.add_argument("--batch-size", type=int, default=_D.batch_size)

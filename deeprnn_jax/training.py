@@ -17,26 +17,19 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 from deeprnn_jax.parallel import BATCH_AXIS, batch_mesh
+from deeprnn_jax.validate import Optimizer
 
 Array = jax.Array
-OPTIMIZERS = ("sgd", "adam")
 
 
-def make_optimizer(lr: float, clip_norm: float, name: str = "sgd") -> optax.GradientTransformation:
+def make_optimizer(lr: float, clip_norm: float, name: Optimizer = "sgd") -> optax.GradientTransformation:
   """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam."""
-  if not lr > 0:
-    raise UsageError(f"learning rate must be > 0, got {lr}")
-  if not clip_norm > 0:
-    raise UsageError(f"clipping norm must be > 0, got {clip_norm}")
-  if name == "sgd":
-    opt = optax.sgd(lr)
-  elif name == "adam":
-    opt = optax.adam(lr)
-  else:
-    raise UsageError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+  validate.optimizer(lr, clip_norm, name)
+  opt = optax.sgd(lr) if name == "sgd" else optax.adam(lr)
   return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
 
 

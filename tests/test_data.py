@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deeprnn_jax import data
+from deeprnn_jax import corpora, data
 from deeprnn_jax.data import DataError
 from deeprnn_jax.errors import UsageError
 
@@ -187,7 +187,7 @@ def test_load_corpus_clean_modes(tmp_path):
 
   corpus, _ = data.load_corpus(path, clean="none", max_tokens=5)
   assert len(corpus) == 5
-  with pytest.raises(DataError):
+  with pytest.raises(UsageError, match="unknown cleaning"):
     data.load_corpus(path, clean="strip")
 
 
@@ -223,7 +223,7 @@ def test_resolve_order(tmp_path, monkeypatch, offline):
   monkeypatch.chdir(work)
 
   # 1. An explicit path wins over everything.
-  monkeypatch.setenv(data.DATA_ENV, str(env_dir))
+  monkeypatch.setenv(corpora.DATA_ENV, str(env_dir))
   assert data.resolve_corpus(explicit) == explicit
   assert data.resolve_corpus(str(explicit)) == explicit
   # 2. Then $DEEPRNN_JAX_DATA, before data/.
@@ -231,9 +231,9 @@ def test_resolve_order(tmp_path, monkeypatch, offline):
   corpus, vocab = data.load_corpus(TM)
   assert "".join(vocab.to_tokens(corpus.tolist())) == "from the environment"
   # 3. Then data/ under the working directory: without the variable, or when it lacks the file.
-  monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "nowhere"))
+  monkeypatch.setenv(corpora.DATA_ENV, str(tmp_path / "nowhere"))
   assert data.resolve_corpus(TM).resolve() == (work / "data" / TM).resolve()
-  monkeypatch.delenv(data.DATA_ENV)
+  monkeypatch.delenv(corpora.DATA_ENV)
   assert data.resolve_corpus(TM).resolve() == (work / "data" / TM).resolve()
   corpus, vocab = data.load_corpus(TM)
   assert "".join(vocab.to_tokens(corpus.tolist())) == \
@@ -243,14 +243,14 @@ def test_resolve_order(tmp_path, monkeypatch, offline):
 
 def test_resolve_nowhere_offline(tmp_path, monkeypatch, offline):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.delenv(data.DATA_ENV, raising=False)
-  dataset = data.DATASETS[TM]
+  monkeypatch.delenv(corpora.DATA_ENV, raising=False)
+  dataset = corpora.DATASETS[TM]
   with pytest.raises(DataError) as info:
     data.resolve_corpus(TM)
   message = str(info.value)
   # One clear error naming the three ways: a path, the variable, data/.
   assert "path" in message
-  assert f"${data.DATA_ENV}/{TM}" in message
+  assert f"${corpora.DATA_ENV}/{TM}" in message
   assert f"data/{TM}" in message
   assert dataset.url in message and dataset.sha1 in message
   assert offline == [dataset.url]
@@ -264,7 +264,7 @@ def test_resolve_nowhere_offline(tmp_path, monkeypatch, offline):
   # download=False does not even try.
   with pytest.raises(DataError) as info:
     data.resolve_corpus(TM, download=False)
-  assert f"${data.DATA_ENV}/{TM}" in str(info.value) and f"data/{TM}" in str(info.value)
+  assert f"${corpora.DATA_ENV}/{TM}" in str(info.value) and f"data/{TM}" in str(info.value)
   assert len(offline) == 4
   # An unknown name is not downloaded either.
   with pytest.raises(DataError):
@@ -274,14 +274,14 @@ def test_resolve_nowhere_offline(tmp_path, monkeypatch, offline):
 
 def test_download_sha1_mismatch(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.delenv(data.DATA_ENV, raising=False)
+  monkeypatch.delenv(corpora.DATA_ENV, raising=False)
   monkeypatch.setattr(urllib.request, "urlopen",
                       lambda url, *a, **k: io.BytesIO(b"The Time Machine, abridged.\n"))
   with pytest.raises(DataError) as info:
     data.resolve_corpus(TM)
   message = str(info.value)
-  assert "SHA-1" in message and data.DATASETS[TM].sha1 in message
-  assert f"${data.DATA_ENV}/{TM}" in message and f"data/{TM}" in message  # The other ways.
+  assert "SHA-1" in message and corpora.DATASETS[TM].sha1 in message
+  assert f"${corpora.DATA_ENV}/{TM}" in message and f"data/{TM}" in message  # The other ways.
   assert files_in(tmp_path / "data") == []  # Nothing left behind, not even a temporary file.
 
 
@@ -294,16 +294,16 @@ def test_download_verified_and_used(tmp_path, monkeypatch, time_machine_path):
     return io.BytesIO(payload)
 
   monkeypatch.chdir(tmp_path)
-  monkeypatch.delenv(data.DATA_ENV, raising=False)
+  monkeypatch.delenv(corpora.DATA_ENV, raising=False)
   monkeypatch.setattr(urllib.request, "urlopen", urlopen)
   path = data.resolve_corpus(TM)
   assert path.resolve() == (tmp_path / "data" / TM).resolve()
   assert (tmp_path / "data" / TM).read_bytes() == payload
   assert files_in(tmp_path / "data") == [tmp_path / "data" / TM]
-  assert calls == [data.DATASETS[TM].url]
+  assert calls == [corpora.DATASETS[TM].url]
   # Now it is found locally: no second download, and it is the corpus.
   corpus, vocab = data.load_corpus_time_machine()
-  assert calls == [data.DATASETS[TM].url]
+  assert calls == [corpora.DATASETS[TM].url]
   assert len(corpus) == 170_580 and len(vocab) == 28
 
 
@@ -507,7 +507,7 @@ def test_split_corpus():
       np.testing.assert_array_equal(valid, corpus[-len(valid):])
   assert len(data.split_corpus(corpus, 0.0)[1]) == 0
   for fraction in (1.0, -0.1, 1.5):
-    with pytest.raises(DataError):
+    with pytest.raises(UsageError, match="valid fraction"):
       data.split_corpus(corpus, fraction)
 
 

@@ -62,10 +62,10 @@ def _loss_and_grad(model: RNNLM):
   return jax.jit(jax.value_and_grad(_loss(model), argnums=(0, 1), has_aux=True))
 
 
-def _case(cell, activation, num_layers, batch, steps, seed=0, impl="layerwise"):
+def _case(cell, activation, num_layers, batch, steps, seed=0, impl="layerwise", unroll=None):
   k = jax.random.split(jax.random.PRNGKey(seed), 5)
   scan = RNNLM(VOCAB, HIDDENS, num_layers, cell, activation, impl="scan")
-  fast = RNNLM(VOCAB, HIDDENS, num_layers, cell, activation, impl=impl)
+  fast = RNNLM(VOCAB, HIDDENS, num_layers, cell, activation, impl=impl, unroll=unroll)
   X = jax.random.randint(k[0], (batch, steps), 0, VOCAB)
   params = scan.init(k[1], X)["params"]
   state = _tree_like(k[2], scan.begin_state(batch), 0.5)
@@ -74,18 +74,12 @@ def _case(cell, activation, num_layers, batch, steps, seed=0, impl="layerwise"):
   return scan, fast, params, state, X, R, S
 
 
-def _check(impl, cell, activation, num_layers, batch, steps, seed=0, fresh_jit=False):
-  """``impl`` against ``impl="scan"`` (values, final state, gradients) and the NumPy reference.
-
-  ``fresh_jit`` compiles the fast path anew, for settings read at trace time
-  (``$DEEPRNN_JAX_UNROLL``; the scan reference reads none).
-  """
+def _check(impl, cell, activation, num_layers, batch, steps, seed=0, unroll=None):
+  """``impl`` against ``impl="scan"`` (values, final state, gradients) and the NumPy reference."""
   scan, fast, params, state, X, R, S = _case(cell, activation, num_layers, batch, steps, seed,
-                                             impl)
-  fast_grad = (jax.jit(jax.value_and_grad(_loss(fast), (0, 1), has_aux=True)) if fresh_jit
-               else _loss_and_grad(fast))
+                                             impl, unroll)
   (_, out_s), grads_s = _loss_and_grad(scan)(params, state, X, R, S)
-  (_, out_f), grads_f = fast_grad(params, state, X, R, S)
+  (_, out_f), grads_f = _loss_and_grad(fast)(params, state, X, R, S)
   _close(out_f, out_s, FWD_TOL)
   _close(grads_f, grads_s, GRAD_TOL)
   _close(out_f, reference_forward(params, np.asarray(X), state, cell, activation), FWD_TOL)
@@ -112,12 +106,11 @@ def test_wavefront_matches_scan_and_numpy(cell, activation, num_layers):
 
 
 @pytest.mark.parametrize("cell,num_layers,batch,steps,unroll", [
-    ("lstm", 2, 1, 1, "1"), ("gru", 4, 2, 2, "1"), ("lstm", 1, 2, 5, "1"), ("gru", 2, 3, 9, "4"),
-    ("lstm", 3, 2, 7, "100")])
-def test_wavefront_edge_shapes_and_unrolls(cell, num_layers, batch, steps, unroll, monkeypatch):
+    ("lstm", 2, 1, 1, 1), ("gru", 4, 2, 2, 1), ("lstm", 1, 2, 5, 1), ("gru", 2, 3, 9, 4),
+    ("lstm", 3, 2, 7, 100)])
+def test_wavefront_edge_shapes_and_unrolls(cell, num_layers, batch, steps, unroll):
   """Fewer steps than layers, one layer (no wave), unrolls with a remainder or past the end."""
-  monkeypatch.setenv("DEEPRNN_JAX_UNROLL", unroll)
-  _check("wavefront", cell, "tanh", num_layers, batch, steps, seed=5, fresh_jit=True)
+  _check("wavefront", cell, "tanh", num_layers, batch, steps, seed=5, unroll=unroll)
 
 
 def test_wavefront_refuses_dropout_between_layers():

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deeprnn_jax import checkpoint, convert, data, interop, training
+from deeprnn_jax import checkpoint, convert, data, interop, models, training
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 
@@ -421,7 +421,7 @@ def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys):
   with pytest.raises(checkpoint.CheckpointError, match="batch_size"):
     checkpoint.check_compatible(saved.config, TrainConfig(cell="gru", num_layers=1, num_hiddens=H,
                                                           max_tokens=300, optimizer="adam"))
-  model = requested.model(TM_VOCAB)
+  model = models.from_config(requested, TM_VOCAB)
   optimizer = training.make_optimizer(requested.lr, requested.clip, requested.optimizer)
   # Shapes only, as predict.load_model does: restoring needs no initialised values.
   fresh = jax.eval_shape(lambda key: training.init_train_state(model, optimizer, key),
@@ -437,7 +437,7 @@ def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys):
 def test_our_init_to_torch_loads_into_d2l_model(tmp_path, capsys, tm_vocab, cell, activation,
                                                 num_layers):
   cfg = TrainConfig(cell=cell, num_layers=num_layers, num_hiddens=H, activation=activation)
-  model = cfg.model(TM_VOCAB)
+  model = models.from_config(cfg, TM_VOCAB)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 1), jnp.int32))["params"]
   optimizer = training.make_optimizer(cfg.lr, cfg.clip)
   checkpoint.save_checkpoint(tmp_path / "run", params=params, opt_state=optimizer.init(params),
@@ -551,7 +551,7 @@ def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
      r"input width is 28 but corpus timemachine\.txt \(--clean none\) has \d+ tokens"),
     (["--cell", "lstm", "--num-layers", "2", "--corpus", "missing.txt"],
      r"corpus file not found: missing\.txt"),
-    (["--cell", "lstm", "--num-layers", "2", "--lr", "0"], r"learning rate must be > 0"),
+    (["--cell", "lstm", "--num-layers", "2", "--lr", "0"], r"learning rate must be a finite number > 0"),
     (["--cell", "lstm", "--num-layers", "2", "--out", "{tmp}/run/checkpoint.msgpack"],
      r"give the run folder, not its checkpoint file"),
 ])

@@ -261,13 +261,19 @@ def test_sampling_depends_on_key_and_validates_input():
                        kwargs["temperature"])
 
 
-def test_bad_unroll_setting_is_a_usage_error(monkeypatch):
+def test_unroll_is_a_model_attribute_with_the_backends_default():
   from deeprnn_jax import recurrence
-  monkeypatch.setenv("DEEPRNN_JAX_UNROLL", "fast")
-  with pytest.raises(UsageError):
-    recurrence.default_unroll()
-  monkeypatch.setenv("DEEPRNN_JAX_UNROLL", "4")
-  assert recurrence.default_unroll() == 4
+  for bad in (0, -1, 2.5, "fast"):
+    with pytest.raises(UsageError, match="unroll"):
+      RNNLM(11, 8, 1, "lstm", unroll=bad)
+  assert recurrence.default_unroll() == recurrence.DEFAULT_UNROLL[jax.default_backend()]
+  # Unrolling changes the program, never the numbers.
+  X = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 11
+  models = [RNNLM(11, 8, 2, "gru", unroll=u) for u in (None, 1, 4)]
+  params = models[0].init(jax.random.PRNGKey(0), X)["params"]
+  outs = [m.apply({"params": params}, X)[0] for m in models]
+  chex.assert_trees_all_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prefix", ["a", "abcdefghij abcd", "abcdefghij abcde", "abcdefghij abcdef",

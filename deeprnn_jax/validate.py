@@ -1,0 +1,112 @@
+"""The names a run can choose from, and the checks every layer of the project shares.
+
+Plain Python, no JAX: a configuration is checked (and its errors reported) before anything heavy
+is imported. Every check raises :class:`~deeprnn_jax.errors.UsageError` with one line that names
+the setting and the value it got.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Literal, Sequence, get_args
+
+from deeprnn_jax.errors import UsageError
+
+Cell = Literal["rnn", "gru", "lstm"]
+Activation = Literal["tanh", "relu"]
+Impl = Literal["layerwise", "scan", "wavefront", "cudnn"]
+Precision = Literal["float32", "bfloat16"]
+Optimizer = Literal["sgd", "adam"]
+Cleaning = Literal["d2l", "none"]
+
+CELLS: tuple[str, ...] = get_args(Cell)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+IMPLS: tuple[str, ...] = get_args(Impl)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+CLEANINGS: tuple[str, ...] = get_args(Cleaning)
+
+
+def positive_int(name: str, value) -> int:
+  """``value`` as an ``int``, if it is a whole number >= 1."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+      or value != int(value) or value < 1):
+    raise UsageError(f"{name} must be a positive integer, got {value}")
+  return int(value)
+
+
+def one_of(name: str, value, choices: Sequence[str]) -> str:
+  """``value``, if it is one of ``choices``."""
+  if value not in choices:
+    raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+  return value
+
+
+def cell(value) -> str:
+  """``value``, if it names a known cell (``rnn``, ``gru``, ``lstm``)."""
+  return one_of("cell", value, CELLS)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the parameters' type: a larger number is inf there
+
+
+def positive_finite(name: str, value) -> float:
+  """``value``, if it is a number > 0 that is finite in float32 (a learning rate, a clipping
+  norm)."""
+  if not (isinstance(value, numbers.Real) and 0 < value <= FLOAT32_MAX):
+    raise UsageError(f"{name} must be a finite number > 0, got {value}")
+  return float(value)
+
+
+def fraction(name: str, value) -> float:
+  """``value``, if it is in ``[0, 1)`` (a dropout rate, a held-out fraction)."""
+  if not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):
+    raise UsageError(f"{name} must be in [0, 1), got {value}")
+  return float(value)
+
+
+def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
+  """φ_l for each layer: one name for all layers, or a sequence of ``num_layers`` names."""
+  names = (activation,) * num_layers if isinstance(activation, str) else tuple(activation)
+  if len(names) != num_layers:
+    raise UsageError(f"got {len(names)} activations for {num_layers} layers")
+  for name in names:
+    one_of("activation", name, ACTIVATIONS)
+  return names
+
+
+def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, activation,
+          dropout: float, impl: str = "layerwise", precision: str = "float32",
+          unroll: int | None = None) -> None:
+  """Raises :class:`UsageError` for hyperparameters no model can have."""
+  cell(cell_name)
+  positive_int("vocabulary size", vocab_size)
+  positive_int("number of hidden units", num_hiddens)
+  positive_int("number of layers", num_layers)
+  names = layer_activations(activation, num_layers)
+  if cell_name != "rnn" and set(names) != {"tanh"}:
+    raise UsageError(f"the activation is the RNN's φ; a {cell_name.upper()} has its own gate "
+                     f"nonlinearities (got {activation!r})")
+  fraction("dropout", dropout)
+  one_of("impl", impl, IMPLS)
+  dropped = dropout > 0.0 and num_layers > 1  # one layer has nowhere to drop
+  if impl == "cudnn" and (cell_name != "lstm" or dropped):
+    raise UsageError(f"impl 'cudnn' runs LSTMs without dropout (got cell {cell_name!r}, "
+                     f"dropout {dropout}); use impl 'layerwise'")
+  if impl == "wavefront" and dropped:
+    raise UsageError(f"impl 'wavefront' runs without dropout (got {dropout}); use impl "
+                     "'layerwise'")
+  one_of("precision", precision, PRECISIONS)
+  if precision != "float32" and impl not in ("layerwise", "wavefront"):
+    raise UsageError(f"precision {precision!r} is for impl 'layerwise' or 'wavefront' (got "
+                     f"{impl!r}: the reference and cuDNN run float32)")
+  if unroll is not None:
+    positive_int("unroll", unroll)
+
+
+def optimizer(lr: float, clip_norm: float, name: str) -> None:
+  """Raises :class:`UsageError` for an optimiser no run can have."""
+  positive_finite("learning rate", lr)
+  positive_finite("clipping norm", clip_norm)
+  one_of("optimizer", name, OPTIMIZERS)

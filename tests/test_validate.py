@@ -1,0 +1,56 @@
+"""The shared checks: every layer reports a bad setting the same way, before JAX starts."""
+
+import math
+
+import numpy as np
+import pytest
+
+from deeprnn_jax import validate
+from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.errors import UsageError
+
+
+@pytest.mark.parametrize("value", [1, 7, 2.0, np.int64(3), np.float32(4)])
+def test_positive_int_accepts_whole_numbers(value):
+  assert validate.positive_int("layers", value) == int(value)
+  assert type(validate.positive_int("layers", value)) is int
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "3", None, math.nan, math.inf])
+def test_positive_int_refuses_the_rest_naming_the_setting(value):
+  with pytest.raises(UsageError, match=rf"^layers must be a positive integer, got {value}$"):
+    validate.positive_int("layers", value)
+
+
+@pytest.mark.parametrize("value", [math.inf, 1e39, -1.0, 0.0, math.nan, "2"])
+def test_learning_rates_and_norms_must_be_finite_in_float32(value):
+  for name in ("learning rate", "clipping norm"):
+    with pytest.raises(UsageError, match=f"^{name} must be a finite number > 0"):
+      validate.positive_finite(name, value)
+  assert validate.positive_finite("learning rate", 3e38) == 3e38
+
+
+def test_one_of_lists_the_choices():
+  assert validate.cell("gru") == "gru"
+  with pytest.raises(UsageError, match=r"^unknown cell 'transformer'; choose one of rnn, gru, lstm$"):
+    validate.cell("transformer")
+  with pytest.raises(UsageError, match="unknown impl 'fast'"):
+    validate.model(28, 8, 2, "lstm", "tanh", 0.0, impl="fast")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lr", math.inf, "learning rate"), ("lr", 1e39, "learning rate"), ("clip", math.inf, "clipping"),
+    ("max_tokens", 0, "max tokens"), ("max_tokens", -2, "max tokens"), ("unroll", 0, "unroll"),
+    ("cell", "transformer", "unknown cell"), ("precision", "float16", "unknown precision"),
+    ("optimizer", "rmsprop", "unknown optimizer"), ("clean", "strip", "unknown cleaning"),
+    ("valid_fraction", 1.0, "valid fraction"), ("batch_size", 0, "batch size"),
+])
+def test_config_refuses_impossible_settings(field, value, message):
+  with pytest.raises(UsageError, match=message):
+    TrainConfig(**{field: value}).validate()
+
+
+def test_the_defaults_are_valid_and_literals_name_the_choices():
+  assert TrainConfig().validate() == TrainConfig()
+  assert validate.CELLS == ("rnn", "gru", "lstm") and "layerwise" in validate.IMPLS
+  assert validate.PRECISIONS == ("float32", "bfloat16")
