@@ -1,5 +1,5 @@
-"""BENCHMARKS.md is what benchmarks/report.py renders from the committed results, so that it
-cannot drift from them."""
+"""BENCHMARKS.md and README.md's measured passages are what benchmarks/report.py renders from the
+committed results, so that neither can drift from them."""
 
 import importlib.util
 import json
@@ -20,6 +20,14 @@ def test_benchmarks_md_is_rendered_from_the_results():
   rendered = report.render_benchmarks(report.load_results(), report.TEMPLATE.read_text())
   assert (ROOT / "BENCHMARKS.md").read_text() == rendered, \
       "BENCHMARKS.md is out of date: run python benchmarks/report.py"
+
+
+def test_readme_quotes_the_results():
+  report = _report()
+  readme = (ROOT / "README.md").read_text()
+  assert readme.count("<!-- /report -->") == 2
+  assert report.render_readme(report.load_results(), readme) == readme, \
+      "README.md's figures are out of date: run python benchmarks/report.py"
 
 
 def test_every_results_file_says_where_it_comes_from():
