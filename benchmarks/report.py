@@ -119,7 +119,7 @@ def _hardware(m: dict) -> str:
   uarch = f", {cpu['microarchitecture']}" if cpu.get("microarchitecture") else ""
   flags = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
            "amx_bf16": "AMX-BF16"}
-  text = (f"{cpu['model']}{uarch}" + (f" ({ident[0]})" if ident else "") + f", {cpu['cores']} "
+  text = (f"{_plain(cpu['model'])}{uarch}" + (f" ({ident[0]})" if ident else "") + f", {cpu['cores']} "
           f"cores" + (", virtual machine" if cpu.get("virtual_machine") else "")
           + ("; " + ", ".join(flags[f] for f in cpu["flags"]) if cpu.get("flags") else ""))
   if m.get("gpu"):
@@ -289,9 +289,8 @@ def render_benchmarks(docs: list[dict], template: str) -> str:
   left = sorted({d["kind"] for d in docs} - rendered)
   if left:
     raise ValueError(f"results of kind {left} are not rendered by the template")
-  while out and not out[-1].strip():
-    out.pop()
-  return "\n".join(out) + "\n"
+  text = re.sub(r"\n{3,}", "\n\n", "\n".join(out))  # one blank line between blocks
+  return text.strip() + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,19 +301,24 @@ def _find(docs, device, measurement):
   return next((d for d in docs if d["device"] == device and d["measurement"] == measurement), None)
 
 
+def _plain(name: str) -> str:
+  return re.sub(r"\s*\((R|TM)\)", "", name)
+
+
 def _cpu_words(doc) -> str:
   cpu = doc["machine"]["cpu"]
   uarch = f" ({cpu['microarchitecture']})" if cpu.get("microarchitecture") else ""
-  return f"a {cpu['cores']}-core {cpu['model']}{uarch}"
+  return f"a {cpu['cores']}-core {_plain(cpu['model'])}{uarch}"
 
 
 def readme_chapter_run(docs, device) -> list[str]:
   doc = _find(docs, device, "full_run")
   run = doc["results"]["runs"][0]
   s, torch = run["summary"], doc["results"]["torch"]
-  lines = ["```console", "$ python -m deeprnn_jax.train", *run.get("head", []), "…",
-           *run["tail"][-3:], "```", "",
-           f"On `{device}`, {_cpu_words(doc)}, the 500 epochs took {run['wall_s']:.0f} s from "
+  shown = [*run.get("head", [])[:1], "…", *run["tail"][-5:]]
+  lines = ["```console", "$ python -m deeprnn_jax.train", *(line.rstrip() for line in shown),
+           "```", "",
+           f"On `{device}`, {_cpu_words(doc)}, the {s['epochs']} epochs took {run['wall_s']:.0f} s from "
            f"start to exit, compiling included ({s['compile_seconds']:.1f} s), to a final "
            f"training perplexity of {s['train_perplexity']:.3f}; d2l's loop in PyTorch took "
            f"{torch['wall_s']:.0f} s."]

@@ -435,11 +435,12 @@ def bench_full_run(device, out_dir=None, precision="float32") -> dict:
   t = time.perf_counter()
   p = subprocess.run([sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir), *flags],
                      env=env, cwd=ROOT, capture_output=True, text=True)
-  lines = (p.stdout + p.stderr).strip().splitlines()
+  wall = time.perf_counter() - t
+  lines = [line.rstrip() for line in p.stdout.strip().splitlines()]
   summary = Path(out_dir) / "summary.json"
   ours = {"name": precision, "argv": ["python", "-m", "deeprnn_jax.train", *flags],
-          "env": {"DEEPRNN_JAX_CACHE": "none"}, "wall_s": time.perf_counter() - t,
-          "rc": p.returncode, "head": lines[:3], "tail": lines[-6:],
+          "env": {"DEEPRNN_JAX_CACHE": "none"}, "wall_s": wall, "rc": p.returncode,
+          "head": lines[:3], "tail": lines[-6:], "stderr_tail": p.stderr.strip().splitlines()[-3:],
           "summary": json.loads(summary.read_text()) if summary.is_file() else None}
   t = time.perf_counter()
   p = subprocess.run([sys.executable, "-c", TORCH_FULL_RUN, device], env=env, cwd=ROOT,
