@@ -220,7 +220,7 @@ def render_generation(docs: list[dict]) -> list[str]:
                  _s(g["eager_loop_s"]), _x(g["speedup"]), _x(g["speedup_eager"]),
                  _s(g["compile_s"])])
   out = [*table(["device", "compiled", "loop over jitted `apply`", "loop over `apply`",
-                 "compiled / jitted loop", "compiled / `apply` loop", "compile"], rows,
+                 "speed-up over the jitted loop", "over the `apply` loop", "compile"], rows,
                 "lrrrrrr"), ""]
   for doc in docs:
     out += [f"`{doc['device']}`:", "", *command_block(doc["command"]), "", source_line(doc), ""]
