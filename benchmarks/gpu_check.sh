@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
-# One pass over a lent GPU machine (H100; jax, flax, optax, chex, torch preinstalled; no network).
-# Run from the repository root:
-#   DEEPRNN_JAX_DATA=<folder with timemachine.txt> PYTHONPATH=. bash benchmarks/gpu_check.sh
-#   SWEEP=1 ...   also the variant sweep (unroll, impl, precision) of benchmarks/variants.py
-#                 and the chapter's run with the wavefront and with bfloat16 products
+# One pass over a GPU machine (jax with CUDA, flax, optax, chex and torch installed; no network
+# needed). Run from the repository root:
+#   DEEPRNN_JAX_DATA=<folder with timemachine.txt> bash benchmarks/gpu_check.sh
+#   SWEEP=1 ...   also the variant sweep of benchmarks/variants.py (unroll, gates, wavefront) and
+#                 the chapter's run twice over one compilation cache, with the wavefront and with
+#                 bfloat16 products
 # Stages: device info; the fast-path tests at float32 precision; throughput of seed, wide and
 # big-batch (layerwise in float32 and in bfloat16, wavefront, cudnn vs PyTorch); the chapter's
-# 500-epoch run cold and then with its compiled programs cached; the model and training tests.
+# 500-epoch run against PyTorch's; the model and training tests.
 # Every stage has its own `timeout`, and the whole script a deadline (DEADLINE seconds, default
-# 290: under 5 minutes): a stage that would start too late is skipped, a failing stage does not
-# stop the others, and every stage's exit code is reported at the end. Output goes under $OUT
-# (default ./gpu_check_out), in few files (the device tool returns at most 8): gpu_check.log
-# (everything printed), BENCHMARKS_gpu.md (tables), variants.jsonl, and results.tgz (the JSON
-# results and the training runs' files), refreshed after every stage.
+# 290): a stage that would start too late is skipped, a failing stage does not stop the others,
+# and every stage's exit code is reported at the end. Output goes under $OUT (default
+# ./gpu_check_out): gpu_check.log (everything printed), results/<device>/*.json (the measurements,
+# as benchmarks/results/ keeps them: copy the folder there and run benchmarks/report.py), and
+# results.tgz (the training runs' files), refreshed after every stage.
 # DEVICE=cpu runs the same stages on the CPU: a dry run of this script, not a measurement, with
-# FULL_RUN_ARGS="--num-epochs 5", SEED_VARIANTS=res:1,cudnn:1, IMPLS=layerwise, SEED_EPOCHS=5 and
-# R=1 to keep it short. A session with a device: carry a folder holding timemachine.txt (the ../shared beside
-# the checkout does not travel) and leave the command ~30 s more than DEADLINE.
+# FULL_RUN_ARGS="--num-epochs 5", SEED_VARIANTS=res:1,cudnn:1, IMPLS=layerwise, EPOCHS=1 and R=1
+# to keep it short (its results go under $OUT as well, never into benchmarks/results/).
 set -u
 
 OUT="${OUT:-$PWD/gpu_check_out}"
 WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
+RESULTS="$OUT/results"
 DEVICE="${DEVICE:-gpu}"
 DEADLINE="${DEADLINE:-290}"
 export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
@@ -63,14 +64,12 @@ full_run() {  # full_run NAME [train flags...]: the chapter's 500 epochs, wall t
 }
 export -f full_run
 export WORK FULL_RUN_ARGS="${FULL_RUN_ARGS:-}"
-export DEEPRNN_JAX_CACHE="$WORK/xla_cache"  # cold for the first full run, warm for the second
+export DEEPRNN_JAX_CACHE="$WORK/xla_cache"  # cold for full-run-cold, warm for full-run-cached
 XDIST=""
 python -c "import xdist" 2>/dev/null && XDIST="-n 8 -p no:benchmark"
 
-LABEL="$DEVICE"
 echo "date: $(date -u +%FT%TZ)  DEEPRNN_JAX_DATA=${DEEPRNN_JAX_DATA:-unset}  DEVICE=$DEVICE" | tee -a "$LOG"
 if [ "$DEVICE" = gpu ]; then
-  LABEL="GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   stage device-info 30 bash -c 'nvidia-smi; python -c "
 import jax, flax, optax, chex, torch
 print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__, \"chex\", chex.__version__)
@@ -82,27 +81,30 @@ fi
 HI="env JAX_DEFAULT_MATMUL_PRECISION=highest"
 stage tests-fast-paths 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_fast_paths.py
 if [ "${SWEEP:-0}" = 1 ]; then
-  stage variants-seed 80 env CONFIG=seed R="${R:-5}" N="${N:-3}" JSON="$OUT/variants.jsonl" \
+  stage variants-seed 80 env CONFIG=seed R="${R:-5}" N="${N:-3}" RESULTS_DIR="$RESULTS" \
     python benchmarks/variants.py "${SEED_VARIANTS:-res:8,sliced:8,res:16,wave:8}"
 fi
 IMPLS="${IMPLS:-layerwise,layerwise:bfloat16,wavefront,cudnn}"
-# 20 epochs a repeat: the train CLI's rhythm, two of them read back with their state (throughput.py
-# LOG_EVERY), the others pipelined.
-stage throughput-seed 55 python benchmarks/throughput.py --device "$DEVICE" --configs seed \
-  --impl "$IMPLS" --repeats 3 --epochs "${SEED_EPOCHS:-20}" --label "$LABEL" \
-  --out "$WORK/throughput_seed.json" --append-md "$OUT/BENCHMARKS_gpu.md"
-# The chapter's run as a user starts it: the first time (compiling), then again (its programs
-# read from the compilation cache the CLI keeps).
-stage full-run 40 bash -c 'full_run default'
-stage full-run-cached 40 bash -c 'full_run cached'
+# throughput.py's GPU epochs a repeat: 20 for seed, the train CLI's rhythm (two of them read back
+# with their state, the others pipelined), 2 for wide and big-batch. The results file is written
+# after every config, so a stage cut by its timeout keeps what it measured.
+stage throughput 160 python benchmarks/throughput.py --device "$DEVICE" \
+  --configs seed,wide,big-batch --impl "$IMPLS" --repeats "${R:-3}" --epochs "${EPOCHS:-0}" \
+  --results-dir "$RESULTS"
+# The chapter's run as a user starts it (compiling, no cache) against d2l's loop in PyTorch; in a
+# dry run on the CPU, the train CLI alone with FULL_RUN_ARGS.
+if [ "$DEVICE" = gpu ]; then
+  stage full-run 90 python benchmarks/throughput.py --device "$DEVICE" --repeats 0 --full-run \
+    --results-dir "$RESULTS"
+else
+  stage full-run 90 bash -c 'full_run default'
+fi
 if [ "${SWEEP:-0}" = 1 ]; then
+  # The same run twice over one compilation cache: the second reads its programs from it.
+  stage full-run-cold 40 bash -c 'full_run cold'
+  stage full-run-cached 40 bash -c 'full_run cached'
   stage full-run-wavefront 40 bash -c 'full_run wavefront --impl wavefront'
 fi
-for cfg in wide big-batch; do
-  stage "throughput-$cfg" 50 python benchmarks/throughput.py --device "$DEVICE" --configs "$cfg" \
-    --impl "$IMPLS" --repeats 3 --epochs 2 --label "$LABEL" \
-    --out "$WORK/throughput_$cfg.json" --append-md "$OUT/BENCHMARKS_gpu.md"
-done
 stage tests 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_cells.py \
   tests/test_models.py tests/test_training.py tests/test_parallel.py tests/test_precision.py
 if [ "${SWEEP:-0}" = 1 ]; then  # last: the stage the deadline may drop

@@ -1,19 +1,26 @@
-"""Training throughput of deeprnn_jax vs a d2l-style PyTorch loop, side by side.
+"""Training throughput of deeprnn_jax against a d2l-style PyTorch loop, side by side.
 
-    PYTHONPATH=. python benchmarks/throughput.py --configs seed,gru --repeats 3 --epochs 5 \\
-        --device cpu --out results.json --append-md BENCHMARKS.md
-    PYTHONPATH=. python benchmarks/throughput.py --generation      # 1,000 compiled characters
-    PYTHONPATH=. python benchmarks/throughput.py --full-run        # the chapter's 500 epochs
+    python benchmarks/throughput.py --configs seed,gru --repeats 3       # tokens/s of training
+    python benchmarks/throughput.py --repeats 0 --generation             # 1,000 compiled characters
+    python benchmarks/throughput.py --repeats 0 --full-run               # the chapter's 500 epochs
+
+Each measurement is written to ``benchmarks/results/<device>/<measurement>.json`` (``machine.py``:
+``<device>`` names the hardware, ``--device-name`` overrides it), with the command, the date, the
+commit and the library versions: ``throughput`` (``throughput_autocast`` with
+``--torch-precision bfloat16``), ``generation``, ``full_run`` (``full_run_bfloat16`` with
+``--full-run-precision bfloat16``). ``--out FILE`` writes everything to one file instead.
+``python benchmarks/report.py`` renders BENCHMARKS.md from the results folder.
 
 Each framework runs in its own worker process (so its peak RSS is its own) that builds the model
 and data, compiles / warms up, and then waits for commands; the parent interleaves them, ours,
-torch, ours, torch..., each repeat timing ``--epochs`` epochs. Reported: median tokens/s (and
-the spread), the ratio ours / torch, compile time, and peak memory, separately.
+torch, ours, torch..., each repeat timing ``--epochs`` epochs. Recorded: median tokens/s (and
+every repeat's), the same per CPU-second, compile time and peak memory, separately.
 
 * ours: exactly what the train CLI runs: ``training.make_train_epoch(model, optimizer)`` on
   ``data.sequential_epoch`` arrays of The Time Machine (a new random offset every epoch), run by
   ``pipeline.EpochPipeline`` (epoch k + 1 dispatched before epoch k's losses are read back; the
-  state kept every 10 epochs, where the CLI predicts).
+  state kept every 10 epochs, where the CLI predicts), each minibatch split over the CPU cores
+  where the CLI splits it.
 * torch: d2l's ``train_epoch_ch8``: ``nn.LSTM/GRU/RNN`` on one-hot inputs plus ``nn.Linear``,
   state detached between minibatches, ``clip_grad_norm_``, SGD, ``loss.item()`` per minibatch.
 
@@ -29,11 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -44,6 +48,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 # name: (cell, layers, hiddens, batch, steps, max_tokens, epochs per repeat on CPU)
 CONFIGS = {
@@ -56,6 +62,9 @@ CONFIGS = {
     # 10,000 tokens give no minibatch of 512 x 35: the whole corpus (~170k tokens) is used.
     "big-batch": ("lstm", 2, 256, 512, 35, -1, 1),
 }
+# Epochs per repeat on a GPU, where an epoch of the small configs takes milliseconds: 20, the
+# train CLI's rhythm of two state read-backs (LOG_EVERY) between pipelined epochs.
+GPU_EPOCHS = {"seed": 20, "gru": 20, "rnn": 20, "deep": 20, "wide": 2, "big-batch": 2}
 # d2l's chapter, as TrainConfig's and RunOptions' defaults; literals so that this module (which the
 # PyTorch workers import too) does not import JAX.
 LR, CLIP = 2.0, 1.0
@@ -309,10 +318,10 @@ def runnable(name: str, impl: str) -> bool:
 
 def bench_config(name, device, repeats, epochs, impls=("layerwise",)) -> list[dict]:
   """One row per impl of ours, each against the same PyTorch worker's runs."""
-  epochs = epochs or CONFIGS[name][-1]
+  epochs = epochs or (GPU_EPOCHS[name] if device == "gpu" else CONFIGS[name][-1])
   impls = [impl for impl in impls if runnable(name, impl)]
-  # On the GPU machine (16 cores) the workers start and compile at once, to save its short
-  # lease; on the 2-core CPU one at a time, so that each compile time is its own.
+  # On a GPU the workers start and compile at once, as its host has cores to spare; on a CPU one
+  # at a time, so that each compile time is its own.
   start = (lambda w: w) if device == "gpu" else (lambda w: w.wait_ready())
   workers = {}
   try:
@@ -417,87 +426,68 @@ print(f"perplexity {r.ppl:.1f}, wall {time.perf_counter() - t0:.1f} s")
 
 def bench_full_run(device, out_dir=None, precision="float32") -> dict:
   """The train CLI as a user runs it (its predictions every 10 epochs included, compiling from
-  scratch: no compilation cache) against TORCH_FULL_RUN, one after the other."""
+  scratch: no compilation cache) against TORCH_FULL_RUN, one after the other. Returns
+  ``{"runs": [ours], "torch": theirs}``, each with its process wall time, exit code and output."""
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              DEEPRNN_JAX_CACHE="none")
-  res = {"jax_precision": precision}
   out_dir = out_dir or tempfile.mkdtemp(prefix="deeprnn_full_run_")
-  cmd = [sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir)]
-  if precision != "float32":
-    cmd += ["--precision", precision]
+  flags = ["--precision", precision] if precision != "float32" else []
   t = time.perf_counter()
-  p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-  res["jax_wall_s"], res["jax_rc"] = time.perf_counter() - t, p.returncode
-  res["jax_tail"] = (p.stdout + p.stderr).strip().splitlines()[-3:]
+  p = subprocess.run([sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir), *flags],
+                     env=env, cwd=ROOT, capture_output=True, text=True)
+  wall = time.perf_counter() - t
+  lines = [line.rstrip() for line in p.stdout.strip().splitlines()]
   summary = Path(out_dir) / "summary.json"
-  res["jax_summary"] = json.loads(summary.read_text()) if summary.is_file() else None
+  ours = {"name": precision, "argv": ["python", "-m", "deeprnn_jax.train", *flags],
+          "env": {"DEEPRNN_JAX_CACHE": "none"}, "wall_s": wall, "rc": p.returncode,
+          "head": lines[:3], "tail": lines[-6:], "stderr_tail": p.stderr.strip().splitlines()[-3:],
+          "summary": json.loads(summary.read_text()) if summary.is_file() else None}
   t = time.perf_counter()
   p = subprocess.run([sys.executable, "-c", TORCH_FULL_RUN, device], env=env, cwd=ROOT,
                      capture_output=True, text=True)
-  res["torch_wall_s"], res["torch_rc"] = time.perf_counter() - t, p.returncode
-  res["torch_tail"] = (p.stdout + p.stderr).strip().splitlines()[-3:]
-  ok = res["jax_rc"] == 0 and res["torch_rc"] == 0
-  res["ratio_wall"] = res["jax_wall_s"] / res["torch_wall_s"] if ok else math.nan
-  return res
+  torch = {"wall_s": time.perf_counter() - t, "rc": p.returncode,
+           "tail": (p.stdout + p.stderr).strip().splitlines()[-3:]}
+  return {"runs": [ours], "torch": torch}
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def markdown(results: dict, command: str) -> str:
-  info = results["info"]
-  lines = [f"### {info['date']} — {info['device_label']}", "",
-           f"`{command}`", "",
-           f"jax {info.get('jax')}, flax {info.get('flax')}, optax {info.get('optax')}, "
-           f"torch {info.get('torch')}"
-           + (f" ({info['torch_threads']} threads)" if info.get("torch_threads") else "")
-           + (f", PyTorch under autocast {info['torch_precision']}"
-              if info.get("torch_precision", "float32") != "float32" else "") + ", "
-           f"python {info['python']}, CPU: {info['cpu_model']} ({os.cpu_count()} cores)", ""]
-  if results.get("configs"):
-    lines += ["| config | ours tokens/s (min–max) | torch tokens/s (min–max) | ours / torch (wall) | ours / torch "
-              "(CPU time) | ours compile s | ours peak MB | torch peak MB |",
-              "|---|---|---|---|---|---|---|---|"]
-    spread = lambda r: (f"{r['tokens_per_s']:,.0f} ({min(r['tokens_per_s_all']):,.0f}–"
-                        f"{max(r['tokens_per_s_all']):,.0f})")
-    for r in results["configs"]:
-      j, t = r["jax"], r["torch"]
-      mem = "device_peak_mb" if "device_peak_mb" in j else "peak_rss_mb"
-      name = r["config"] + (f" ({r['impl']})" if r.get("impl", "layerwise") != "layerwise" else "")
-      name += f", {j['shards']} shards" if j.get("shards", 1) > 1 else ""
-      lines.append(f"| {name} | {spread(j)} | {spread(t)} | "
-                   f"{r['ratio']:.2f}x | {r['ratio_cpu_time']:.2f}x | {j['compile_s']:.1f} | "
-                   f"{j[mem]:,.0f} | {t[mem]:,.0f} |")
-    lines.append("")
-  if results.get("generation"):
-    g = results["generation"]
-    lines += [f"Generation, {g['num_preds']} characters: compiled {g['compiled_s'] * 1e3:.1f} ms, "
-              f"per-character Python loop {g['python_loop_s'] * 1e3:.0f} ms: "
-              f"**{g['speedup']:.1f}x**; over eager `model.apply` {g['eager_loop_s']:.1f} s: "
-              f"**{g['speedup_eager']:.0f}x** (compile {g['compile_s']:.1f} s, not included).", ""]
-  if results.get("full_run"):
-    f = results["full_run"]
-    products = f" ({f['jax_precision']} products)" if f.get("jax_precision", "float32") != \
-        "float32" else ""
-    lines += [f"500-epoch chapter run: ours{products} {f['jax_wall_s']:.0f} s (rc {f['jax_rc']}), "
-              f"PyTorch {f['torch_wall_s']:.0f} s (rc {f['torch_rc']}): "
-              f"**{f['ratio_wall']:.2f}x** the wall time.", ""]
-  return "\n".join(lines) + "\n"
+def measurement_names(args) -> dict[str, str]:
+  """The results file each measurement of this command goes to, by kind."""
+  suffix = ""
+  if args.torch_precision != "float32":
+    suffix += "_autocast"
+  if args.torch_threads:
+    suffix += f"_torch_threads_{args.torch_threads}"
+  names = {}
+  if args.repeats > 0:
+    names["throughput"] = "throughput" + suffix
+  if args.generation:
+    names["generation"] = "generation"
+  if args.full_run:
+    names["full_run"] = "full_run" + (
+        f"_{args.full_run_precision}" if args.full_run_precision != "float32" else "")
+  return names
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--configs", default="seed", help=f"comma-separated, of {','.join(CONFIGS)}")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3, help="0: no throughput measurement")
   p.add_argument("--epochs", type=int, default=0, help="epochs per repeat (0: per-config default)")
   p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-  p.add_argument("--out", default=None, help="write all results as JSON here")
-  p.add_argument("--append-md", default=None, help="append a markdown table to this file")
+  p.add_argument("--device-name", default=None,
+                 help="the results folder's device name (default: from the hardware, e.g. "
+                      "cpu-epyc-zen4-2c or gpu-h100)")
+  p.add_argument("--results-dir", default=str(machine.RESULTS),
+                 help="where the <device>/<measurement>.json files go")
+  p.add_argument("--out", default=None,
+                 help="write all results to this one JSON file instead of the results folder")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads for the PyTorch loop (0: PyTorch's default)")
   p.add_argument("--torch-precision", default="float32", choices=PRECISIONS,
                  help="bfloat16: the PyTorch loop under torch.autocast (its mixed precision)")
-  p.add_argument("--label", default=None, help="device label for the table")
   p.add_argument("--generation", action="store_true", help="also the generation benchmark")
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
   p.add_argument("--full-run-dir", default=None, help="the CLI run's folder (default: a new one)")
@@ -508,6 +498,11 @@ def main(argv=None) -> int:
                       "each with an optional :precision (layerwise:bfloat16); one that a config "
                       "cannot run, cudnn for a GRU say, is skipped for it")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  return p
+
+
+def main(argv=None) -> int:
+  p = parser()
   args = p.parse_args(argv)
   if args.worker:
     worker(args.worker, args.configs, args.device, args.impl)
@@ -520,60 +515,71 @@ def main(argv=None) -> int:
   unknown = [c for c in names if c not in CONFIGS]
   if unknown:
     p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
-  cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                    if l.startswith("model name")), platform.processor())
-  from importlib import metadata
-  versions = {}
-  for pkg in ("jax", "flax", "optax", "torch"):
-    try:
-      versions[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      versions[pkg] = None
-  results = {"info": {**versions, "date": datetime.date.today().isoformat(),
-                      "python": platform.python_version(),
-                      "cpu_model": cpu_model, "device": args.device,
-                      "device_label": args.label or args.device},
-             "configs": []}
   impls = [i for i in args.impl.split(",") if i]
   bad = [i for i in impls if split_impl(i)[1] not in PRECISIONS]
   if bad:
     p.error(f"unknown precision in {bad}; write layerwise:bfloat16")
+  measurements = measurement_names(args)
+  if not measurements:
+    p.error("nothing to measure: --repeats 0 without --generation or --full-run")
 
-  def rows():
-    for name in names if args.repeats > 0 else []:
-      try:
-        yield from bench_config(name, args.device, args.repeats, args.epochs, impls)
-      except RuntimeError as e:  # a worker died (its traceback is on stderr): go on
-        print(f"{name}: {e}", file=sys.stderr, flush=True)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command = shlex.join(["python", "benchmarks/throughput.py", *argv])
+  base = machine.provenance(command, args.device)
+  device_name = args.device_name or machine.device_slug(base["machine"])
+  settings = {"configs": names, "impls": impls, "repeats": args.repeats, "epochs": args.epochs,
+              "torch_threads": args.torch_threads or None,
+              "torch_precision": args.torch_precision}
+  collected = {}
 
-  for r in rows():
-    name = f"{r['config']} ({r['impl']})"
-    results["configs"].append(r)
-    for fw in ("jax", "torch"):
-      results["info"].update({k: r[fw][k] for k in ("torch_threads", "torch_precision")
-                              if k in r[fw]})
-    print(f"{name:22s} ours {r['jax']['tokens_per_s']:>12,.0f} tok/s   torch "
-          f"{r['torch']['tokens_per_s']:>12,.0f} tok/s   ratio {r['ratio']:.2f}x (CPU time "
-          f"{r['ratio_cpu_time']:.2f}x)   compile {r['jax']['compile_s']:.1f}s   ppl "
-          f"{r['jax']['final_ppl']:.1f} / {r['torch']['final_ppl']:.1f}", flush=True)
+  def save(kind, results, complete=True):
+    """Writes one measurement's file now (throughput after every config, so that a run cut
+    short keeps what it measured)."""
+    collected[kind] = {"kind": kind, "measurement": measurements[kind], "device": device_name,
+                       **base, "settings": settings, "complete": complete, "results": results}
+    if args.out:
+      machine.write_json(args.out, {"command": command, "measurements": collected})
+    else:
+      path = machine.write_json(
+          machine.result_path(device_name, measurements[kind], args.results_dir),
+          collected[kind])
+      if complete:
+        print(f"wrote {os.path.relpath(path)}", flush=True)
+
+  rows = []
+  for name in names if args.repeats > 0 else []:
+    try:
+      new = bench_config(name, args.device, args.repeats, args.epochs, impls)
+    except RuntimeError as e:  # a worker died (its traceback is on stderr): go on
+      print(f"{name}: {e}", file=sys.stderr, flush=True)
+      continue
+    for r in new:
+      print(f"{r['config'] + ' (' + r['impl'] + ')':22s} ours {r['jax']['tokens_per_s']:>12,.0f} "
+            f"tok/s   torch {r['torch']['tokens_per_s']:>12,.0f} tok/s   ratio {r['ratio']:.2f}x "
+            f"(CPU time {r['ratio_cpu_time']:.2f}x)   compile {r['jax']['compile_s']:.1f}s   ppl "
+            f"{r['jax']['final_ppl']:.1f} / {r['torch']['final_ppl']:.1f}", flush=True)
+    rows += new
+    save("throughput", rows, complete=False)
+  status = 0
+  if "throughput" in measurements:
+    if rows:
+      save("throughput", rows)
+    else:  # keep the results file as it was
+      print("no config could be measured", file=sys.stderr, flush=True)
+      status = 1
   if args.generation:
-    results["generation"] = g = bench_generation(args.device)
+    g = bench_generation(args.device)
     print(f"generation {g['num_preds']} chars: compiled {g['compiled_s']*1e3:.1f} ms, python loop "
           f"{g['python_loop_s']*1e3:.0f} ms ({g['speedup']:.1f}x), eager loop "
           f"{g['eager_loop_s']:.2f} s ({g['speedup_eager']:.0f}x)", flush=True)
+    save("generation", g)
   if args.full_run:
-    results["full_run"] = f = bench_full_run(args.device, args.full_run_dir,
-                                             args.full_run_precision)
-    print(f"full run: ours {f['jax_wall_s']:.1f}s torch {f['torch_wall_s']:.1f}s "
-          f"ratio {f['ratio_wall']:.2f}x\n  ours: {f['jax_tail']}\n  torch: {f['torch_tail']}",
-          flush=True)
-  command = "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
-  if args.out:
-    Path(args.out).write_text(json.dumps({**results, "command": command}, indent=1))
-  if args.append_md:
-    with open(args.append_md, "a") as f:
-      f.write(markdown(results, command))
-  return 0
+    f = bench_full_run(args.device, args.full_run_dir, args.full_run_precision)
+    ours, torch = f["runs"][0], f["torch"]
+    print(f"full run: ours {ours['wall_s']:.1f}s (rc {ours['rc']}) torch {torch['wall_s']:.1f}s "
+          f"(rc {torch['rc']})\n  ours: {ours['tail'][-3:]}\n  torch: {torch['tail']}", flush=True)
+    save("full_run", f)
+  return status
 
 
 if __name__ == "__main__":

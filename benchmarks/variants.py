@@ -1,25 +1,25 @@
-"""Interleaved A/B timing of the training-loop variants examined in BENCHMARKS.md.
+"""Interleaved A/B timing of training-loop variants, in one process.
 
-    PYTHONPATH=. python benchmarks/variants.py scan:1,auto:1,res:1,res:5
-    CONFIG=wide PYTHONPATH=. python benchmarks/variants.py res:1,res:35,cudnn:1,cudnn:1:hi
+    python benchmarks/variants.py scan:1,auto:1,res:1,res:5
+    CONFIG=wide R=3 N=1 python benchmarks/variants.py res:1,res:1:bf16,t2d:1:bf16
 
 Each variant is ``kind:unroll[:hi|:bf16]``:
 
 * ``scan``: ``RNNLM(impl="scan")``, the chapter's nn.scan reference;
 * ``auto``: layerwise, the recurrence differentiated by XLA (``recurrence.layer_scan_autodiff``);
 * ``res``: layerwise, custom VJP keeping the step's vjp residuals (``recurrence.layer_scan``, the
-  default). The "products" variant of BENCHMARKS.md was removed from the library after it lost;
+  default);
 * ``sliced``: ``res`` with the LSTM/GRU gates as the equations read, σ and tanh on column slices
-  of the gate array and differentiated by JAX (the cells before ``cells.lstm_gates`` and
-  ``cells.gru_gates`` took one tanh over the whole array with written-out derivatives);
+  of the gate array and differentiated by JAX (``cells.lstm_gates_textbook``), instead of one
+  tanh over the whole array with written-out derivatives (``cells.lstm_gates``);
 * ``wave``: ``RNNLM(impl="wavefront")``, the layers skewed in time as one recurrence;
 * ``cudnn``: ``RNNLM(impl="cudnn")`` (LSTM; cuDNN on a CUDA GPU, unroll ignored);
 * ``split``: ``res`` with every minibatch's rows split over the CPU cores, one JAX CPU device
   each (``parallel.batch_devices``; the train CLI's default where ``parallel.auto_shards`` says
   so); ``split`` followed by a number (``split2``) asks for that many shards;
-* ``t2d``: ``res`` with the backward's transposed operands as 2-D transposes (``a.T`` behind an
-  optimization barrier, then cast): with ``:bf16``, the first version of the bfloat16 products,
-  which XLA:CPU silently ran in float32 (``recurrence._t``);
+* ``t2d``: ``res`` with the backward's transposed operands as plain 2-D transposes (``a.T``
+  behind an optimization barrier, then cast) instead of ``recurrence._t``'s: with ``:bf16``,
+  XLA:CPU silently runs those products in float32;
 * a trailing ``:hi`` traces the variant under ``jax.default_matmul_precision("highest")`` (full
   float32 products; without it XLA:GPU and cuDNN may use TF32); a trailing ``:bf16`` builds the
   model with ``precision="bfloat16"`` (bfloat16 operands, float32 accumulation).
@@ -30,7 +30,12 @@ wall time and process CPU time per epoch (on a machine shared with other jobs th
 steadier of the two), the first call (trace + compile + one epoch), and the mean loss of the last
 epoch (the same number of SGD steps for every variant, so precisions can be compared).
 Environment: ``CONFIG`` (a ``benchmarks/throughput.py`` config name) or ``CELL``, ``H``, ``L``,
-``B``, ``MAXTOK``; ``R``, ``N``; ``JSON`` (append one JSON line per variant to this file).
+``B``, ``MAXTOK``; ``R``, ``N``.
+
+The run is recorded in ``benchmarks/results/<device>/variants.json`` (``machine.py``; ``DEVICE_NAME``
+overrides the device's name, ``RESULTS_DIR`` the folder, ``JSON`` names another file), one entry
+per config and list of variants, replaced when the same comparison is run again, with its
+command, date, commit and library versions.
 """
 
 import contextlib
@@ -38,18 +43,22 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
 from throughput import CLIP, CONFIGS, LR, _data_env  # noqa: E402
 
 from deeprnn_jax import cells, data, parallel, recurrence, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402
 
 SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_textbook}
+# The unroll factor: a model attribute where RNNLM has one, else the environment variable.
+SETTINGS = ("CONFIG", "CELL", "H", "L", "B", "MAXTOK", "R", "N")
 
 
 @contextlib.contextmanager
@@ -120,16 +129,35 @@ def main():
       v["loss"] = float(np.mean(losses))
   name = os.environ.get("CONFIG") or f"{cell} {L}x{H} B{B}"
   print(f"# {name}: {Xs.size:,} tokens per epoch, device {jax.devices()[0].device_kind}")
+  rows = []
   for spec, v in variants.items():
     wall, cpu = np.median(v["wall"]), np.median(v["cpu"])
     print(f"{spec:12s} epoch wall {wall * 1e3:8.2f} ms ({Xs.size / wall:11,.0f} tokens/s)  "
           f"CPU {cpu * 1e3:8.2f} ms  first call {v['first']:5.1f} s  loss {v['loss']:.4f}")
-    if os.environ.get("JSON"):
-      with open(os.environ["JSON"], "a") as f:
-        f.write(json.dumps({"config": name, "variant": spec, "tokens_per_epoch": int(Xs.size),
-                            "wall_s": float(wall), "cpu_s": float(cpu), "walls": v["wall"],
-                            "first_call_s": v["first"], "loss": v["loss"],
-                            "device": jax.devices()[0].device_kind}) + "\n")
+    rows.append({"variant": spec, "wall_s": float(wall), "cpu_s": float(cpu), "walls": v["wall"],
+                 "first_call_s": v["first"], "loss": v["loss"]})
+  if rows:
+    record(name, sys.argv[1], int(Xs.size), rows, env("R", 5), N)
+
+
+def record(config: str, specs: str, tokens: int, rows: list[dict], rounds: int, epochs: int):
+  """Adds this comparison to the device's variants.json, replacing an earlier run of it."""
+  command = " ".join([*(f"{k}={os.environ[k]}" for k in SETTINGS if os.environ.get(k)),
+                      "python", "benchmarks/variants.py", specs])
+  device = "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
+  base = machine.provenance(command, device)
+  device_name = os.environ.get("DEVICE_NAME") or machine.device_slug(base["machine"])
+  path = Path(os.environ.get("JSON") or machine.result_path(
+      device_name, "variants", os.environ.get("RESULTS_DIR", machine.RESULTS)))
+  doc = json.loads(path.read_text()) if path.is_file() else {
+      "kind": "variants", "measurement": "variants", "device": device_name, "runs": []}
+  run = {"config": config, "variants": specs, **base, "device_kind": jax.devices()[0].device_kind,
+         "rounds": rounds, "epochs_per_round": epochs, "tokens_per_epoch": tokens,
+         "results": rows}
+  doc["runs"] = [r for r in doc["runs"]
+                 if (r["config"], r["variants"]) != (config, specs)] + [run]
+  machine.write_json(path, doc)
+  print(f"wrote {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The benchmark's constants are the train CLI's defaults (it keeps its own literals so that the
-PyTorch workers, which import it, do not import JAX)."""
+"""The benchmark scripts: their constants are the train CLI's defaults (throughput.py keeps its own
+literals so that the PyTorch workers, which import it, do not import JAX), and every measurement
+has its results file, named after the device."""
 
 import importlib.util
 from pathlib import Path
@@ -33,3 +34,31 @@ def test_an_implementation_may_name_its_precision():
   assert tb.runnable("seed", "layerwise:bfloat16") and tb.runnable("seed", "wavefront:bfloat16")
   assert not tb.runnable("seed", "scan:bfloat16")  # the reference runs float32 only
   assert not tb.runnable("seed", "layerwise:float16")
+
+
+def test_each_measurement_has_its_results_file():
+  tb = _throughput()
+  names = lambda argv: tb.measurement_names(tb.parser().parse_args(argv))
+  assert names([]) == {"throughput": "throughput"}
+  assert names(["--torch-precision", "bfloat16"]) == {"throughput": "throughput_autocast"}
+  assert names(["--repeats", "0", "--generation"]) == {"generation": "generation"}
+  assert names(["--repeats", "0", "--full-run", "--full-run-precision", "bfloat16"]) == {
+      "full_run": "full_run_bfloat16"}
+  assert tb.machine.result_path("cpu-x-2c", "throughput", "r").as_posix() == \
+      "r/cpu-x-2c/throughput.json"
+
+
+def test_a_device_is_named_after_its_hardware():
+  machine = _throughput().machine
+  cpuinfo = ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+             "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 hypervisor\n")
+  cpu = machine.cpu_info(cpuinfo, cores=2)
+  assert (cpu["microarchitecture"], cpu["virtual_machine"]) == ("Zen 4", True)
+  assert cpu["flags"] == ["avx2", "avx512f", "avx512_bf16"]
+  assert machine.device_slug({"kind": "cpu", "cpu": cpu}) == "cpu-epyc-zen4-2c"
+  xeon = machine.cpu_info("vendor_id : GenuineIntel\ncpu family : 6\nmodel : 207\n"
+                          "model name : Intel(R) Xeon(R) Processor\n", cores=16)
+  assert machine.device_slug({"kind": "cpu", "cpu": xeon}) == "cpu-xeon-emerald-rapids-16c"
+  gpu = lambda name: machine.device_slug({"kind": "gpu", "gpu": {"name": name}})
+  assert gpu("NVIDIA H100 80GB HBM3") == "gpu-h100"
+  assert gpu("NVIDIA A100-SXM4-40GB") == "gpu-a100"
