@@ -57,7 +57,6 @@ from deeprnn_jax import cells, data, parallel, recurrence, training  # noqa: E40
 from deeprnn_jax.models import RNNLM  # noqa: E402
 
 SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_textbook}
-# The unroll factor: a model attribute where RNNLM has one, else the environment variable.
 SETTINGS = ("CONFIG", "CELL", "H", "L", "B", "MAXTOK", "R", "N")
 
 
