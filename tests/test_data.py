@@ -527,6 +527,9 @@ def test_too_short_corpus():
     # Exactly enough is enough, whatever the offset.
     for seed in range(10):
       assert len(fn(np.zeros(need, np.int32), batch_size, num_steps, seed)[0]) >= 1
+
+
+def test_too_short_time_machine(time_machine_path):
   with pytest.raises(DataError) as info:
     data.load_data_time_machine(32, 35, max_tokens=100)
   assert mentions(str(info.value), data.min_corpus_tokens(32, 35))

@@ -371,8 +371,8 @@ def save_torch(net, path):
 
 
 @pytest.fixture(scope="module")
-def tm_vocab():
-  return data.load_corpus_time_machine()[1]
+def tm_vocab(time_machine_corpus):
+  return time_machine_corpus[1]
 
 
 def test_from_torch_writes_a_run_folder(tmp_path, capsys, tm_vocab):
@@ -405,7 +405,7 @@ def test_from_torch_writes_a_run_folder(tmp_path, capsys, tm_vocab):
   assert ours == predict_ch8("time traveller", 30, net, tm_vocab)
 
 
-def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys):
+def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys, time_machine_path):
   # What `deeprnn_jax.train --out RUN --resume` does with a run folder (runs.train_run).
   net = d2l_model("gru", num_layers=1, vocab_size=TM_VOCAB, num_hiddens=H)
   run = tmp_path / "run"
@@ -465,7 +465,7 @@ def test_our_init_to_torch_loads_into_d2l_model(tmp_path, capsys, tm_vocab, cell
                              rtol=0, atol=1e-5)
 
 
-def test_from_torch_then_to_torch_is_exact(tmp_path, capsys):
+def test_from_torch_then_to_torch_is_exact(tmp_path, capsys, time_machine_path):
   net = d2l_model("gru", num_layers=2, vocab_size=TM_VOCAB, num_hiddens=H)
   pt = save_torch(net, tmp_path / "a.pt")
   assert run_convert(capsys, "--from-torch", pt, "--cell", "gru", "--num-layers", 2,
@@ -477,7 +477,7 @@ def test_from_torch_then_to_torch_is_exact(tmp_path, capsys):
     assert torch.equal(back[key], value), key
 
 
-def test_refuses_to_overwrite_without_force(tmp_path, capsys):
+def test_refuses_to_overwrite_without_force(tmp_path, capsys, time_machine_path):
   pt = save_torch(d2l_model("lstm", num_layers=1, vocab_size=TM_VOCAB), tmp_path / "m.pt")
   args = ["--from-torch", pt, "--cell", "lstm", "--num-layers", 1, "--out", tmp_path / "run"]
   assert run_convert(capsys, *args)[0] == 0
@@ -547,8 +547,6 @@ def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
     (["--cell", "gru", "--num-layers", "2"], r"rnn\.weight_hh_l0 has shape .*fits lstm"),
     (["--cell", "lstm", "--num-layers", "3"], r"no rnn\.weight_ih_l2"),
     (["--cell", "lstm"], r"--from-torch needs --num-layers"),
-    (["--cell", "lstm", "--num-layers", "2", "--clean", "none"],
-     r"input width is 28 but corpus timemachine\.txt \(--clean none\) has \d+ tokens"),
     (["--cell", "lstm", "--num-layers", "2", "--corpus", "missing.txt"],
      r"corpus file not found: missing\.txt"),
     (["--cell", "lstm", "--num-layers", "2", "--lr", "0"], r"learning rate must be > 0"),
@@ -556,6 +554,18 @@ def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
      r"give the run folder, not its checkpoint file"),
 ])
 def test_from_torch_usage_errors(tmp_path, capsys, argv, pattern):
+  _assert_from_torch_usage_error(tmp_path, capsys, argv, pattern)
+
+
+def test_from_torch_refuses_a_corpus_of_another_width(tmp_path, capsys, time_machine_path):
+  """Checked against the corpus the run folder is made for: here 28 tokens d2l-cleaned, more
+  with ``--clean none``."""
+  _assert_from_torch_usage_error(
+      tmp_path, capsys, ["--cell", "lstm", "--num-layers", "2", "--clean", "none"],
+      r"input width is 28 but corpus timemachine\.txt \(--clean none\) has \d+ tokens")
+
+
+def _assert_from_torch_usage_error(tmp_path, capsys, argv, pattern):
   pt = save_torch(d2l_model("lstm", num_layers=2, vocab_size=TM_VOCAB), tmp_path / "m.pt")
   argv = [a.format(tmp=tmp_path) for a in argv]  # A later --out wins.
   code, _, err = run_convert(capsys, "--from-torch", pt, "--out", tmp_path / "run", *argv)
@@ -596,7 +606,7 @@ def test_missing_torch_is_a_usage_error(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("cell,use_random_iter", [("lstm", False), ("gru", True)])
-def test_training_matches_d2l_train_ch8(cell, use_random_iter):
+def test_training_matches_d2l_train_ch8(cell, use_random_iter, time_machine_path):
   num_layers, num_hiddens, batch_size, num_steps, lr, num_epochs = 2, 32, 8, 10, 2.0, 5
   corpus, vocab = data.load_corpus_time_machine(max_tokens=2000)
   epoch_fn = data.random_epoch if use_random_iter else data.sequential_epoch

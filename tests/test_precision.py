@@ -143,7 +143,7 @@ def test_training_in_bfloat16_follows_the_float32_run(time_machine_path):
   assert not np.array_equal(losses["bfloat16"], losses["float32"])
 
 
-def test_the_cli_records_the_precision_and_refuses_bad_ones(tmp_path, capsys):
+def test_the_cli_records_the_precision_and_refuses_bad_ones(tmp_path, capsys, time_machine_path):
   small = ["--num-hiddens", "16", "--max-tokens", "3000", "--batch-size", "8", "--num-steps",
            "10", "--num-epochs", "2"]
   run = tmp_path / "run"
