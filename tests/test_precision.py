@@ -21,7 +21,7 @@ from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
-from test_fast_paths import _loss, _tree_like  # the fast-path tests' projected loss
+from test_implementations import projected_loss, random_like
 
 VOCAB, HIDDENS = 11, 32
 
@@ -32,10 +32,11 @@ def _relative_error(a, b) -> float:
 
 
 def _outputs_and_grads(model, *args):
-  """``(logits, state), (dparams, dstate)`` of ``_loss(model)(params, state, X, R, S)``."""
+  """``(logits, state), (dparams, dstate)`` of ``projected_loss(model)(params, state, X, R, S)``."""
   # Full float32 products where float32 is asked for (a GPU would use TF32 by default).
   with jax.default_matmul_precision("highest"):
-    (_, out), grads = jax.jit(jax.value_and_grad(_loss(model), (0, 1), has_aux=True))(*args)
+    (_, out), grads = jax.jit(jax.value_and_grad(projected_loss(model), (0, 1),
+                                                 has_aux=True))(*args)
   return out, grads
 
 
@@ -48,8 +49,8 @@ def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
   fast16 = RNNLM(VOCAB, HIDDENS, 2, cell, impl=impl, precision="bfloat16")
   X = jax.random.randint(k[0], (4, 12), 0, VOCAB)
   params = reference.init(k[1], X)["params"]
-  state = _tree_like(k[2], reference.begin_state(4), 0.5)
-  args = (params, state, X, jax.random.normal(k[3], (4, 12, VOCAB)), _tree_like(k[4], state))
+  state = random_like(k[2], reference.begin_state(4), 0.5)
+  args = (params, state, X, jax.random.normal(k[3], (4, 12, VOCAB)), random_like(k[4], state))
   ref, f32, b16 = (_outputs_and_grads(m, *args) for m in (reference, fast32, fast16))
   assert _relative_error(f32, ref) < 1e-5
   # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 2e-3 per operand).
