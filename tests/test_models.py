@@ -238,7 +238,13 @@ def test_bad_hyperparameters(kwargs):
 
 
 def test_good_hyperparameters_accepted():
-  """The boundaries of the valid ranges are accepted (so the checks above are not blanket)."""
-  RNNLM(5, 1, 1, "rnn", "relu", dropout=0.0)
-  RNNLM(5, 4, 2, "rnn", ("relu", "tanh"), dropout=0.999)
-  RNNLM(5, 4, 3, "lstm", ["tanh", "tanh", "tanh"], impl="scan")
+  """The boundaries of the valid ranges are accepted (so the checks above are not blanket), and
+  the models built from them run."""
+  X = jnp.zeros((2, 3), jnp.int32)
+  for model in (RNNLM(5, 1, 1, "rnn", "relu", dropout=0.0),
+                RNNLM(5, 4, 2, "rnn", ("relu", "tanh"), dropout=0.999),
+                RNNLM(5, 4, 3, "lstm", ["tanh", "tanh", "tanh"], impl="scan")):
+    logits, state = model.apply(model.init(jax.random.PRNGKey(0), X), X)
+    chex.assert_shape(logits, (2, 3, 5))
+    chex.assert_tree_all_finite(logits)
+    assert_state(state, model.cell, model.num_layers, 2, model.num_hiddens)
