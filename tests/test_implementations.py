@@ -249,6 +249,7 @@ def test_wavefront_matches_scan_and_numpy(cell, activation, num_layers):
   _check("wavefront", cell, activation, num_layers, batch=3, steps=6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell,num_layers,batch,steps,unroll", [
     ("lstm", 2, 1, 1, "1"), ("gru", 4, 2, 2, "1"), ("lstm", 1, 2, 5, "1"), ("gru", 2, 3, 9, "4"),
     ("lstm", 3, 2, 7, "100")])
@@ -402,6 +403,7 @@ def test_forward_only_and_generation_match_scan(impl):
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_train_epoch_same_parameters():
   """Two SGD minibatches under make_train_epoch: every fast path lands on the same parameters
   and losses as impl="scan"."""

@@ -40,6 +40,7 @@ def _outputs_and_grads(model, *args):
   return out, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["layerwise", "wavefront"])
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
@@ -78,6 +79,7 @@ def _upcast_products(compiled_hlo: str) -> list[str]:
           if re.search(r"= f32\[[\d,]*\]\{[\d,]*\} convert\(", line) and "dot_general" in line]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell,impl,shards", [
     ("lstm", "layerwise", 1), ("gru", "layerwise", 1), ("rnn", "layerwise", 1),
     ("lstm", "layerwise", 2), ("gru", "wavefront", 1), ("lstm", "wavefront", 1)])
@@ -122,6 +124,7 @@ def test_the_bfloat16_transpose_is_a_transpose(shape):
                                 np.asarray(a.astype(jnp.bfloat16), np.float32).T)
 
 
+@pytest.mark.slow
 def test_training_in_bfloat16_follows_the_float32_run(time_machine_path):
   loader, vocab = data.load_data_time_machine(16, 20, max_tokens=4000, seed=0)
   losses = {}
@@ -144,6 +147,7 @@ def test_training_in_bfloat16_follows_the_float32_run(time_machine_path):
   assert not np.array_equal(losses["bfloat16"], losses["float32"])
 
 
+@pytest.mark.slow
 def test_the_cli_records_the_precision_and_refuses_bad_ones(tmp_path, capsys, time_machine_path):
   small = ["--num-hiddens", "16", "--max-tokens", "3000", "--batch-size", "8", "--num-steps",
            "10", "--num-epochs", "2"]

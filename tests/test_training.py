@@ -73,6 +73,7 @@ def test_make_optimizer_rejects_bad_settings(lr, clip, name):
     training.make_optimizer(lr, clip, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_random_iter", [False, True])
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
 def test_jitted_epoch_equals_python_loop_of_steps(use_random_iter, cell):
@@ -106,6 +107,7 @@ def _epoch_items(n, log=None):
     yield i, Xs, Ys, jax.random.PRNGKey(i)
 
 
+@pytest.mark.slow
 def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for():
   model, opt, ts = _setup(cell="gru")
   epoch_fn = training.make_train_epoch(model, opt)
@@ -126,6 +128,7 @@ def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for(
   assert pipeline._deleted(done[2].state)  # handed on to epoch 3 once the caller moved on
 
 
+@pytest.mark.slow
 def test_epoch_pipeline_reads_one_item_ahead_unless_the_state_is_needed():
   model, opt, ts = _setup(layers=1)
   epoch_fn = training.make_train_epoch(model, opt)
@@ -141,6 +144,7 @@ def test_epoch_pipeline_reads_one_item_ahead_unless_the_state_is_needed():
   assert seen == [(0, 2), (1, 2), (2, 4), (3, 4)]
 
 
+@pytest.mark.slow
 def test_epoch_pipeline_drain_returns_the_epoch_in_flight_with_its_state():
   model, opt, ts = _setup(layers=1)
   pipe = pipeline.EpochPipeline(training.make_train_epoch(model, opt))
@@ -188,6 +192,7 @@ def test_epoch_pipeline_interrupted_while_waiting_loses_no_epoch(kept):
   assert [f.tag for f in pipe.drain()] == [1]  # nothing left in flight
 
 
+@pytest.mark.slow
 def test_sequential_epoch_carries_state_and_random_does_not():
   model, opt, ts = _setup("gru")
   Xs, Ys = data.sequential_epoch(_corpus(), 4, 7, seed=1)
@@ -200,6 +205,7 @@ def test_sequential_epoch_carries_state_and_random_does_not():
   assert not np.allclose(l_seq[1:], l_rnd[1:])  # Then only one carries the state.
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_with_adam_and_dropout():
   model, opt, ts = _setup("lstm", lr=0.01, name="adam", dropout=0.2)
   corpus = np.tile(np.arange(VOCAB, dtype=np.int32), 80)  # A perfectly predictable text.
@@ -213,6 +219,7 @@ def test_training_lowers_loss_with_adam_and_dropout():
   assert last < 0.5 * first
 
 
+@pytest.mark.slow
 def test_evaluate_rows_and_errors():
   model, _, ts = _setup()
   corpus = _corpus(301)
