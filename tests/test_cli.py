@@ -23,6 +23,8 @@ def run_train(args, capsys):
   return code, out, err
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, capsys):
   run = tmp_path / "run"
   code, out, err = run_train(["--num-epochs", "6", "--log-every", "3", "--valid-fraction", "0.1",
@@ -67,6 +69,8 @@ def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, cap
   assert saved.epoch == 6 and len(saved.vocab) == 28 and saved.config.num_hiddens == 16
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, capsys):
   straight, split = tmp_path / "a", tmp_path / "b"
   assert run_train(["--num-epochs", "4", "--quiet", "--out", str(straight)], capsys)[0] == 0
@@ -84,6 +88,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, capsys):
   np.testing.assert_allclose(pa["W_hq"], pb["W_hq"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_predict_command_continues_a_prefix(tmp_path, capsys):
   run = tmp_path / "run"
   assert run_train(["--num-epochs", "2", "--quiet", "--out", str(run)], capsys)[0] == 0
@@ -98,6 +104,8 @@ def test_predict_command_continues_a_prefix(tmp_path, capsys):
   assert capsys.readouterr().out.rstrip("\n") == sampled
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_divergence_exits_3_and_keeps_last_good_checkpoint_and_metrics(tmp_path, capsys):
   run = tmp_path / "run"
   assert run_train(["--num-epochs", "2", "--quiet", "--out", str(run)], capsys)[0] == 0
@@ -123,8 +131,10 @@ def _write(tmp_path, name, payload: bytes) -> str:
     "optimizer", "resume_without_checkpoint", "resume_without_out", "impl", "valid_fraction",
     "epochs", "seed", "lstm_activation", "out_is_file", "out_is_msgpack", "out_under_file",
     "shards_zero", "shards_uneven", "shards_too_many"])
-def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys, request):
   out_dir = str(tmp_path / "run")
+  if case == "out_under_file":  # refused where the run folder is made, after reading the corpus
+    request.getfixturevalue("time_machine_path")
   args = {
       "missing": ["--corpus", str(tmp_path / "nope.txt")],
       "directory": ["--corpus", str(tmp_path)],
@@ -191,6 +201,8 @@ def test_cudnn_impl_without_gpu_or_for_gru_is_one_line_exit_2(tmp_path, capsys, 
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_existing_run_is_never_overwritten_and_other_config_is_refused(tmp_path, capsys):
   run = tmp_path / "run"
   assert run_train(["--num-epochs", "1", "--quiet", "--out", str(run)], capsys)[0] == 0
@@ -216,6 +228,8 @@ def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path, capsys):
   assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_a_run_split_over_two_cpu_devices_trains_as_one_device_does(tmp_path, capsys):
   if jax.default_backend() != "cpu":  # JAX computes on a GPU: a split is refused
     code, _, err = run_train(["--shards", "2", "--out", str(tmp_path / "r")], capsys)
@@ -241,6 +255,8 @@ def test_a_run_split_over_two_cpu_devices_trains_as_one_device_does(tmp_path, ca
   assert len((tmp_path / "2" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_the_cli_gives_jax_a_device_per_core_and_splits_by_the_rule(tmp_path):
   """A fresh process: the command, not conftest, sets the CPU devices up."""
   from deeprnn_jax import parallel
@@ -277,6 +293,8 @@ def test_subprocess_error_has_no_traceback(tmp_path):
       f"deeprnn_jax.train: error: corpus file not found: {tmp_path / 'missing.txt'}"]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_compile_cache_is_filled_and_reused_with_the_same_results(tmp_path):
   """The CLI fills $DEEPRNN_JAX_CACHE, and a second run over the filled cache trains the same."""
   cache = tmp_path / "cache"
@@ -304,6 +322,8 @@ def test_compile_cache_location(monkeypatch, tmp_path):
     assert cli.compile_cache_dir() is None
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_bare_resume_keeps_the_saved_settings_and_flags_override_them(tmp_path, capsys):
   run = tmp_path / "run"
   assert run_train(["--num-epochs", "1", "--quiet", "--lr", "1.5", "--seed", "7",
@@ -327,6 +347,8 @@ def test_a_folder_with_metrics_but_no_checkpoint_is_not_overwritten(tmp_path, ca
   assert (run / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_run_files_get_ordinary_permissions(tmp_path, capsys):
   run = tmp_path / "run"
   old = os.umask(0o022)
@@ -338,6 +360,8 @@ def test_run_files_get_ordinary_permissions(tmp_path, capsys):
     assert (run / name).stat().st_mode & 0o777 == 0o644, name
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_interrupt_saves_the_newest_finished_epoch_and_its_metrics(tmp_path, monkeypatch, capsys):
   """Ctrl-C while epoch 3 is being recorded: epoch 4 is already running on the device (the
   pipeline dispatched it), so the run waits for it and keeps both epochs' rows and epoch 4."""
@@ -367,6 +391,8 @@ def test_interrupt_saves_the_newest_finished_epoch_and_its_metrics(tmp_path, mon
   assert epochs == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_interrupt_before_anything_finished_saves_nothing(tmp_path, monkeypatch, capsys):
   from deeprnn_jax import pipeline
 
@@ -389,6 +415,8 @@ def test_os_errors_are_one_line_exit_2(capsys):
   assert capsys.readouterr().err.strip() == "p: error: Permission denied: /root/x"
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("time_machine_path")
 def test_a_corpus_giving_two_epoch_shapes_compiles_both_before_training(tmp_path, capsys):
   """2,966 tokens in rows of 8 give 37 minibatches of 10 steps for offsets 0-5, 36 for 6-10
   ones: both programs are compiled up front (the pipeline looks one epoch ahead, and a program

@@ -17,52 +17,9 @@ from deeprnn_jax import corpora, data
 from deeprnn_jax.data import DataError
 from deeprnn_jax.errors import UsageError
 
+import d2l_reference as d2l
+
 TM = "timemachine.txt"
-
-
-def d2l_clean(line: str) -> str:
-  return re.sub("[^A-Za-z]+", " ", line).strip().lower()
-
-
-def d2l_time_machine_lines(path: Path) -> list[str]:
-  """d2l's read_time_machine, verbatim but for where the file comes from."""
-  with open(path, "r", encoding="utf-8") as f:
-    lines = f.readlines()
-  return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in lines]
-
-
-# d2l's iterators (d2l/torch.py), verbatim but for the randomness, which is passed in, and
-# torch.tensor, which is np.array here.
-
-
-def d2l_seq_data_iter_sequential(corpus, batch_size, num_steps, offset):
-  # offset = random.randint(0, num_steps)
-  num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
-  Xs = np.array(corpus[offset: offset + num_tokens])
-  Ys = np.array(corpus[offset + 1: offset + 1 + num_tokens])
-  Xs, Ys = Xs.reshape(batch_size, -1), Ys.reshape(batch_size, -1)
-  num_batches = Xs.shape[1] // num_steps
-  for i in range(0, num_steps * num_batches, num_steps):
-    X = Xs[:, i: i + num_steps]
-    Y = Ys[:, i: i + num_steps]
-    yield X, Y
-
-
-def d2l_seq_data_iter_random(corpus, batch_size, num_steps, offset, shuffle):
-  corpus = corpus[offset:]  # offset = random.randint(0, num_steps - 1)
-  num_subseqs = (len(corpus) - 1) // num_steps
-  initial_indices = list(range(0, num_subseqs * num_steps, num_steps))
-  shuffle(initial_indices)  # random.shuffle
-
-  def data(pos):
-    return corpus[pos: pos + num_steps]
-
-  num_batches = num_subseqs // batch_size
-  for i in range(0, batch_size * num_batches, batch_size):
-    initial_indices_per_batch = initial_indices[i: i + batch_size]
-    X = [data(j) for j in initial_indices_per_batch]
-    Y = [data(j + 1) for j in initial_indices_per_batch]
-    yield np.array(X), np.array(Y)
 
 
 def stack(batches):
@@ -86,41 +43,47 @@ def mentions(message: str, number: int) -> bool:
 def test_clean_line_is_d2l():
   for line in ["The Time Machine, by H. G. Wells [1898]\n", "  I.\n", "\n", "it's 12 o'clock",
                "ÉCOLE--normale", "a\tb\r\n", "123 !!"]:
-    assert data.clean_line(line) == d2l_clean(line)
+    assert data.clean_line(line) == d2l.clean(line)
   assert data.clean_line("The Time Machine, by H. G. Wells [1898]\n") == \
       "the time machine by h g wells"
 
 
 def test_read_time_machine_is_d2l(time_machine_path):
   lines = data.read_time_machine()
-  assert lines == d2l_time_machine_lines(time_machine_path)
+  assert lines == d2l.read_time_machine(time_machine_path)
   assert all(line == line.strip().lower() for line in lines)
 
 
 def test_time_machine_vocab_and_corpus(time_machine_path, time_machine_corpus):
   corpus, vocab = time_machine_corpus
-  # Expected, computed here: characters of the cleaned lines, counted, stable-sorted by count.
-  tokens = [ch for line in d2l_time_machine_lines(time_machine_path) for ch in line]
-  counts = collections.Counter(tokens)
-  token_freqs = sorted(counts.items(), key=lambda x: x[1], reverse=True)
+  want_corpus, want_vocab = d2l.load_corpus_time_machine(time_machine_path)
+  tokens = [ch for line in d2l.read_time_machine(time_machine_path) for ch in line]
+  # d2l's Vocab, restated: characters of the cleaned lines, counted, stable-sorted by count.
+  token_freqs = sorted(collections.Counter(tokens).items(), key=lambda x: x[1], reverse=True)
   expected = ["<unk>"] + [token for token, _ in token_freqs]
+  assert want_vocab.idx_to_token == expected and want_vocab.token_freqs == token_freqs
 
   assert len(vocab) == 28
   assert vocab.idx_to_token[:5] == ["<unk>", " ", "e", "t", "a"]
   assert vocab.idx_to_token == expected
   assert vocab.token_freqs == token_freqs
+  assert vocab.token_to_idx == want_vocab.token_to_idx
   assert corpus.dtype == np.int32 and corpus.ndim == 1
   assert len(corpus) == 170_580
   index = {token: i for i, token in enumerate(expected)}
   np.testing.assert_array_equal(corpus, np.array([index[t] for t in tokens], np.int32))
+  np.testing.assert_array_equal(corpus, np.array(want_corpus, np.int32))
 
 
-def test_time_machine_max_tokens(time_machine_corpus):
+def test_time_machine_max_tokens(time_machine_path, time_machine_corpus):
   full, full_vocab = time_machine_corpus
   corpus, vocab = data.load_corpus_time_machine(max_tokens=10000)
   assert len(corpus) == 10000
   np.testing.assert_array_equal(corpus, full[:10000])
   assert vocab.idx_to_token == full_vocab.idx_to_token  # Built from the whole book.
+  want_corpus, want_vocab = d2l.load_corpus_time_machine(time_machine_path, max_tokens=10000)
+  np.testing.assert_array_equal(corpus, np.array(want_corpus, np.int32))
+  assert vocab.idx_to_token == want_vocab.idx_to_token
 
 
 def test_vocab_semantics():
@@ -158,11 +121,33 @@ def test_vocab_semantics():
   assert len(empty) == 1 and empty["x"] == 0 and empty.token_freqs == []
 
 
+@pytest.mark.parametrize("tokens,kwargs", [
+    ([["b", "a", "b"], ["c", "b", "a"], ["d"]], {}),
+    (["b", "a", "b", "c", "b", "a", "d"], {}),
+    ([["b", "a", "b"], ["c", "b", "a"], ["d"]], dict(min_freq=2)),
+    ([["b", "a"], ["<pad>", "c"]], dict(reserved_tokens=["<pad>", "<bos>"])),
+    ([list("the time machine by h g wells"), []], dict(min_freq=3)),
+    (None, {}),
+])
+def test_vocab_is_d2l_vocab(tokens, kwargs):
+  ours, theirs = data.Vocab(tokens, **kwargs), d2l.Vocab(tokens, **kwargs)
+  assert ours.idx_to_token == theirs.idx_to_token
+  assert ours.token_to_idx == theirs.token_to_idx
+  assert ours.token_freqs == theirs.token_freqs
+  assert len(ours) == len(theirs) and ours.unk == theirs.unk
+  probe = ["a", "zzz", "<pad>", "t", " "]
+  assert ours[probe] == theirs[probe] and ours[tuple(probe)] == theirs[tuple(probe)]
+  indices = list(range(len(theirs)))
+  assert ours.to_tokens(indices) == theirs.to_tokens(indices)
+
+
 def test_tokenize():
   lines = ["the time  machine", "", "by h g wells"]
   assert data.tokenize(lines, "word") == [["the", "time", "machine"], [], ["by", "h", "g", "wells"]]
   assert data.tokenize(lines, "char") == [list("the time  machine"), [], list("by h g wells")]
   assert data.tokenize(lines) == data.tokenize(lines, "char")
+  for token in ("word", "char"):
+    assert data.tokenize(lines, token) == d2l.tokenize(lines, token)
   with pytest.raises(DataError):
     data.tokenize(lines, "byte")
 
@@ -358,7 +343,7 @@ def test_sequential_equals_d2l():
     offset = int(Xs[0, 0, 0])  # Token i of arange is at position i.
     offsets.add(offset)
     assert 0 <= offset <= num_steps
-    want_X, want_Y = stack(d2l_seq_data_iter_sequential(list(corpus), batch_size, num_steps,
+    want_X, want_Y = stack(d2l.seq_data_iter_sequential(list(corpus), batch_size, num_steps,
                                                          offset))
     np.testing.assert_array_equal(Xs, want_X)
     np.testing.assert_array_equal(Ys, want_Y)
@@ -374,10 +359,10 @@ def test_sequential_equals_d2l_on_real_corpus(time_machine_corpus):
   for seed in range(3):
     Xs, Ys = data.sequential_epoch(corpus, batch_size, num_steps, seed)
     matches = [offset for offset in range(num_steps + 1)
-               if np.array_equal(stack(d2l_seq_data_iter_sequential(
+               if np.array_equal(stack(d2l.seq_data_iter_sequential(
                    list(corpus), batch_size, num_steps, offset))[0], Xs)]
     assert matches
-    want_Y = stack(d2l_seq_data_iter_sequential(list(corpus), batch_size, num_steps,
+    want_Y = stack(d2l.seq_data_iter_sequential(list(corpus), batch_size, num_steps,
                                                 matches[0]))[1]
     np.testing.assert_array_equal(Ys, want_Y)
 
@@ -395,7 +380,7 @@ def test_random_equals_d2l():
         assert set(used) <= set(indices) and len(set(used)) == len(used)
         indices[:] = used + [j for j in indices if j not in set(used)]
 
-      want_X, want_Y = stack(d2l_seq_data_iter_random(list(corpus), batch_size, num_steps,
+      want_X, want_Y = stack(d2l.seq_data_iter_random(list(corpus), batch_size, num_steps,
                                                       offset, shuffle))
       np.testing.assert_array_equal(Xs, want_X)
       np.testing.assert_array_equal(Ys, want_Y)
@@ -527,6 +512,9 @@ def test_too_short_corpus():
     # Exactly enough is enough, whatever the offset.
     for seed in range(10):
       assert len(fn(np.zeros(need, np.int32), batch_size, num_steps, seed)[0]) >= 1
+
+
+def test_too_short_time_machine(time_machine_path):
   with pytest.raises(DataError) as info:
     data.load_data_time_machine(32, 35, max_tokens=100)
   assert mentions(str(info.value), data.min_corpus_tokens(32, 35))
@@ -534,13 +522,6 @@ def test_too_short_corpus():
 
 # --------------------------------------------------------------------------------------------
 # Property tests.
-
-
-def d2l_num_batches(n, batch_size, num_steps, offset, use_random_iter):
-  """How many minibatches d2l's iterators give for a corpus of n tokens and an offset."""
-  if use_random_iter:
-    return ((n - offset - 1) // num_steps) // batch_size
-  return (n - offset - 1) // batch_size // num_steps  # batch_size rows, cut in num_steps windows
 
 
 @settings(max_examples=80, deadline=None)
@@ -553,7 +534,7 @@ def test_iterator_properties(n, batch_size, num_steps, vocab_size, seed, use_ran
   need = data.min_corpus_tokens(batch_size, num_steps, use_random_iter)
   max_offset = num_steps - 1 if use_random_iter else num_steps
   # min_corpus_tokens is exactly the length at which every offset gives a minibatch.
-  worst = min(d2l_num_batches(n, batch_size, num_steps, o, use_random_iter)
+  worst = min(d2l.num_batches(n, batch_size, num_steps, o, use_random_iter)
               for o in range(max_offset + 1))
   assert (worst >= 1) == (n >= need)
 
@@ -583,7 +564,7 @@ def test_iterator_properties(n, batch_size, num_steps, vocab_size, seed, use_ran
     offset = int(starts.min()) % num_steps
     assert len(set(starts.tolist())) == num_batches * batch_size  # Each at most once.
     assert np.all((starts - offset) % num_steps == 0)  # Non-overlapping, on one grid.
-    assert num_batches == d2l_num_batches(n, batch_size, num_steps, offset, True)
+    assert num_batches == d2l.num_batches(n, batch_size, num_steps, offset, True)
   else:
     offset = int(Px[0, 0, 0])
     assert 0 <= offset <= num_steps
@@ -593,7 +574,7 @@ def test_iterator_properties(n, batch_size, num_steps, vocab_size, seed, use_ran
     # Rows are consecutive chunks of the corpus.
     row_len = (n - offset - 1) // batch_size
     np.testing.assert_array_equal(Px[0, :, 0], offset + row_len * np.arange(batch_size))
-    assert num_batches == d2l_num_batches(n, batch_size, num_steps, offset, False)
+    assert num_batches == d2l.num_batches(n, batch_size, num_steps, offset, False)
 
 
 @pytest.mark.parametrize("use_random_iter", [False, True])

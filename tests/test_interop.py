@@ -1,7 +1,7 @@
 """PyTorch and d2l interoperability: the same weights compute the same things in both.
 
-The PyTorch side is d2l's own code (classic edition, ``d2l/torch.py``), copied below: ``RNNModel``,
-``grad_clipping``, ``train_epoch_ch8`` and ``predict_ch8``.
+The PyTorch side is d2l's own code (classic edition, ``d2l/torch.py``), in ``d2l_reference.py``:
+``RNNModel``, ``train_ch8`` and ``predict_ch8``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -20,89 +21,16 @@ import optax
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from deeprnn_jax import checkpoint, convert, data, interop, models, training
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 
+from d2l_reference import RNNModel, predict_ch8, train_ch8
+
 CASES = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
 LAYERS = [1, 2, 3]
 V, H, B, T = 10, 8, 3, 5  # Small, so that every case runs in well under a second.
-
-
-# --------------------------------------------------------------------------------------------
-# d2l's PyTorch code, verbatim up to formatting.
-
-
-class RNNModel(nn.Module):
-  """d2l's ``RNNModel``: one-hot inputs, an ``nn.RNN/GRU/LSTM``, an ``nn.Linear`` head."""
-
-  def __init__(self, rnn_layer, vocab_size, **kwargs):
-    super().__init__(**kwargs)
-    self.rnn = rnn_layer
-    self.vocab_size = vocab_size
-    self.num_hiddens = self.rnn.hidden_size
-    self.num_directions = 1
-    self.linear = nn.Linear(self.num_hiddens, self.vocab_size)
-
-  def forward(self, inputs, state):
-    X = F.one_hot(inputs.T.long(), self.vocab_size)
-    X = X.to(torch.float32)
-    Y, state = self.rnn(X, state)
-    # Time-major: row t * batch + b is step t of sequence b.
-    output = self.linear(Y.reshape((-1, Y.shape[-1])))
-    return output, state
-
-  def begin_state(self, device, batch_size=1):
-    shape = (self.num_directions * self.rnn.num_layers, batch_size, self.num_hiddens)
-    if not isinstance(self.rnn, nn.LSTM):
-      return torch.zeros(shape, device=device)
-    return (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
-
-
-def grad_clipping(net, theta):
-  params = [p for p in net.parameters() if p.requires_grad]
-  norm = torch.sqrt(sum(torch.sum((p.grad ** 2)) for p in params))
-  if norm > theta:
-    for param in params:
-      param.grad[:] *= theta / norm
-
-
-def train_epoch_ch8(net, batches, loss, updater, use_random_iter):
-  """d2l's epoch, over given ``(X, Y)`` minibatches; returns the epoch's perplexity."""
-  state, total, count = None, 0.0, 0
-  for X, Y in batches:
-    if state is None or use_random_iter:
-      state = net.begin_state(batch_size=X.shape[0], device="cpu")
-    else:
-      if isinstance(net, nn.Module) and not isinstance(state, tuple):
-        state.detach_()
-      else:
-        for s in state:
-          s.detach_()
-    y = Y.T.reshape(-1)
-    y_hat, state = net(X, state)
-    l = loss(y_hat, y.long()).mean()
-    updater.zero_grad()
-    l.backward()
-    grad_clipping(net, 1)
-    updater.step()
-    total, count = total + l.item() * y.numel(), count + y.numel()
-  return math.exp(total / count)
-
-
-def predict_ch8(prefix, num_preds, net, vocab):
-  state = net.begin_state(batch_size=1, device="cpu")
-  outputs = [vocab[prefix[0]]]
-  get_input = lambda: torch.tensor([outputs[-1]]).reshape((1, 1))
-  for y in prefix[1:]:
-    _, state = net(get_input(), state)
-    outputs.append(vocab[y])
-  for _ in range(num_preds):
-    y, state = net(get_input(), state)
-    outputs.append(int(y.argmax(dim=1).reshape(1)))
-  return "".join([vocab.idx_to_token[i] for i in outputs])
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,13 +70,9 @@ def to_jax_state(state):
   return jnp.asarray(state.detach().numpy())
 
 
-def assert_trees_close(actual, expected, atol, what=""):
-  flat_a = jax.tree_util.tree_leaves_with_path(actual)
-  flat_e = jax.tree_util.tree_leaves(expected)
-  assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected), what
-  for (path, a), e in zip(flat_a, flat_e):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0, atol=atol,
-                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+def assert_trees_close(actual, expected, atol):
+  """Same structure, every leaf within ``atol`` (0: equal)."""
+  chex.assert_trees_all_close(actual, expected, rtol=0, atol=atol)
 
 
 def tokens(seed, shape=(B, T), vocab_size=V):
@@ -202,11 +126,11 @@ def test_forward_gradients_and_clipped_sgd_step_match_pytorch(cell, activation, 
   # PyTorch's rows are time-major [steps * batch, vocab]; ours are [batch, steps, vocab].
   torch_logits = out.detach().numpy().reshape(T, B, V).transpose(1, 0, 2)
   np.testing.assert_allclose(logits, torch_logits, rtol=0, atol=1e-5)
-  assert_trees_close(our_state, to_jax_state(state), 1e-5, "state")
+  assert_trees_close(our_state, to_jax_state(state), 1e-5)
   np.testing.assert_allclose(our_loss, loss.item(), rtol=0, atol=1e-5)
-  assert_trees_close(grads, torch_grads, 1e-4, "grad ")
+  assert_trees_close(grads, torch_grads, 1e-4)
   assert_trees_close(new_params, interop.params_from_torch(net.state_dict(), cell, num_layers),
-                     1e-5, "params after one step ")
+                     1e-5)
 
 
 @pytest.mark.parametrize("cell,activation", CASES)
@@ -219,7 +143,7 @@ def test_scan_impl_matches_pytorch(cell, activation):
   logits, our_state = jax.jit(model.apply)({"params": params}, X, to_jax_state(state0))
   np.testing.assert_allclose(logits, out.detach().numpy().reshape(T, B, V).transpose(1, 0, 2),
                              rtol=0, atol=1e-5)
-  assert_trees_close(our_state, to_jax_state(state), 1e-5, "state")
+  assert_trees_close(our_state, to_jax_state(state), 1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,8 +295,8 @@ def save_torch(net, path):
 
 
 @pytest.fixture(scope="module")
-def tm_vocab():
-  return data.load_corpus_time_machine()[1]
+def tm_vocab(time_machine_corpus):
+  return time_machine_corpus[1]
 
 
 def test_from_torch_writes_a_run_folder(tmp_path, capsys, tm_vocab):
@@ -402,10 +326,10 @@ def test_from_torch_writes_a_run_folder(tmp_path, capsys, tm_vocab):
   assert predict.main(["--checkpoint", str(run), "--prefix", "time traveller",
                        "--num-preds", "30"]) == 0
   ours = capsys.readouterr().out.strip()
-  assert ours == predict_ch8("time traveller", 30, net, tm_vocab)
+  assert ours == predict_ch8("time traveller", 30, net, tm_vocab, "cpu")
 
 
-def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys):
+def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys, time_machine_path):
   # What `deeprnn_jax.train --out RUN --resume` does with a run folder (runs.train_run).
   net = d2l_model("gru", num_layers=1, vocab_size=TM_VOCAB, num_hiddens=H)
   run = tmp_path / "run"
@@ -465,7 +389,7 @@ def test_our_init_to_torch_loads_into_d2l_model(tmp_path, capsys, tm_vocab, cell
                              rtol=0, atol=1e-5)
 
 
-def test_from_torch_then_to_torch_is_exact(tmp_path, capsys):
+def test_from_torch_then_to_torch_is_exact(tmp_path, capsys, time_machine_path):
   net = d2l_model("gru", num_layers=2, vocab_size=TM_VOCAB, num_hiddens=H)
   pt = save_torch(net, tmp_path / "a.pt")
   assert run_convert(capsys, "--from-torch", pt, "--cell", "gru", "--num-layers", 2,
@@ -477,7 +401,7 @@ def test_from_torch_then_to_torch_is_exact(tmp_path, capsys):
     assert torch.equal(back[key], value), key
 
 
-def test_refuses_to_overwrite_without_force(tmp_path, capsys):
+def test_refuses_to_overwrite_without_force(tmp_path, capsys, time_machine_path):
   pt = save_torch(d2l_model("lstm", num_layers=1, vocab_size=TM_VOCAB), tmp_path / "m.pt")
   args = ["--from-torch", pt, "--cell", "lstm", "--num-layers", 1, "--out", tmp_path / "run"]
   assert run_convert(capsys, *args)[0] == 0
@@ -547,8 +471,6 @@ def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
     (["--cell", "gru", "--num-layers", "2"], r"rnn\.weight_hh_l0 has shape .*fits lstm"),
     (["--cell", "lstm", "--num-layers", "3"], r"no rnn\.weight_ih_l2"),
     (["--cell", "lstm"], r"--from-torch needs --num-layers"),
-    (["--cell", "lstm", "--num-layers", "2", "--clean", "none"],
-     r"input width is 28 but corpus timemachine\.txt \(--clean none\) has \d+ tokens"),
     (["--cell", "lstm", "--num-layers", "2", "--corpus", "missing.txt"],
      r"corpus file not found: missing\.txt"),
     (["--cell", "lstm", "--num-layers", "2", "--lr", "0"], r"learning rate must be a finite number > 0"),
@@ -556,6 +478,18 @@ def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
      r"give the run folder, not its checkpoint file"),
 ])
 def test_from_torch_usage_errors(tmp_path, capsys, argv, pattern):
+  _assert_from_torch_usage_error(tmp_path, capsys, argv, pattern)
+
+
+def test_from_torch_refuses_a_corpus_of_another_width(tmp_path, capsys, time_machine_path):
+  """Checked against the corpus the run folder is made for: here 28 tokens d2l-cleaned, more
+  with ``--clean none``."""
+  _assert_from_torch_usage_error(
+      tmp_path, capsys, ["--cell", "lstm", "--num-layers", "2", "--clean", "none"],
+      r"input width is 28 but corpus timemachine\.txt \(--clean none\) has \d+ tokens")
+
+
+def _assert_from_torch_usage_error(tmp_path, capsys, argv, pattern):
   pt = save_torch(d2l_model("lstm", num_layers=2, vocab_size=TM_VOCAB), tmp_path / "m.pt")
   argv = [a.format(tmp=tmp_path) for a in argv]  # A later --out wins.
   code, _, err = run_convert(capsys, "--from-torch", pt, "--out", tmp_path / "run", *argv)
@@ -596,7 +530,7 @@ def test_missing_torch_is_a_usage_error(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("cell,use_random_iter", [("lstm", False), ("gru", True)])
-def test_training_matches_d2l_train_ch8(cell, use_random_iter):
+def test_training_matches_d2l_train_ch8(cell, use_random_iter, time_machine_path):
   num_layers, num_hiddens, batch_size, num_steps, lr, num_epochs = 2, 32, 8, 10, 2.0, 5
   corpus, vocab = data.load_corpus_time_machine(max_tokens=2000)
   epoch_fn = data.random_epoch if use_random_iter else data.sequential_epoch
@@ -609,11 +543,10 @@ def test_training_matches_d2l_train_ch8(cell, use_random_iter):
                            optimizer.init(params))
   train_epoch = training.make_train_epoch(model, optimizer, use_random_iter)
 
-  loss, updater = nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr)
-  torch_ppl, our_ppl = [], []
+  torch_ppl = train_ch8(net, [[(torch.from_numpy(X), torch.from_numpy(Y)) for X, Y in zip(Xs, Ys)]
+                             for Xs, Ys in epochs], lr, "cpu", use_random_iter)
+  our_ppl = []
   for Xs, Ys in epochs:
-    batches = [(torch.from_numpy(X), torch.from_numpy(Y)) for X, Y in zip(Xs, Ys)]
-    torch_ppl.append(train_epoch_ch8(net, batches, loss, updater, use_random_iter))
     ts, losses = train_epoch(ts, Xs, Ys, jax.random.PRNGKey(0))
     losses = np.asarray(losses, np.float64)
     numel = Ys[0].size  # Every minibatch has the same number of targets.
@@ -627,4 +560,4 @@ def test_training_matches_d2l_train_ch8(cell, use_random_iter):
              zip(jax.tree_util.tree_leaves(ts.params), jax.tree_util.tree_leaves(start))) > 0.1
   np.testing.assert_allclose(our_ppl, torch_ppl, rtol=1e-3)
   assert_trees_close(ts.params, interop.params_from_torch(net.state_dict(), cell, num_layers),
-                     1e-3, "params after training ")
+                     1e-3)

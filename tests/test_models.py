@@ -1,8 +1,8 @@
-"""The deep RNN language model against the NumPy reference, and its contracts.
+"""The model's API: parameter layout and initialisation, dropout, begin_state, hyperparameters.
 
-``RNNLM`` with ``impl="scan"`` (the chapter's formulation) and ``impl="layerwise"`` (the default
-fast path) must both compute the function written in ``tests/reference.py`` from the equations.
-The other fast paths (``wavefront``, ``cudnn``) are checked in ``test_fast_paths.py``.
+That each implementation (``impl=``) computes the reference's numbers is checked in
+``test_implementations.py``, which uses the helpers here to build parameters, tokens and states in
+the documented layouts.
 """
 
 from __future__ import annotations
@@ -12,44 +12,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from absl.testing import parameterized
 
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 from reference import NUM_GATES, reference_forward
 
-IMPLS = ("scan", "layerwise")
+IMPLS = ("scan", "layerwise")  # the implementations that take dropout between layers
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-# (batch, steps, hiddens, vocab): batch 1 and steps 1 included.
-SHAPES = ((1, 1, 4, 5), (2, 5, 3, 7), (3, 4, 8, 6), (1, 6, 5, 4), (4, 1, 6, 9))
-
-
-# (name, cell, activation per model, layer counts): RNN tanh, relu and mixed per-layer φ_l; GRU;
-# LSTM. (Mixed needs L >= 2; relu at L = 2 is covered by the mixed cases.)
-KINDS = (
-    ("rnn_tanh", "rnn", lambda L: "tanh", (1, 2, 3)),
-    ("rnn_relu", "rnn", lambda L: "relu", (1, 3)),
-    ("rnn_mixed", "rnn", lambda L: ("relu", "tanh", "relu")[:L], (2, 3)),
-    ("gru", "gru", lambda L: "tanh", (1, 2, 3)),
-    ("lstm", "lstm", lambda L: "tanh", (1, 2, 3)),
-)
-
-
-def _cases():
-  """Every kind of cell with L = 1, 2, 3, the shapes rotating so each kind sees several."""
-  cases = []
-  combos = [(kind, L) for kind in KINDS for L in kind[3]]
-  for i, ((name, cell, act, _), L) in enumerate(combos):
-    batch, steps, hiddens, vocab = SHAPES[i % len(SHAPES)]
-    cases.append(dict(
-        testcase_name=f"{name}_L{L}_b{batch}_t{steps}_h{hiddens}_v{vocab}",
-        cell=cell, activation=act(L), num_layers=L, batch=batch, steps=steps,
-        hiddens=hiddens, vocab=vocab,
-    ))
-  return cases
 
 
 def random_state(key, cell: str, num_layers: int, batch: int, hiddens: int):
@@ -105,158 +75,19 @@ def layout_params(seed: int, vocab: int, hiddens: int, num_layers: int, cell: st
 
 
 # --------------------------------------------------------------------------------------------
-# The model equals the reference.
-
-
-class ReferenceTest(chex.TestCase):
-  """Logits and final states equal the NumPy reference to 1e-5, jitted or not.
-
-  Each case runs both implementations, from a random nonzero state and from ``state=None``
-  (zeros), inside one function that the variant jits or not.
-  """
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*_cases())
-  def test_matches_reference(self, cell, activation, num_layers, batch, steps, hiddens, vocab):
-    seed = num_layers * 100 + batch * 10 + steps
-    k_x, k_s = jax.random.split(jax.random.PRNGKey(seed))
-    X = random_tokens(k_x, batch, steps, vocab)
-    state = random_state(k_s, cell, num_layers, batch, hiddens)
-    params = layout_params(seed, vocab, hiddens, num_layers, cell)
-    models = [RNNLM(vocab, hiddens, num_layers, cell, activation, impl=impl) for impl in IMPLS]
-
-    @self.variant
-    def run(p, x, s):
-      return [(m.apply({"params": p}, x, s), m.apply({"params": p}, x)) for m in models]
-
-    expected = (reference_forward(params, np.asarray(X), state, cell, activation),
-                reference_forward(params, np.asarray(X), None, cell, activation))
-    for impl, outs in zip(IMPLS, run(params, X, state)):
-      for (logits, new_state), (ref_logits, ref_state) in zip(outs, expected):
-        chex.assert_shape(logits, (batch, steps, vocab))
-        chex.assert_type(logits, jnp.float32)
-        assert_state(new_state, cell, num_layers, batch, hiddens)
-        np.testing.assert_allclose(np.asarray(logits), ref_logits, **TOL, err_msg=impl)
-        assert_state_close(new_state, ref_state, cell)
-    # The initial state matters, so the two comparisons are not one.
-    assert not np.allclose(expected[0][0], expected[1][0], atol=1e-4)
-
-
-# The reference is the oracle for everything above, so check it against an independent
-# implementation too: PyTorch's nn.RNN/GRU/LSTM (float64), whose gate orders the layout follows.
-@pytest.mark.parametrize("cell,activation", [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"),
-                                             ("lstm", "tanh")])
-def test_reference_matches_torch(cell, activation):
-  import torch  # A declared test dependency (the "test" extra).
-
-  batch, steps, hiddens, vocab, L = 2, 5, 4, 6, 2
-  rng = np.random.default_rng(0)
-  G = NUM_GATES[cell]
-  params = {"rnn": {}, "W_hq": rng.uniform(-0.5, 0.5, (hiddens, vocab)),
-            "b_q": rng.uniform(-0.5, 0.5, vocab)}
-  for l in range(L):
-    params["rnn"][f"layer_{l}"] = {
-        "W_xh": rng.uniform(-0.5, 0.5, (vocab if l == 0 else hiddens, G * hiddens)),
-        "W_hh": rng.uniform(-0.5, 0.5, (hiddens, G * hiddens)),
-        "b_xh": rng.uniform(-0.5, 0.5, G * hiddens),
-        "b_hh": rng.uniform(-0.5, 0.5, G * hiddens),
-    }
-  X = rng.integers(0, vocab, (batch, steps))
-  h0 = rng.normal(size=(L, batch, hiddens))
-  c0 = rng.normal(size=(L, batch, hiddens))
-  state = (h0, c0) if cell == "lstm" else h0
-
-  if cell == "rnn":
-    net = torch.nn.RNN(vocab, hiddens, L, nonlinearity=activation, batch_first=True)
-  else:
-    net = getattr(torch.nn, cell.upper())(vocab, hiddens, L, batch_first=True)
-  net = net.double()
-  with torch.no_grad():
-    for l in range(L):
-      p = params["rnn"][f"layer_{l}"]
-      getattr(net, f"weight_ih_l{l}").copy_(torch.from_numpy(p["W_xh"].T.copy()))
-      getattr(net, f"weight_hh_l{l}").copy_(torch.from_numpy(p["W_hh"].T.copy()))
-      getattr(net, f"bias_ih_l{l}").copy_(torch.from_numpy(p["b_xh"]))
-      getattr(net, f"bias_hh_l{l}").copy_(torch.from_numpy(p["b_hh"]))
-    inputs = torch.nn.functional.one_hot(torch.from_numpy(X), vocab).double()
-    torch_state = tuple(torch.from_numpy(s) for s in state) if cell == "lstm" else \
-        torch.from_numpy(state)
-    out, torch_final = net(inputs, torch_state)
-    torch_logits = (out @ torch.from_numpy(params["W_hq"]) + torch.from_numpy(params["b_q"]))
-
-  logits, final = reference_forward(params, X, state, cell, activation)
-  np.testing.assert_allclose(logits, torch_logits.numpy(), rtol=1e-10, atol=1e-10)
-  if cell == "lstm":
-    np.testing.assert_allclose(final[0], torch_final[0].numpy(), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(final[1], torch_final[1].numpy(), rtol=1e-10, atol=1e-10)
-  else:
-    np.testing.assert_allclose(final, torch_final.numpy(), rtol=1e-10, atol=1e-10)
-
-
-# --------------------------------------------------------------------------------------------
-# vmap, gradients, the implementations.
-
-
-@pytest.mark.parametrize("cell,impl", [("lstm", "layerwise"), ("rnn", "scan"),
-                                       ("gru", "layerwise"), ("gru", "wavefront")])
-def test_vmap_over_stacked_params_equals_loop(cell, impl):
-  vocab, hiddens, L, batch, steps, n = 5, 4, 2, 2, 3, 3
-  model = RNNLM(vocab, hiddens, L, cell, impl=impl)
-  param_sets = [layout_params(8 + i, vocab, hiddens, L, cell) for i in range(n)]
-  stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *param_sets)
-  X = random_tokens(jax.random.PRNGKey(9), batch, steps, vocab)
-  state = random_state(jax.random.PRNGKey(10), cell, L, batch, hiddens)
-
-  apply = jax.jit(lambda p: model.apply({"params": p}, X, state))
-  logits_v, state_v = jax.vmap(apply)(stacked)
-  chex.assert_shape(logits_v, (n, batch, steps, vocab))
-  for i, p in enumerate(param_sets):
-    logits_i, state_i = apply(p)
-    np.testing.assert_allclose(logits_v[i], logits_i, rtol=1e-5, atol=1e-6)
-    for s_v, s_i in zip(jax.tree_util.tree_leaves(state_v), jax.tree_util.tree_leaves(state_i)):
-      np.testing.assert_allclose(s_v[i], s_i, rtol=1e-5, atol=1e-6)
-  # The parameter sets really differ, so the loop is not comparing one thing with itself.
-  assert not np.allclose(logits_v[0], logits_v[1])
-
-
-@pytest.mark.parametrize("cell,activation", [("rnn", ("relu", "tanh")), ("gru", "tanh"),
-                                             ("lstm", "tanh")])
-def test_gradients_finite_and_equal_across_impls(cell, activation):
-  vocab, hiddens, L, batch, steps = 6, 5, 2, 3, 4
-  X = random_tokens(jax.random.PRNGKey(11), batch, steps, vocab)
-  Y = random_tokens(jax.random.PRNGKey(12), batch, steps, vocab)
-  params = layout_params(13, vocab, hiddens, L, cell)
-
-  def loss(p, model):
-    logits, _ = model.apply({"params": p}, X)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
-
-  models = [RNNLM(vocab, hiddens, L, cell, activation, impl=impl) for impl in IMPLS]
-  results = jax.jit(lambda p: [jax.value_and_grad(loss)(p, m) for m in models])(params)
-  for value, g in results:
-    assert np.isfinite(float(value)) and float(value) > 0
-    chex.assert_tree_all_finite(g)
-    chex.assert_trees_all_equal_shapes(g, params)
-    # Every parameter array gets some gradient.
-    for path, leaf in jax.tree_util.tree_leaves_with_path(g):
-      assert np.abs(np.asarray(leaf)).max() > 0, path
-  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
-  chex.assert_trees_all_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
-  # The loss is the mean cross-entropy of the reference logits.
-  ref_logits, _ = reference_forward(params, np.asarray(X), None, cell, activation)
-  log_probs = ref_logits - np.log(np.exp(ref_logits).sum(-1, keepdims=True))
-  ref_loss = -np.take_along_axis(log_probs, np.asarray(Y)[..., None], -1).mean()
-  np.testing.assert_allclose(float(results[0][0]), ref_loss, rtol=1e-5)
+# Parameters: layout and initialisation.
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
-def test_init_same_for_both_impls_layout_and_bounds(cell):
-  """``init`` gives the documented layout, the same for scan and layerwise from one key, and
+def test_init_same_for_every_impl_layout_and_bounds(cell):
+  """``init`` gives the documented layout, the same for every implementation from one key, and
   every parameter (recurrent and head) ``~ U(-1/√hiddens, 1/√hiddens)``."""
   vocab, hiddens, L = 30, 16, 2
   key = jax.random.PRNGKey(14)
-  params = {impl: init_params(RNNLM(vocab, hiddens, L, cell, impl=impl), key) for impl in IMPLS}
-  chex.assert_trees_all_equal(params["scan"], params["layerwise"])
+  impls = ("scan", "layerwise", "wavefront") + (("cudnn",) if cell == "lstm" else ())
+  params = {impl: init_params(RNNLM(vocab, hiddens, L, cell, impl=impl), key) for impl in impls}
+  for impl in impls[1:]:
+    chex.assert_trees_all_equal(params[impl], params["scan"])
   # Names, nesting, shapes and dtypes are the documented ones.
   chex.assert_trees_all_equal_shapes_and_dtypes(params["scan"],
                                                 layout_params(0, vocab, hiddens, L, cell))
@@ -407,7 +238,13 @@ def test_bad_hyperparameters(kwargs):
 
 
 def test_good_hyperparameters_accepted():
-  """The boundaries of the valid ranges are accepted (so the checks above are not blanket)."""
-  RNNLM(5, 1, 1, "rnn", "relu", dropout=0.0)
-  RNNLM(5, 4, 2, "rnn", ("relu", "tanh"), dropout=0.999)
-  RNNLM(5, 4, 3, "lstm", ["tanh", "tanh", "tanh"], impl="scan")
+  """The boundaries of the valid ranges are accepted (so the checks above are not blanket), and
+  the models built from them run."""
+  X = jnp.zeros((2, 3), jnp.int32)
+  for model in (RNNLM(5, 1, 1, "rnn", "relu", dropout=0.0),
+                RNNLM(5, 4, 2, "rnn", ("relu", "tanh"), dropout=0.999),
+                RNNLM(5, 4, 3, "lstm", ["tanh", "tanh", "tanh"], impl="scan")):
+    logits, state = model.apply(model.init(jax.random.PRNGKey(0), X), X)
+    chex.assert_shape(logits, (2, 3, 5))
+    chex.assert_tree_all_finite(logits)
+    assert_state(state, model.cell, model.num_layers, 2, model.num_hiddens)

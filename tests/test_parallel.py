@@ -101,6 +101,7 @@ def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("use_random_iter", [False, True])
 def test_a_split_epoch_trains_as_one_device_does(cell, use_random_iter):
@@ -112,6 +113,7 @@ def test_a_split_epoch_trains_as_one_device_does(cell, use_random_iter):
   assert len(ts2.params["W_hq"].sharding.device_set) == 2
 
 
+@pytest.mark.slow
 def test_split_shards_draw_their_own_dropout_masks():
   """Both shards get the same rows; their states differ only if their masks do."""
   model = RNNLM(VOCAB, 16, 2, "lstm", dropout=0.5)

@@ -21,7 +21,7 @@ from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
-from test_fast_paths import _loss, _tree_like  # the fast-path tests' projected loss
+from test_implementations import projected_loss, random_like
 
 VOCAB, HIDDENS = 11, 32
 
@@ -32,13 +32,15 @@ def _relative_error(a, b) -> float:
 
 
 def _outputs_and_grads(model, *args):
-  """``(logits, state), (dparams, dstate)`` of ``_loss(model)(params, state, X, R, S)``."""
+  """``(logits, state), (dparams, dstate)`` of ``projected_loss(model)(params, state, X, R, S)``."""
   # Full float32 products where float32 is asked for (a GPU would use TF32 by default).
   with jax.default_matmul_precision("highest"):
-    (_, out), grads = jax.jit(jax.value_and_grad(_loss(model), (0, 1), has_aux=True))(*args)
+    (_, out), grads = jax.jit(jax.value_and_grad(projected_loss(model), (0, 1),
+                                                 has_aux=True))(*args)
   return out, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["layerwise", "wavefront"])
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
@@ -48,8 +50,8 @@ def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
   fast16 = RNNLM(VOCAB, HIDDENS, 2, cell, impl=impl, precision="bfloat16")
   X = jax.random.randint(k[0], (4, 12), 0, VOCAB)
   params = reference.init(k[1], X)["params"]
-  state = _tree_like(k[2], reference.begin_state(4), 0.5)
-  args = (params, state, X, jax.random.normal(k[3], (4, 12, VOCAB)), _tree_like(k[4], state))
+  state = random_like(k[2], reference.begin_state(4), 0.5)
+  args = (params, state, X, jax.random.normal(k[3], (4, 12, VOCAB)), random_like(k[4], state))
   ref, f32, b16 = (_outputs_and_grads(m, *args) for m in (reference, fast32, fast16))
   assert _relative_error(f32, ref) < 1e-5
   # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 2e-3 per operand).
@@ -77,6 +79,7 @@ def _upcast_products(compiled_hlo: str) -> list[str]:
           if re.search(r"= f32\[[\d,]*\]\{[\d,]*\} convert\(", line) and "dot_general" in line]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell,impl,shards", [
     ("lstm", "layerwise", 1), ("gru", "layerwise", 1), ("rnn", "layerwise", 1),
     ("lstm", "layerwise", 2), ("gru", "wavefront", 1), ("lstm", "wavefront", 1)])
@@ -121,6 +124,7 @@ def test_the_bfloat16_transpose_is_a_transpose(shape):
                                 np.asarray(a.astype(jnp.bfloat16), np.float32).T)
 
 
+@pytest.mark.slow
 def test_training_in_bfloat16_follows_the_float32_run(time_machine_path):
   loader, vocab = data.load_data_time_machine(16, 20, max_tokens=4000, seed=0)
   losses = {}
@@ -143,7 +147,8 @@ def test_training_in_bfloat16_follows_the_float32_run(time_machine_path):
   assert not np.array_equal(losses["bfloat16"], losses["float32"])
 
 
-def test_the_cli_records_the_precision_and_refuses_bad_ones(tmp_path, capsys):
+@pytest.mark.slow
+def test_the_cli_records_the_precision_and_refuses_bad_ones(tmp_path, capsys, time_machine_path):
   small = ["--num-hiddens", "16", "--max-tokens", "3000", "--batch-size", "8", "--num-steps",
            "10", "--num-epochs", "2"]
   run = tmp_path / "run"
