@@ -569,7 +569,9 @@ def main(argv=None) -> int:
           flush=True)
   command = "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
   if args.out:
-    Path(args.out).write_text(json.dumps({**results, "command": command}, indent=1))
+    sys.path.insert(0, str(ROOT))
+    from deeprnn_jax.files import dumps  # strict JSON: a NaN perplexity becomes null + a flag
+    Path(args.out).write_text(dumps({**results, "command": command}, indent=1))
   if args.append_md:
     with open(args.append_md, "a") as f:
       f.write(markdown(results, command))

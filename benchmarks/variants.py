@@ -34,7 +34,6 @@ Environment: ``CONFIG`` (a ``benchmarks/throughput.py`` config name) or ``CELL``
 """
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import CLIP, CONFIGS, LR, _data_env  # noqa: E402
 
-from deeprnn_jax import cells, data, parallel, recurrence, training  # noqa: E402
+from deeprnn_jax import cells, data, files, parallel, recurrence, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402
 
 SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_textbook}
@@ -127,7 +126,7 @@ def main():
           f"CPU {cpu * 1e3:8.2f} ms  first call {v['first']:5.1f} s  loss {v['loss']:.4f}")
     if os.environ.get("JSON"):
       with open(os.environ["JSON"], "a") as f:
-        f.write(json.dumps({"config": name, "variant": spec, "tokens_per_epoch": int(Xs.size),
+        f.write(files.dumps({"config": name, "variant": spec, "tokens_per_epoch": int(Xs.size),
                             "wall_s": float(wall), "cpu_s": float(cpu), "walls": v["wall"],
                             "first_call_s": v["first"], "loss": v["loss"],
                             "device": jax.devices()[0].device_kind}) + "\n")
