@@ -96,6 +96,8 @@ def resolve_corpus(name: str | os.PathLike, download: bool = True) -> Path:
   if path.is_file():
     return path
   key = path.name
+  if path.is_dir():
+    raise DataError(f"corpus {name} is a directory; give a text file")
   if key not in DATASETS or path.parent != Path("."):
     raise DataError(f"corpus file not found: {name}")
   candidates = []
