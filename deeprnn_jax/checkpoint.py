@@ -1,9 +1,15 @@
-"""Run checkpoints: one msgpack file, written atomically, that resumes a run exactly.
+"""Run checkpoints: one msgpack file each, written atomically, that resumes a run exactly.
 
 A checkpoint holds the parameters, the optimiser state, the data loader's RNG state, the number of
-finished epochs, the vocabulary and the run's :class:`~deeprnn_jax.config.TrainConfig`. It lives at
-``<run_dir>/checkpoint.msgpack``; writing goes to a temporary file renamed over the old one, so an
-interrupted save never destroys the last good checkpoint.
+finished epochs, the vocabulary and the run's :class:`~deeprnn_jax.config.TrainConfig`. The newest
+lives at ``<run_dir>/checkpoint.msgpack``; with ``keep > 1`` the older ones kept are
+``checkpoint-<epoch>.msgpack`` beside it. Writing goes to a temporary file renamed over the old one,
+so an interrupted save never destroys the last good checkpoint, and only finite parameters are
+ever saved by a run. Reading a folder falls back from a corrupt (or non-finite) newest file to the
+older ones, with a warning.
+
+Why not ``orbax-checkpoint`` (docs/runs.md): one small file that ``msgpack`` and NumPy alone can
+read, against a folder of a dozen files per checkpoint, tensorstore and ~90 MB of dependencies.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.serialization
 import jax
@@ -20,11 +29,15 @@ import numpy as np
 
 from deeprnn_jax.config import MODEL_FIELDS, TrainConfig
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.files import atomic_write_bytes
+from deeprnn_jax.files import atomic_write_bytes, fsync_dir
 from deeprnn_jax.vocab import Vocab
 
 FILENAME = "checkpoint.msgpack"
 FORMAT = 1
+_OLDER = re.compile(r"checkpoint-(\d+)\.msgpack")
+# What a resumed run must share with its checkpoint: the model and the data it reads.
+RESUME_FIELDS = MODEL_FIELDS + ("corpus", "clean", "max_tokens", "batch_size", "num_steps",
+                                "use_random_iter", "valid_fraction", "optimizer")
 
 
 class CheckpointError(UsageError):
@@ -39,17 +52,46 @@ class Checkpoint:
   vocab: Vocab
   config: TrainConfig
   data_rng_state: dict | None = None
+  path: Path | None = None  # the file it was read from
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
+  """The newest checkpoint's path: ``run_dir/checkpoint.msgpack`` (``run_dir`` itself if it
+  names a ``.msgpack`` file)."""
   path = Path(run_dir)
   return path if path.suffix == ".msgpack" else path / FILENAME
 
 
+def older_path(run_dir: str | os.PathLike, epoch: int) -> Path:
+  return Path(run_dir) / f"checkpoint-{int(epoch)}.msgpack"
+
+
+def checkpoint_files(run_dir: str | os.PathLike) -> list[Path]:
+  """A folder's checkpoint files, newest first: ``checkpoint.msgpack``, then the older ones
+  kept, by epoch."""
+  run_dir = Path(run_dir)
+  if not run_dir.is_dir():
+    return []
+  older = sorted(((int(m.group(1)), p) for p in run_dir.iterdir()
+                  if (m := _OLDER.fullmatch(p.name))), reverse=True)
+  newest = [run_dir / FILENAME] if (run_dir / FILENAME).is_file() else []
+  return newest + [p for _, p in older]
+
+
+def _to_host(tree) -> dict:
+  return flax.serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, tree))
+
+
 def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
-                    config: TrainConfig, data_rng_state: dict | None = None) -> Path:
-  """Saves a checkpoint into ``run_dir`` (atomically) and returns its path."""
-  to_host = lambda tree: flax.serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, tree))
+                    config: TrainConfig, data_rng_state: dict | None = None,
+                    keep: int = 1) -> Path:
+  """Saves a checkpoint into ``run_dir`` (atomically) and returns its path.
+
+  With ``keep > 1`` the checkpoint it replaces stays as ``checkpoint-<epoch>.msgpack`` (a hard
+  link: no copy), and only the newest ``keep`` checkpoints are left in the folder; a newest file
+  that cannot be read is replaced, not kept. At every moment the folder holds a readable
+  checkpoint if it held one before.
+  """
   meta = {
       "format": FORMAT,
       "epoch": int(epoch),
@@ -58,18 +100,52 @@ def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
       "data_rng_state": data_rng_state,
   }
   payload = flax.serialization.msgpack_serialize({
-      "params": to_host(params),
-      "opt_state": to_host(opt_state),
+      "params": _to_host(params),
+      "opt_state": _to_host(opt_state),
       "meta": json.dumps(meta),
   })
   path = checkpoint_path(run_dir)
+  in_folder = path.name == FILENAME
+  if in_folder and keep > 1 and path.is_file():
+    previous = _epoch_of(path)
+    if previous is not None and previous != int(epoch):
+      _link_or_copy(path, older_path(path.parent, previous))
   atomic_write_bytes(path, payload)
+  if in_folder:
+    for old in checkpoint_files(path.parent)[max(keep, 1):]:
+      old.unlink(missing_ok=True)
   return path
 
 
-def load_checkpoint(run_dir) -> Checkpoint:
-  """Reads a checkpoint, with one clear :class:`CheckpointError` for anything wrong with it."""
-  path = checkpoint_path(run_dir)
+def _epoch_of(path: Path) -> int | None:
+  try:
+    return int(json.loads(flax.serialization.msgpack_restore(path.read_bytes())["meta"])["epoch"])
+  except Exception:  # unreadable: not worth keeping
+    return None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+  """``dst`` becomes the same file as ``src``, atomically (a hard link, or a copy where links
+  are not supported)."""
+  tmp = dst.with_name(f".{dst.name}.link.tmp")
+  tmp.unlink(missing_ok=True)
+  try:
+    os.link(src, tmp)
+  except OSError:
+    shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+  fsync_dir(dst.parent)
+
+
+def _all_finite(tree) -> bool:
+  return all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)
+             if np.issubdtype(np.asarray(a).dtype, np.inexact))
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> Checkpoint:
+  """One checkpoint file, with one clear :class:`CheckpointError` for anything wrong with it,
+  non-finite parameters included (a run that diverged before they were checked)."""
+  path = Path(path)
   if not path.is_file():
     raise CheckpointError(f"no checkpoint at {path}")
   try:
@@ -79,10 +155,42 @@ def load_checkpoint(run_dir) -> Checkpoint:
       raise ValueError(f"unsupported format {meta.get('format')!r}")
     config = TrainConfig.from_json(meta["config"])
     vocab = Vocab.from_tokens_list(meta["vocab"])
-    return Checkpoint(raw["params"], raw["opt_state"], int(meta["epoch"]), vocab, config,
-                      meta.get("data_rng_state"))
+    saved = Checkpoint(raw["params"], raw["opt_state"], int(meta["epoch"]), vocab, config,
+                       meta.get("data_rng_state"), path)
   except Exception as e:  # msgpack, JSON, key and type errors all mean the same to the user.
     raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {e}") from None
+  if not _all_finite((saved.params, saved.opt_state)):
+    raise CheckpointError(f"checkpoint {path} holds non-finite parameters (its run diverged)")
+  return saved
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def load_checkpoint(run_dir, warn: Callable[[str], None] | None = _warn) -> Checkpoint:
+  """The newest usable checkpoint of a run folder (or the ``.msgpack`` file ``run_dir`` names).
+
+  Where the newest file is corrupt or holds non-finite values, the next older one kept
+  (``--keep-checkpoints``) is read instead, and ``warn`` (by default a line on stderr) is told
+  why. Raises :class:`CheckpointError` where none is usable.
+  """
+  path = Path(run_dir)
+  candidates = [path] if path.suffix == ".msgpack" else checkpoint_files(path)
+  if not candidates:
+    raise CheckpointError(f"no checkpoint at {checkpoint_path(path)}")
+  problems = []
+  for candidate in candidates:
+    try:
+      saved = read_checkpoint_file(candidate)
+    except CheckpointError as e:
+      problems.append(str(e))
+      continue
+    if warn is not None:
+      for problem in problems:
+        warn(f"{problem}; using {candidate.name} (epoch {saved.epoch}) instead")
+    return saved
+  raise CheckpointError("; ".join(problems))
 
 
 def restore(template, state_dict, what: str = "checkpoint"):
@@ -99,11 +207,14 @@ def restore(template, state_dict, what: str = "checkpoint"):
   return tree
 
 
+def config_differences(a: TrainConfig, b: TrainConfig, a_name: str, b_name: str) -> list[str]:
+  """Where ``a`` and ``b`` would train another model or read other data."""
+  return [f"{f}: {a_name} {getattr(a, f)!r}, {b_name} {getattr(b, f)!r}"
+          for f in RESUME_FIELDS if getattr(a, f) != getattr(b, f)]
+
+
 def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
   """A resumed run must build the same model from the same data."""
-  fields = MODEL_FIELDS + ("corpus", "clean", "max_tokens", "batch_size", "num_steps",
-                           "use_random_iter", "valid_fraction", "optimizer")
-  diffs = [f"{f}: checkpoint {getattr(saved, f)!r}, asked {getattr(requested, f)!r}"
-           for f in fields if getattr(saved, f) != getattr(requested, f)]
+  diffs = config_differences(saved, requested, "checkpoint", "asked")
   if diffs:
     raise CheckpointError("checkpoint is of another configuration (" + "; ".join(diffs) + ")")

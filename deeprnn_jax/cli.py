@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from deeprnn_jax import stopping
 from deeprnn_jax.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, Diverged,
-                                 UsageError)
+                                 Interrupted, UsageError)
 
 CACHE_ENV = "DEEPRNN_JAX_CACHE"
 
@@ -38,29 +40,55 @@ def enable_compile_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+@contextlib.contextmanager
+def printable_stdout():
+  """Text the terminal cannot encode (an ASCII-only ``PYTHONIOENCODING``) printed as ``\\xe9``
+  escapes rather than failing with a traceback."""
+  errors = getattr(sys.stdout, "errors", None)
+  try:
+    sys.stdout.reconfigure(errors="backslashreplace")
+  except (AttributeError, ValueError, OSError):
+    errors = None
+  try:
+    yield
+  finally:
+    if errors is not None:
+      with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stdout.reconfigure(errors=errors)
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
-        prog: str = "deeprnn_jax", cpu_cores: bool = True) -> int:
+        prog: str = "deeprnn_jax", stop_signals: bool = False, cpu_cores: bool = True) -> int:
   """Runs ``main(argv)``, turning the project's errors into one stderr line and an exit code.
 
-  ``cpu_cores``: give JAX one CPU device per core first (``parallel.use_cpu_cores``), for the
-  commands that train or predict; a command that only converts files leaves JAX as it is.
+  With ``stop_signals`` (the train command), Ctrl-C, SIGTERM and SIGHUP are requests to stop from
+  the start (:func:`deeprnn_jax.stopping.watch`): a run saves its newest epoch and exits with
+  128 + the signal's number; a second signal ends the process at once. ``cpu_cores``: give JAX
+  one CPU device per core first (``parallel.use_cpu_cores``), for the commands that train or
+  predict; a command that only converts files leaves JAX as it is.
   """
-  enable_compile_cache()
-  if cpu_cores:
-    from deeprnn_jax import parallel
-    parallel.use_cpu_cores()  # before JAX starts: a CPU run may split its batches over the cores
-  try:
-    return int(main(argv) or 0)
-  except UsageError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
-  except OSError as e:  # An unwritable --out, a full disk: the user's to fix, not a crash.
-    where = f": {e.filename}" if e.filename else ""
-    print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
-    return EXIT_USAGE
-  except Diverged as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return EXIT_DIVERGED
-  except KeyboardInterrupt:
-    print(f"{prog}: interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
+  signals = stopping.watch(prog, second="exit") if stop_signals else contextlib.nullcontext()
+  with signals, printable_stdout():
+    enable_compile_cache()
+    if cpu_cores:
+      from deeprnn_jax import parallel
+      parallel.use_cpu_cores()  # before JAX starts: a CPU run may split its batches over the cores
+    try:
+      return int(main(argv) or 0)
+    except UsageError as e:
+      print(f"{prog}: error: {e}", file=sys.stderr)
+      return EXIT_USAGE
+    except OSError as e:  # An unwritable --out, a full disk: the user's to fix, not a crash.
+      where = f": {e.filename}" if e.filename else ""
+      print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+      return EXIT_USAGE
+    except Diverged as e:
+      print(f"{prog}: error: {e}", file=sys.stderr)
+      return EXIT_DIVERGED
+    except Interrupted as e:
+      with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        print(f"{prog}: {e}", file=sys.stderr)
+      return e.exit_code
+    except KeyboardInterrupt:
+      print(f"{prog}: interrupted", file=sys.stderr)
+      return EXIT_INTERRUPTED

@@ -3,7 +3,9 @@
 :class:`EpochPipeline` is host-side scheduling around the jitted epochs of
 :func:`deeprnn_jax.training.make_train_epoch`: it dispatches epoch ``k + 1`` before reading epoch
 ``k``'s losses, keeps a donated train state only where the caller needs it, and hands every
-dispatched epoch out once, also after an interrupt (:meth:`EpochPipeline.drain`).
+dispatched epoch out once, also after an interrupt (:meth:`EpochPipeline.drain`). It waits for an
+epoch in short sleeps rather than one blocking call, so that signal handlers run at once, and can
+give up on an epoch that does not finish (:class:`EpochAbandoned`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ class FinishedEpoch:
   state: TrainState | None
 
 
+class EpochAbandoned(Exception):
+  """The epoch being waited for was given up on (``should_abandon`` said so); its state, and the
+  state it was trained from, are lost."""
+
+
+_MAX_POLL_SECONDS = 0.005
+
+
 def _deleted(tree) -> bool:
   return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
 
@@ -56,13 +66,20 @@ class EpochPipeline:
   A non-finite loss is therefore seen on the host after the next epoch has been dispatched on the
   diverged parameters; the caller checks ``losses`` first and drops the pipeline.
 
+  A caller that wants to stop early makes ``needs_state`` true for every epoch from then on: the
+  epoch already dispatched is then handed out with its state, and nothing more is dispatched.
+
   Args:
     epoch_fn: ``(state, Xs, Ys, key) -> (state, losses)``, as :func:`make_train_epoch` returns.
     needs_state: ``tag -> bool``; by default no epoch's state is kept but the last one's.
+    should_abandon: asked every few milliseconds while an epoch is waited for; ``True`` raises
+      :class:`EpochAbandoned` out of :meth:`run` (by default an epoch is waited for until done).
   """
 
-  def __init__(self, epoch_fn: Callable, needs_state: Callable[[Any], bool] = lambda tag: False):
+  def __init__(self, epoch_fn: Callable, needs_state: Callable[[Any], bool] = lambda tag: False,
+               should_abandon: Callable[[], bool] = lambda: False):
     self._epoch_fn, self._needs_state = epoch_fn, needs_state
+    self._should_abandon = should_abandon
     # Dispatched, not yet handed out, oldest first: [tag, state, device losses, dispatch time].
     self._queue: collections.deque = collections.deque()
     self._last: FinishedEpoch | None = None
@@ -78,9 +95,23 @@ class EpochPipeline:
     self._queue.append([tag, new_state, losses, t])
     return True
 
+  def _wait(self, losses) -> None:
+    """Sleeps until ``losses`` are computed: short sleeps, growing to a few milliseconds, during
+    which signal handlers run (a blocking read would hold them until the epoch ends)."""
+    is_ready = getattr(losses, "is_ready", None)
+    if is_ready is None:
+      return
+    delay = 1e-4
+    while not is_ready():
+      if self._should_abandon():
+        raise EpochAbandoned
+      time.sleep(delay)
+      delay = min(2 * delay, _MAX_POLL_SECONDS)
+
   def _finish(self, entry) -> FinishedEpoch:
     tag, state, losses, t = entry
-    losses = np.asarray(losses)  # waits for the epoch
+    self._wait(losses)
+    losses = np.asarray(losses)  # the epoch is done: a copy to the host
     now = time.perf_counter()
     done = FinishedEpoch(tag, losses, now - max(t, self._last_done), state)
     self._last_done = now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -14,27 +15,41 @@ import matplotlib.pyplot as plt  # noqa: E402
 from deeprnn_jax.files import atomic_write_bytes  # noqa: E402
 
 
+def finite_points(rows: Sequence[dict], key: str) -> list[tuple[int, float]]:
+  """``(epoch, rows[i][key])`` where that is a finite positive number: a missing (``None``),
+  infinite or NaN value would leave a log-scale plot blank."""
+  points = []
+  for r in rows:
+    value = r.get(key)
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+      points.append((r["epoch"], value))
+  return points
+
+
 def plot_perplexity(rows: Sequence[dict], out_stem: str | Path, title: str = "") -> list[Path]:
   """Plots train (and validation, where measured) perplexity against epoch.
 
   Args:
-    rows: metrics rows with ``epoch``, ``train_perplexity`` and ``valid_perplexity`` (or None).
+    rows: metrics rows with ``epoch``, ``train_perplexity`` and ``valid_perplexity`` (or None);
+      values that are not finite are left out.
     out_stem: path without suffix; ``.png`` and ``.svg`` are written.
 
   Returns:
     The written paths.
   """
   fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
-  epochs = [r["epoch"] for r in rows]
-  ax.plot(epochs, [r["train_perplexity"] for r in rows], label="train")
-  valid = [(r["epoch"], r["valid_perplexity"]) for r in rows if r.get("valid_perplexity") is not None]
+  train = finite_points(rows, "train_perplexity")
+  if train:
+    ax.plot(*zip(*train), label="train")
+  valid = finite_points(rows, "valid_perplexity")
   if valid:
     ax.plot(*zip(*valid), "o-", markersize=2.5, label="valid")
   ax.set_xlabel("epoch")
   ax.set_ylabel("perplexity")
   ax.set_yscale("log")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
+  if train or valid:
+    ax.legend()
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()

@@ -1,29 +1,63 @@
 """A whole training run and its folder: d2l's ``train_ch8`` with everything a run should keep.
 
-``run_dir`` receives ``config.json``, ``metrics.jsonl`` (one row per epoch), ``summary.json``,
-``perplexity.png``/``.svg`` and ``checkpoint.msgpack``. Only files this module writes are ever
-replaced, each atomically, and a checkpoint is only written from finite parameters.
+:func:`train_run` reads top to bottom: load the text, lock the folder, restore or initialise,
+compile, then the epoch loop (check, report, save, stop on a signal), then the summary. What it
+guarantees (docs/runs.md): Ctrl-C, SIGTERM and SIGHUP save the newest finished epoch and say how
+to resume; a diverged epoch (a non-finite loss, perplexity or parameter) is never saved; one
+process writes a folder at a time; a resumed run changes nothing in its folder before every check
+has passed; every JSON file is strict JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import errno
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import cudnn, data, files, generate, models, parallel, plots, training
+from deeprnn_jax import cudnn, data, generate, models, parallel, plots, stopping, training
 from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import Diverged, UsageError
-from deeprnn_jax.pipeline import EpochPipeline
+from deeprnn_jax.errors import Diverged, Interrupted, UsageError
+from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline, FinishedEpoch
+from deeprnn_jax.rundir import RunDir
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How a run reports and saves, as opposed to what it trains (:class:`TrainConfig`)."""
+
+  log_every: int = 10
+  checkpoint_every: int = 50
+  quiet: bool = False
+  progress: bool | None = None  # None: a bar on stderr when it is a terminal.
+  shards: int | None = None  # CPU devices a minibatch's rows are split over; None: parallel's rule
+  keep_checkpoints: int = 1  # the newest K checkpoints stay in the folder
+  # After a stop signal, how long the epoch in progress is waited for before it is abandoned
+  # (an epoch known to take longer, the slowest so far, gets twice its time).
+  stop_wait: float = 30.0
+
+  def validate(self) -> "RunOptions":
+    if self.log_every < 1:
+      raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
+    if self.checkpoint_every < 1:
+      raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+    if self.shards is not None and self.shards < 1:
+      raise UsageError(f"--shards must be >= 1, got {self.shards}")
+    if self.keep_checkpoints < 1:
+      raise UsageError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+    if not self.stop_wait >= 0:
+      raise UsageError(f"stop_wait must be >= 0 seconds, got {self.stop_wait}")
+    return self
 
 
 def device_name(device=None) -> str:
@@ -43,48 +77,274 @@ def default_prefixes(config: TrainConfig, corpus: np.ndarray, vocab: data.Vocab)
   return first, words[1] if len(words) > 1 else words[0]
 
 
-def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
-  if not path.is_file():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      break  # A line cut short by a crash: everything after it is unreliable.
-    if row.get("epoch", math.inf) <= up_to_epoch:
-      rows.append(row)
-  return rows
-
-
 def check_run_dir(run_dir) -> Path:
   """``run_dir`` as a path, refusing one that names a file (or a checkpoint) instead of a folder."""
-  run_dir = Path(run_dir)
-  if run_dir.suffix == ".msgpack":
-    raise UsageError(f"--out {run_dir}: give the run folder, not its checkpoint file")
-  if run_dir.exists() and not run_dir.is_dir():
-    raise UsageError(f"--out {run_dir} is a file, not a run folder")
-  return run_dir
+  return RunDir(run_dir).path
 
 
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-  """How a run reports and saves, as opposed to what it trains (:class:`TrainConfig`)."""
+def resume_command(run_dir) -> str:
+  return f"python -m deeprnn_jax.train --resume --out {shlex.quote(str(run_dir))}"
 
-  log_every: int = 10
-  checkpoint_every: int = 50
-  quiet: bool = False
-  progress: bool | None = None  # None: a bar on stderr when it is a terminal.
-  shards: int | None = None  # CPU devices a minibatch's rows are split over; None: parallel's rule
 
-  def validate(self) -> "RunOptions":
-    if self.log_every < 1:
-      raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
-    if self.checkpoint_every < 1:
-      raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
-    if self.shards is not None and self.shards < 1:
-      raise UsageError(f"--shards must be >= 1, got {self.shards}")
-    return self
+def saved_config(run_dir) -> TrainConfig | None:
+  """The settings a run folder's run was started with, for ``--resume`` to continue with: its
+  newest usable checkpoint's, else its ``config.json``'s; ``None`` for a run that left neither
+  (only metrics). Raises :class:`UsageError` where there is no run at all, or every checkpoint is
+  unusable."""
+  folder = RunDir(run_dir)
+  if not folder.holds_run():
+    raise ckpt.CheckpointError(f"no checkpoint at {ckpt.checkpoint_path(folder.path)}, and no "
+                               "other trace of a run to resume")
+  if ckpt.checkpoint_files(folder.path):
+    return _load_newest(folder, warn=None).config
+  config = folder.read_config()
+  return TrainConfig.from_json(config) if config is not None else None
+
+
+def _load_newest(folder: RunDir, warn) -> ckpt.Checkpoint:
+  try:
+    return ckpt.load_checkpoint(folder.path, warn=warn)
+  except ckpt.CheckpointError as e:
+    raise ckpt.CheckpointError(f"{e}; no checkpoint in {folder.path} is usable (move them away "
+                               "to start its run again from epoch 0)") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps of a run.
+
+
+class Text(NamedTuple):
+  corpus: np.ndarray
+  vocab: data.Vocab
+  train: np.ndarray
+  valid: np.ndarray
+
+
+def load_text(config: TrainConfig) -> Text:
+  corpus, vocab = data.load_corpus(config.corpus, clean=config.clean, max_tokens=config.max_tokens)
+  train, valid = data.split_corpus(corpus, config.valid_fraction)
+  if config.valid_fraction > 0 and len(valid) < 2:
+    raise UsageError(f"valid fraction {config.valid_fraction} leaves fewer than 2 tokens "
+                     f"of {len(corpus)} for validation")
+  return Text(corpus, vocab, train, valid)
+
+
+@dataclasses.dataclass
+class Start:
+  """Where a run starts: a fresh state at epoch 0, or its checkpoint's."""
+
+  state: training.TrainState
+  epoch: int = 0
+  rows: list = dataclasses.field(default_factory=list)  # metrics rows kept, epochs 1 .. epoch
+  data_rng_state: dict | None = None
+  saved_epoch: int | None = None  # the checkpoint's epoch, None where there is none
+  notes: list = dataclasses.field(default_factory=list)  # for stderr: what was dropped, and why
+
+
+def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, model, optimizer,
+                    init_key, resume: bool) -> Start:
+  """Checks what the folder holds against what is asked, and returns where the run starts.
+
+  Reads and writes nothing but what it checks: the folder is untouched where anything is wrong. A
+  folder with no checkpoint (its run stopped before the first) resumes from epoch 0.
+  """
+  fresh = Start(training.init_train_state(model, optimizer, init_key))
+  if not resume:
+    if folder.holds_run():
+      hint = ("" if ckpt.checkpoint_files(folder.path) else
+              " (it has no checkpoint yet: --resume starts it again from epoch 0)")
+      raise UsageError(f"{folder.path} already holds a run; pass --resume to continue it{hint}, "
+                       "or choose another --out")
+    return fresh
+  saved_json = folder.read_config()
+  if not ckpt.checkpoint_files(folder.path):
+    fresh.notes.append(f"{folder.path} holds no checkpoint yet: its run starts again from epoch 0")
+    return fresh
+  saved = _load_newest(folder, warn=fresh.notes.append)
+  if saved_json is not None:
+    diffs = ckpt.config_differences(saved.config, TrainConfig.from_json(saved_json),
+                                    "checkpoint", "config.json")
+    if diffs:
+      raise ckpt.CheckpointError(
+          f"the checkpoint {saved.path} is not of the run config.json describes ("
+          + "; ".join(diffs) + "); put back the run's own checkpoint, or start another --out")
+  ckpt.check_compatible(saved.config, config)
+  if saved.vocab.idx_to_token != vocab.idx_to_token:
+    raise ckpt.CheckpointError("checkpoint's vocabulary differs from the corpus' vocabulary")
+  state = training.TrainState(
+      jax.tree_util.tree_map(jnp.asarray, ckpt.restore(fresh.state.params, saved.params)),
+      jax.tree_util.tree_map(jnp.asarray, ckpt.restore(fresh.state.opt_state, saved.opt_state)))
+  if saved.epoch >= config.num_epochs:
+    raise UsageError(f"checkpoint is at epoch {saved.epoch}; ask for more with --num-epochs")
+  rows, row_notes = folder.read_metrics(saved.epoch)
+  return Start(state, saved.epoch, rows, saved.data_rng_state, saved.epoch,
+               fresh.notes + row_notes)
+
+
+def compile_epochs(model, optimizer, config: TrainConfig, loader: data.SeqDataLoader, devices,
+                   state, key) -> tuple[Callable, float]:
+  """The jitted epoch, compiled now for every epoch shape (not while an epoch runs: the pipeline
+  reads ahead), in a helper thread so that a signal is handled at once; and the seconds it took."""
+  epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter, devices)
+  t = time.perf_counter()
+
+  def compile_all():
+    shapes = [jax.ShapeDtypeStruct(shape, jnp.int32) for shape in loader.epoch_shapes()]
+    return {X.shape: epoch_fn.lower(state, X, X, key).compile() for X in shapes}
+
+  compiled = stopping.responsive(compile_all)
+  return (lambda s, Xs, Ys, k: compiled[Xs.shape](s, Xs, Ys, k)), time.perf_counter() - t
+
+
+class EpochTag(NamedTuple):
+  epoch: int
+  data_rng_state: dict  # the loader's, after this epoch's minibatches: what resumes after it
+
+
+def epochs(loader: data.SeqDataLoader, train_key, first: int, last: int):
+  """The pipeline's items, epochs ``first .. last``: ``(tag, Xs, Ys, key)``."""
+  for epoch in range(first, last + 1):
+    Xs, Ys = loader.epoch()
+    yield EpochTag(epoch, loader.rng_state), Xs, Ys, jax.random.fold_in(train_key, epoch)
+
+
+class Report:
+  """What a run shows and records of each epoch: the metrics row, the progress bar, d2l's lines
+  with a prediction, and the throughput of the run's final line."""
+
+  def __init__(self, config: TrainConfig, options: RunOptions, model, text: Text, devices,
+               folder: RunDir, start_epoch: int, out: TextIO, err: TextIO):
+    self.config, self.options, self.model, self.text = config, options, model, text
+    self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
+    self.prefix, self.short_prefix = default_prefixes(config, text.corpus, text.vocab)
+    self.eval_rows = max(1, len(text.valid) // 10_000)  # rows of >= 10k tokens read in parallel
+    self.tokens = self.seconds = self.slowest = 0.0
+    self.ppl = self.valid_ppl = math.nan
+    self.params = None  # the newest logged epoch's, on one device
+    self.bar = None
+    show_bar = options.progress if options.progress is not None else err.isatty()
+    if show_bar and not options.quiet:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=config.num_epochs, initial=start_epoch, file=err, unit="epoch",
+                      dynamic_ncols=True)
+
+  def logged(self, epoch: int) -> bool:
+    return epoch % self.options.log_every == 0 or epoch == self.config.num_epochs
+
+  def reads_state(self, epoch: int) -> bool:
+    """Whether reporting ``epoch`` reads its parameters (evaluation, a prediction)."""
+    return (self.logged(epoch) and (not self.options.quiet or len(self.text.valid) > 0)
+            or epoch == self.config.num_epochs)
+
+  def measure(self, done: FinishedEpoch) -> tuple[dict, str | None]:
+    """The epoch's metrics row, and what diverged (``None`` where nothing did)."""
+    epoch, losses = done.tag.epoch, done.losses
+    self.ppl = training.perplexity(losses.mean())
+    self.params = (parallel.on_first(done.state.params, self.devices)
+                   if self.logged(epoch) and done.state is not None else None)
+    self.valid_ppl = None
+    if len(self.text.valid) and self.params is not None:
+      self.valid_ppl = training.evaluate(self.model, self.params, self.text.valid, self.eval_rows)
+    row = {"epoch": epoch, "train_perplexity": self.ppl, "valid_perplexity": self.valid_ppl,
+           "tokens_per_sec": self._tokens(losses) / done.seconds, "seconds": done.seconds}
+    if training.diverged(losses):
+      if np.all(np.isfinite(losses)):
+        return row, f"perplexity overflows at epoch {epoch} (mean loss {losses.mean():.3g})"
+      return row, f"non-finite loss at epoch {epoch}"
+    if self.valid_ppl is not None and not math.isfinite(self.valid_ppl):
+      return row, f"non-finite validation perplexity at epoch {epoch}"
+    return row, None
+
+  def record(self, row: dict, done: FinishedEpoch) -> None:
+    """The epoch's metrics row, and its share of the run's throughput."""
+    epoch = row["epoch"]
+    self.folder.append_row(row)
+    if epoch > self.start_epoch + 1 or epoch == self.config.num_epochs:  # the first: warm-up
+      self.tokens += self._tokens(done.losses)
+      self.seconds += done.seconds
+    self.slowest = max(self.slowest, done.seconds)
+
+  def show(self, row: dict) -> None:
+    """The progress bar, and d2l's line with a prediction where the epoch is logged."""
+    epoch = row["epoch"]
+    with self._terminal():
+      if self.bar is not None:
+        self.bar.update(1)
+        self.bar.set_postfix(perplexity=f"{self.ppl:.2f}")
+      if self.logged(epoch) and not self.options.quiet:
+        valid = f", valid perplexity {self.valid_ppl:.1f}" if self.valid_ppl is not None else ""
+        self.say(f"epoch {epoch}, perplexity {self.ppl:.1f}{valid}: {self.predict(self.prefix)}")
+
+  def _tokens(self, losses) -> int:
+    return losses.size * self.config.batch_size * self.config.num_steps
+
+  def predict(self, prefix: str) -> str:
+    return generate.predict(prefix, 50, self.params, self.model, self.text.vocab)
+
+  def say(self, line: str) -> None:
+    with self._terminal():
+      if self.bar is not None:
+        self.bar.write(line, file=self.out)
+      elif self.out is not None:
+        print(line, file=self.out, flush=True)
+
+  @contextlib.contextmanager
+  def _terminal(self):
+    """Output that stops, not the run, where the terminal is gone (it hung up: EIO); the run
+    folder is the record."""
+    try:
+      yield
+    except OSError as e:
+      if e.errno != errno.EIO:
+        raise
+      self.out = self.bar = None
+
+  def close(self) -> None:
+    with self._terminal():
+      if self.bar is not None:
+        self.bar.close()
+    self.bar = None
+
+
+class Saver:
+  """Saves checkpoints into the folder, and remembers the newest one's epoch."""
+
+  def __init__(self, folder: RunDir, config: TrainConfig, vocab: data.Vocab, keep: int,
+               last: int | None):
+    self.folder, self.config, self.vocab, self.keep, self.last = folder, config, vocab, keep, last
+
+  def save(self, epoch: int, state: training.TrainState, data_rng_state: dict) -> None:
+    if epoch == self.last:
+      return
+    ckpt.save_checkpoint(self.folder.path, params=state.params, opt_state=state.opt_state,
+                         epoch=epoch, vocab=self.vocab, config=self.config,
+                         data_rng_state=data_rng_state, keep=self.keep)
+    self.last = epoch
+
+  def kept(self) -> str:
+    if self.last is None:
+      return (f"no checkpoint had been saved ({resume_command(self.folder.path)} starts it again "
+              "from epoch 0)")
+    return f"the checkpoint of epoch {self.last} is kept in {self.folder.path}"
+
+
+def divergence(problem: str, config: TrainConfig, saver: Saver) -> Diverged:
+  return Diverged(f"{problem}: the run diverged (try a lower --lr than {config.lr:g}, or a lower "
+                  f"--clip than {config.clip:g}); {saver.kept()}; metrics of the epochs before "
+                  f"are in {saver.folder.metrics_path}")
+
+
+def stopped(stop: stopping.StopRequest, saver: Saver, when: str) -> Interrupted:
+  if saver.last is None:
+    kept = f"no checkpoint was saved; {resume_command(saver.folder.path)} starts it from epoch 0"
+  else:
+    kept = (f"the checkpoint of epoch {saver.last} is in {saver.folder.path}; resume with: "
+            f"{resume_command(saver.folder.path)}")
+  return Interrupted(f"stopped by {stop.name} {when}; {kept}", stop.signum)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
 
 
 def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
@@ -93,176 +353,97 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   """Trains as ``config`` says, writing everything into ``run_dir``; returns the summary.
 
   Raises:
-    UsageError: bad configuration, corpus or checkpoint (nothing in ``run_dir`` is touched).
-    Diverged: a non-finite loss; the last good checkpoint and the metrics before it are kept.
+    UsageError: bad configuration, corpus, checkpoint or metrics, or a folder another process is
+      writing (nothing in ``run_dir`` is changed).
+    Diverged: a non-finite loss, perplexity or parameter; the newest checkpoint saved before it
+      (always finite) and the metrics of the epochs before it are kept.
+    Interrupted: Ctrl-C, SIGTERM or SIGHUP (a ``KeyboardInterrupt``): the epoch in progress was
+      finished and saved with its metrics rows, unless it took longer than ``options.stop_wait``.
   """
   t_start = time.perf_counter()
   out, err = out or sys.stdout, err or sys.stderr
   config.validate()
   cudnn.check_available(config.impl)
   options.validate()
-  devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
-  run_dir = check_run_dir(run_dir)
-  saved = None
-  if resume:
-    saved = ckpt.load_checkpoint(run_dir)
-    ckpt.check_compatible(saved.config, config)
-  elif any((run_dir / name).exists() for name in (ckpt.FILENAME, "metrics.jsonl", "summary.json")):
-    raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                     "or choose another --out")
+  folder = RunDir(run_dir)
+  if resume and not folder.holds_run():
+    raise ckpt.CheckpointError(f"no checkpoint at {ckpt.checkpoint_path(folder.path)}")
 
-  corpus, vocab = data.load_corpus(config.corpus, clean=config.clean, max_tokens=config.max_tokens)
-  if saved is not None and saved.vocab.idx_to_token != vocab.idx_to_token:
-    raise ckpt.CheckpointError("checkpoint's vocabulary differs from the corpus' vocabulary")
-  train_corpus, valid_corpus = data.split_corpus(corpus, config.valid_fraction)
-  if config.valid_fraction > 0 and len(valid_corpus) < 2:
-    raise UsageError(f"valid fraction {config.valid_fraction} leaves fewer than 2 tokens "
-                     f"of {len(corpus)} for validation")
-  loader = data.SeqDataLoader(train_corpus, config.batch_size, config.num_steps,
-                              config.use_random_iter, seed=config.seed)
-  model = models.from_config(config, len(vocab))
-  optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer)
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = training.init_train_state(model, optimizer, init_key)
-  start_epoch = 0
-  if saved is not None:
-    state = training.TrainState(
-        jax.tree_util.tree_map(jnp.asarray, ckpt.restore(state.params, saved.params)),
-        jax.tree_util.tree_map(jnp.asarray, ckpt.restore(state.opt_state, saved.opt_state)))
-    if saved.data_rng_state is not None:
-      loader.rng_state = saved.data_rng_state
-    start_epoch = saved.epoch
-    if start_epoch >= config.num_epochs:
-      raise UsageError(f"checkpoint is at epoch {start_epoch}; ask for more with --num-epochs")
-  state = parallel.replicate(state, devices)
+  with stopping.watch() as stop:
+    # The text, the model, the optimiser: everything that can be wrong with the settings.
+    devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
+    text = load_text(config)
+    loader = data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
+                                config.use_random_iter, seed=config.seed)
+    model = models.from_config(config, len(text.vocab))
+    optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer)
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    if stop.requested:
+      raise Interrupted(f"stopped by {stop.name} before the run began; nothing was written",
+                        stop.signum)
 
-  run_dir.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_json(run_dir / "config.json", config.to_json())
-  metrics_file = run_dir / "metrics.jsonl"
-  rows = _read_metrics(metrics_file, start_epoch)
-  files.atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    with folder.locked():
+      # Restore or initialise: every check first, then the first write.
+      start = restore_or_init(folder, config, text.vocab, model, optimizer, init_key, resume)
+      for note in start.notes:
+        print(f"note: {note}", file=err)
+      folder.begin(config.to_json(), start.rows)
+      if start.data_rng_state is not None:
+        loader.rng_state = start.data_rng_state
+      state = parallel.replicate(start.state, devices)
+      epoch_fn, compile_seconds = compile_epochs(model, optimizer, config, loader, devices,
+                                                 state, train_key)
 
-  prefix, short_prefix = default_prefixes(config, corpus, vocab)
-  predict = lambda p, params: generate.predict(p, 50, params, model, vocab)
-  say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
-  epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter, devices)
-  eval_rows = max(1, len(valid_corpus) // 10_000)  # Rows of >= 10k tokens read in parallel.
+      report = Report(config, options, model, text, devices, folder, start.epoch, out, err)
+      saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
+      due = lambda epoch: epoch % options.checkpoint_every == 0 or epoch == config.num_epochs
+      # A state is kept (not donated to the next epoch) where it is read: reported, saved, or,
+      # once a stop is asked for, the newest one, which is saved.
+      pipeline = EpochPipeline(
+          epoch_fn,
+          needs_state=lambda tag: due(tag.epoch) or report.reads_state(tag.epoch) or stop.requested,
+          should_abandon=lambda: stop.waited_more_than(max(options.stop_wait, 2 * report.slowest)))
+      try:
+        if stop.requested:
+          raise stopped(stop, saver, "before the first epoch")
+        for done in pipeline.run(state, epochs(loader, train_key, start.epoch + 1,
+                                               config.num_epochs)):
+          epoch = done.tag.epoch
+          row, problem = report.measure(done)
+          if problem:
+            raise divergence(problem, config, saver)
+          report.record(row, done)
+          if done.state is not None and (due(epoch) or stop.requested):
+            saver.save(epoch, done.state, done.tag.data_rng_state)
+          report.show(row)
+          if stop.requested and done.state is not None and epoch < config.num_epochs:
+            raise stopped(stop, saver, f"after epoch {epoch}")
+      except EpochAbandoned:
+        raise stopped(stop, saver, f"(the epoch in progress did not finish within "
+                                   f"{max(options.stop_wait, 2 * report.slowest):.0f} s and was "
+                                   "abandoned)") from None
+      finally:
+        report.close()
 
-  def save(epoch: int, state: training.TrainState, data_rng_state: dict) -> None:
-    ckpt.save_checkpoint(run_dir, params=state.params, opt_state=state.opt_state, epoch=epoch,
-                         vocab=vocab, config=config, data_rng_state=data_rng_state)
-
-  def logged(epoch: int) -> bool:
-    return epoch % options.log_every == 0 or epoch == config.num_epochs
-
-  def needs_state(tag) -> bool:  # the epochs whose parameters are read: kept, not donated
-    epoch = tag[0]
-    return ((logged(epoch) and (not options.quiet or len(valid_corpus) > 0))
-            or epoch % options.checkpoint_every == 0 or epoch == config.num_epochs)
-
-  def epochs():
-    for epoch in range(start_epoch + 1, config.num_epochs + 1):
-      Xs, Ys = loader.epoch()
-      yield (epoch, loader.rng_state), Xs, Ys, jax.random.fold_in(train_key, epoch)
-
-  # Every epoch shape compiled now, not while an epoch runs (the pipeline reads ahead).
-  t = time.perf_counter()
-  compiled = {}
-  for shape in loader.epoch_shapes():
-    Xs = jax.ShapeDtypeStruct(shape, jnp.int32)
-    compiled[shape] = epoch_fn.lower(state, Xs, Xs, train_key).compile()
-  compile_seconds = time.perf_counter() - t
-  pipeline = EpochPipeline(lambda s, Xs, Ys, key: compiled[Xs.shape](s, Xs, Ys, key),
-                                    needs_state)
-
-  show_bar = options.progress if options.progress is not None else err.isatty()
-  bar = None
-  if show_bar and not options.quiet:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=config.num_epochs, initial=start_epoch, file=err, unit="epoch",
-               dynamic_ncols=True)
-
-  last_saved = start_epoch if saved is not None else None
-  tokens = seconds = 0.0
-  ppl = valid_ppl = math.nan
-  metrics = metrics_file.open("a")
-
-  n_tokens = lambda losses: losses.size * config.batch_size * config.num_steps
-
-  def write_row(epoch: int, losses: np.ndarray, dt: float, valid_ppl) -> float:
-    ppl = training.perplexity(losses.mean())
-    row = {"epoch": epoch, "train_perplexity": ppl, "valid_perplexity": valid_ppl,
-           "tokens_per_sec": n_tokens(losses) / dt, "seconds": dt}
-    rows.append(row)
-    metrics.write(json.dumps(row) + "\n")
-    metrics.flush()
-    return ppl
-
-  try:
-    for done in pipeline.run(state, epochs()):
-      (epoch, done_rng), losses, dt = done.tag, done.losses, done.seconds
-      state = done.state  # None where it went on to the next epoch (donated)
-      if not np.all(np.isfinite(losses)):
-        where = (f"the checkpoint of epoch {last_saved} is kept" if last_saved is not None
-                 else "no checkpoint had been saved")
-        raise Diverged(f"non-finite loss at epoch {epoch} (try a lower --lr or --clip); "
-                       f"{where}; metrics up to epoch {epoch - 1} are in {metrics_file}")
-      # What evaluation and the predictions read, copied once onto one device.
-      params = (parallel.on_first(state.params, devices)
-                if logged(epoch) and state is not None else None)
-      valid_ppl = None
-      if len(valid_corpus) and logged(epoch):
-        valid_ppl = training.evaluate(model, params, valid_corpus, eval_rows)
-      ppl = write_row(epoch, losses, dt, valid_ppl)
-      if epoch > start_epoch + 1 or epoch == config.num_epochs:
-        tokens, seconds = tokens + n_tokens(losses), seconds + dt
-      if bar is not None:
-        bar.update(1)
-        bar.set_postfix(perplexity=f"{ppl:.2f}")
-      if logged(epoch) and not options.quiet:
-        valid_text = f", valid perplexity {valid_ppl:.1f}" if valid_ppl is not None else ""
-        line = f"epoch {epoch}, perplexity {ppl:.1f}{valid_text}: {predict(prefix, params)}"
-        bar.write(line, file=out) if bar is not None else say(line)
-      if epoch % options.checkpoint_every == 0 or epoch == config.num_epochs:
-        save(epoch, state, done_rng)
-        last_saved = epoch
-  except KeyboardInterrupt:
-    # Keep the newest finished epoch: its metrics rows, then its checkpoint.
-    newest, last_row = None, rows[-1]["epoch"] if rows else start_epoch
-    for done in pipeline.drain():
-      if not np.all(np.isfinite(done.losses)):
-        break
-      if done.tag[0] > last_row:
-        write_row(done.tag[0], done.losses, done.seconds, None)
-      newest = done if done.state is not None else newest
-    if newest is not None and newest.tag[0] != (last_saved or 0):
-      save(newest.tag[0], newest.state, newest.tag[1])
-      print(f"saved the checkpoint of epoch {newest.tag[0]} in {run_dir}", file=err)
-    raise
-  finally:
-    metrics.close()
-    if bar is not None:
-      bar.close()
-
-  speed = tokens / seconds if seconds else 0.0
-  summary = {
-      "train_perplexity": ppl,
-      "valid_perplexity": valid_ppl,
-      "tokens_per_sec": speed,
-      "compile_seconds": compile_seconds,
-      "wall_seconds": time.perf_counter() - t_start,
-      "device": device_name(),
-      "shards": len(devices),
-      "precision": config.precision,
-      "epochs": config.num_epochs,
-  }
-  files.atomic_write_json(run_dir / "summary.json", summary)
-  plots.plot_perplexity(rows, run_dir / "perplexity",
-                        title=f"{config.num_layers}-layer {config.cell.upper()}, "
-                              f"{config.num_hiddens} hidden units")
-  say(f"compile time {compile_seconds:.1f} sec")
+      speed = report.tokens / report.seconds if report.seconds else 0.0
+      summary = {
+          "train_perplexity": report.ppl,
+          "valid_perplexity": report.valid_ppl,
+          "tokens_per_sec": speed,
+          "compile_seconds": compile_seconds,
+          "wall_seconds": time.perf_counter() - t_start,
+          "device": device_name(),
+          "shards": len(devices),
+          "precision": config.precision,
+          "epochs": config.num_epochs,
+      }
+      folder.write_summary(summary)
+      plots.plot_perplexity(folder.rows, folder.path / "perplexity",
+                            title=f"{config.num_layers}-layer {config.cell.upper()}, "
+                                  f"{config.num_hiddens} hidden units")
+  report.say(f"compile time {compile_seconds:.1f} sec")
   products = "" if config.precision == "float32" else f" ({config.precision} products)"
-  say(f"perplexity {ppl:.1f}, {speed:.1f} tokens/sec on {summary['device']}{products}")
-  say(predict(prefix, params))  # the last epoch's: always logged, its state kept
-  say(predict(short_prefix, params))
+  report.say(f"perplexity {report.ppl:.1f}, {speed:.1f} tokens/sec on {summary['device']}{products}")
+  report.say(report.predict(report.prefix))  # the last epoch's: always logged, its state kept
+  report.say(report.predict(report.short_prefix))
   return summary

@@ -2,6 +2,10 @@
 
 Every flag defaults to d2l's setting, so the bare command reproduces the chapter. See
 ``--help``; the library behind it is :func:`deeprnn_jax.runs.train_run`.
+
+Only light modules are imported before :func:`main` has Ctrl-C, SIGTERM and SIGHUP handled
+(:func:`deeprnn_jax.cli.run`): JAX and the rest are imported inside, so that a signal during the
+seconds of importing them stops the command cleanly too.
 """
 
 from __future__ import annotations
@@ -11,14 +15,14 @@ import dataclasses
 import datetime
 from typing import Sequence
 
-from deeprnn_jax import checkpoint, cli
-from deeprnn_jax.config import TrainConfig, parse_activation
-from deeprnn_jax.runs import RunOptions, train_run
-
-_D = TrainConfig()
+from deeprnn_jax import cli
+from deeprnn_jax.errors import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
+  from deeprnn_jax.config import TrainConfig
+  from deeprnn_jax.runs import RunOptions
+  _D = TrainConfig()
   p = argparse.ArgumentParser(
       prog="python -m deeprnn_jax.train",
       description="Train a deep RNN/GRU/LSTM character language model (defaults: d2l's run).",
@@ -60,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
   r.add_argument("--out", default=None, help="run folder (default runs/<timestamp>/)")
   r.add_argument("--resume", action="store_true", help="continue the run in --out")
   r.add_argument("--checkpoint-every", type=int, default=RunOptions.checkpoint_every)
+  r.add_argument("--keep-checkpoints", type=int, default=RunOptions.keep_checkpoints,
+                 help="how many of the newest checkpoints stay in --out (an older one is used "
+                      "where the newest is unreadable)")
   r.add_argument("--log-every", type=int, default=RunOptions.log_every)
   r.add_argument("--quiet", action="store_true", help="print only the final lines")
   r.add_argument("--shards", type=int, default=None,
@@ -68,12 +75,14 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-_RUN_FLAGS = {"out", "resume", "checkpoint_every", "log_every", "quiet", "shards"}
+_RUN_FLAGS = {"out", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "quiet",
+              "shards"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
 def config_fields(args: argparse.Namespace) -> dict:
   """The :class:`TrainConfig` fields among parsed flags (those present in ``args``)."""
+  from deeprnn_jax.config import parse_activation
   fields = {_RENAMED.get(k, k): v for k, v in vars(args).items() if k not in _RUN_FLAGS}
   if "activation" in fields:
     fields["activation"] = parse_activation(fields["activation"])
@@ -89,24 +98,31 @@ def _explicit(argv: Sequence[str] | None) -> dict:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+  from deeprnn_jax.config import TrainConfig
+  from deeprnn_jax.runs import RunOptions, saved_config, train_run
   args = parser().parse_args(argv)
+  if args.max_tokens == 0 or args.max_tokens < -1:
+    raise UsageError(f"--max-tokens must be positive, or -1 for the whole corpus; "
+                     f"got {args.max_tokens}")
+  saved = None
   if args.resume:
     # The saved config, changed only where a flag says so: a bare --resume continues as started.
     if args.out is None:
-      raise cli.UsageError("--resume needs --out RUN_DIR, the run to continue")
-    saved = checkpoint.load_checkpoint(args.out).config
+      raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+    saved = saved_config(args.out)  # None: a run that left only metrics; the flags say it all
+  if saved is not None:
     config = dataclasses.replace(saved, **_explicit(argv)).validate()
   else:
     config = TrainConfig(**config_fields(args)).validate()
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
   train_run(config, out, resume=args.resume,
             options=RunOptions(args.log_every, args.checkpoint_every, args.quiet,
-                                shards=args.shards))
+                               shards=args.shards, keep_checkpoints=args.keep_checkpoints))
   return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return cli.run(_main, argv, prog="deeprnn_jax.train")
+  return cli.run(_main, argv, prog="deeprnn_jax.train", stop_signals=True)
 
 
 if __name__ == "__main__":

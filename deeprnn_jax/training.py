@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -91,11 +92,44 @@ def make_train_step(model: RNNLM, optimizer, axis_name: str | None = None) -> Ca
   return train_step
 
 
+# Divergence. The host reads an epoch's losses anyway; they alone tell it whether the epoch
+# diverged, with no other transfer and no per-step sync.
+
+MAX_LOG_PERPLEXITY = math.log(sys.float_info.max)  # a mean loss above it: perplexity overflows
+
+
+def all_finite(tree) -> Array:
+  """Whether every floating-point value in ``tree`` is finite (a scalar; under ``vmap``, one
+  per model: it reduces over each model's own arrays)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def mark_nonfinite_state(ts: TrainState, losses: Array) -> Array:
+  """``losses`` with the last one made NaN where the train state after the epoch is not finite.
+
+  An update can blow the parameters up after the last loss was computed (the last minibatch's
+  loss is finite, the parameters it produces are not): marking that loss makes the host see it,
+  so such a state is never saved as good.
+  """
+  return losses.at[-1].set(jnp.where(all_finite(ts), losses[-1], jnp.nan))
+
+
+def diverged(losses) -> np.ndarray:
+  """Whether an epoch diverged, from its ``losses <float>[..., num_batches]`` (one answer per
+  leading index: per model): a non-finite loss (or state, :func:`mark_nonfinite_state`), or a
+  mean loss whose perplexity overflows."""
+  losses = np.asarray(losses, np.float64)
+  with np.errstate(invalid="ignore", over="ignore"):
+    return ~np.isfinite(losses).all(axis=-1) | ~(losses.mean(axis=-1) <= MAX_LOG_PERPLEXITY)
+
+
 def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
                      devices: Sequence[jax.Device] | None = None) -> Callable:
   """A jitted ``(train_state, Xs, Ys, key) -> (train_state, losses <float32>[num_batches])``.
 
-  ``Xs`` and ``Ys`` are ``<int32>[num_batches, batch, steps]``. Sequential partitioning starts
+  ``Xs`` and ``Ys`` are ``<int32>[num_batches, batch, steps]``. A train state left non-finite by
+  the epoch makes its last loss NaN (:func:`mark_nonfinite_state`). Sequential partitioning starts
   the epoch from a zero state and carries it across minibatches; random partitioning starts every
   minibatch from zeros. The train state's buffers are donated. With several ``devices``
   (:func:`deeprnn_jax.parallel.batch_devices`) every minibatch's rows are split across them, and
@@ -118,7 +152,7 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
 
     keys = jax.random.split(key, Xs.shape[0])
     (ts, _), losses = jax.lax.scan(body, (ts, zeros), (Xs, Ys, keys))
-    return ts, losses
+    return ts, mark_nonfinite_state(ts, losses)
 
   if sharded:
     rows = P(None, BATCH_AXIS)

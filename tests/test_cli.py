@@ -44,7 +44,7 @@ def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, cap
 
   assert {p.name for p in run.iterdir()} == {
       "config.json", "metrics.jsonl", "summary.json", "perplexity.png", "perplexity.svg",
-      "checkpoint.msgpack"}
+      "checkpoint.msgpack", "run.lock"}
   config = json.loads((run / "config.json").read_text())
   assert config["num_hiddens"] == 16 and config["valid_fraction"] == 0.1
   rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -358,37 +358,6 @@ def test_run_files_get_ordinary_permissions(tmp_path, capsys):
     os.umask(old)
   for name in ("checkpoint.msgpack", "config.json", "metrics.jsonl", "summary.json"):
     assert (run / name).stat().st_mode & 0o777 == 0o644, name
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("time_machine_path")
-def test_interrupt_saves_the_newest_finished_epoch_and_its_metrics(tmp_path, monkeypatch, capsys):
-  """Ctrl-C while epoch 3 is being recorded: epoch 4 is already running on the device (the
-  pipeline dispatched it), so the run waits for it and keeps both epochs' rows and epoch 4."""
-  from deeprnn_jax import runs, training
-  calls = []
-  real = training.perplexity
-
-  def interrupt_on_third(mean_loss):
-    calls.append(mean_loss)
-    if len(calls) == 3:
-      raise KeyboardInterrupt
-    return real(mean_loss)
-
-  monkeypatch.setattr(runs.training, "perplexity", interrupt_on_third)
-  run = tmp_path / "run"
-  code = train.main(SMALL + ["--num-epochs", "6", "--quiet", "--checkpoint-every", "100",
-                             "--out", str(run)])
-  err = capsys.readouterr().err
-  assert code == 130 and "epoch 4" in err
-  assert checkpoint.load_checkpoint(run).epoch == 4
-  epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-  assert epochs == [1, 2, 3, 4]
-  # Resuming goes on from there as an uninterrupted run would.
-  monkeypatch.undo()
-  assert train.main(SMALL + ["--num-epochs", "6", "--quiet", "--resume", "--out", str(run)]) == 0
-  epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-  assert epochs == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
