@@ -12,7 +12,6 @@ This module imports neither JAX nor PyTorch.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import re

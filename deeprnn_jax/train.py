@@ -101,9 +101,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
   from deeprnn_jax.config import TrainConfig
   from deeprnn_jax.runs import RunOptions, saved_config, train_run
   args = parser().parse_args(argv)
-  if args.max_tokens == 0 or args.max_tokens < -1:
-    raise UsageError(f"--max-tokens must be positive, or -1 for the whole corpus; "
-                     f"got {args.max_tokens}")
   saved = None
   if args.resume:
     # The saved config, changed only where a flag says so: a bare --resume continues as started.

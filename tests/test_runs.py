@@ -677,7 +677,7 @@ def test_small_fixes(tmp_path, capsys):
   code, _, err = in_process(["--corpus", tmp_path, "--out", tmp_path / "r"], capsys)
   assert code == 2 and "is a directory" in err
   code, _, err = in_process(["--max-tokens", 0, "--out", tmp_path / "r"], capsys)
-  assert code == 2 and "--max-tokens must be positive, or -1" in err
+  assert code == 2 and "max tokens must be a positive integer, or -1" in err
   assert not (tmp_path / "r").exists()
 
 
