@@ -28,7 +28,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_x
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import CONFIGS, LR, CLIP, _data_env  # noqa: E402
+from throughput import CLIP, CONFIGS, LR, _data_env  # noqa: E402
 
 from deeprnn_jax import data, parallel, training  # noqa: E402
 from deeprnn_jax.models import RNNLM  # noqa: E402

@@ -30,8 +30,9 @@ TEMPLATE = ROOT / "benchmarks" / "BENCHMARKS.template.md"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 README = ROOT / "README.md"
 KINDS = ("machines", "throughput", "full_run", "generation", "variants")
-GENERATED = ("<!-- Rendered by `python benchmarks/report.py` from benchmarks/BENCHMARKS.template.md "
-             "and benchmarks/results/: edit those, not this file. -->")
+GENERATED = ("<!-- Rendered by `python benchmarks/report.py` from "
+             "benchmarks/BENCHMARKS.template.md and benchmarks/results/: edit those, not this "
+             "file. -->")
 
 
 def load_results(results_dir: str | Path = RESULTS) -> list[dict]:
@@ -119,8 +120,8 @@ def _hardware(m: dict) -> str:
   uarch = f", {cpu['microarchitecture']}" if cpu.get("microarchitecture") else ""
   flags = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
            "amx_bf16": "AMX-BF16"}
-  text = (f"{_plain(cpu['model'])}{uarch}" + (f" ({ident[0]})" if ident else "") + f", {cpu['cores']} "
-          f"cores" + (", virtual machine" if cpu.get("virtual_machine") else "")
+  text = (f"{_plain(cpu['model'])}{uarch}" + (f" ({ident[0]})" if ident else "")
+          + f", {cpu['cores']} cores" + (", virtual machine" if cpu.get("virtual_machine") else "")
           + ("; " + ", ".join(flags[f] for f in cpu["flags"]) if cpu.get("flags") else ""))
   if m.get("gpu"):
     g = m["gpu"]
@@ -318,9 +319,10 @@ def readme_chapter_run(docs, device) -> list[str]:
   shown = [*run.get("head", [])[:1], "…", *run["tail"][-5:]]
   lines = ["```console", "$ python -m deeprnn_jax.train", *(line.rstrip() for line in shown),
            "```", "",
-           f"On `{device}`, {_cpu_words(doc)}, the {s['epochs']} epochs took {run['wall_s']:.0f} s from "
-           f"start to exit, compiling included ({s['compile_seconds']:.1f} s), to a final "
-           f"training perplexity of {s['train_perplexity']:.3f}; d2l's loop in PyTorch took "
+           f"On `{device}`, {_cpu_words(doc)}, the {s['epochs']} epochs took "
+           f"{run['wall_s']:.0f} s from start to exit, compiling included "
+           f"({s['compile_seconds']:.1f} s), to a final training perplexity of "
+           f"{s['train_perplexity']:.3f}; d2l's loop in PyTorch took "
            f"{torch['wall_s']:.0f} s."]
   bf16 = _find(docs, device, "full_run_bfloat16")
   if bf16:

@@ -106,6 +106,7 @@ class JaxRunner:
     if device == "cpu":
       jax.config.update("jax_platforms", "cpu")
     import numpy as np
+
     from deeprnn_jax import data, parallel, pipeline, training
     from deeprnn_jax.models import RNNLM
     parallel.use_cpu_cores()  # as the train CLI does, before JAX starts
@@ -150,7 +151,8 @@ class JaxRunner:
     return out
 
   def info(self) -> dict:
-    import flax, optax
+    import flax
+    import optax
     return {"jax": self.jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
             "device": str(self.jax.devices()[0].device_kind), "shards": len(self.devices)}
 
@@ -162,6 +164,7 @@ class TorchRunner:
     import torch
     from torch import nn
     from torch.nn import functional as F
+
     from deeprnn_jax import data
     self.torch, self.np, self.F = torch, np, F
     if os.environ.get("TORCH_THREADS"):
@@ -366,6 +369,7 @@ def bench_generation(device, num_preds=1000, repeats=3) -> dict:
   if device == "cpu":
     jax.config.update("jax_platforms", "cpu")
   import jax.numpy as jnp
+
   from deeprnn_jax import data, generate
   from deeprnn_jax.models import RNNLM
   _, vocab = data.load_data_time_machine(32, 35)
@@ -388,13 +392,17 @@ def bench_generation(device, num_preds=1000, repeats=3) -> dict:
     return prefix[0] + "".join(vocab.to_tokens(outputs[1:]))
 
   jitted = jax.jit(model.apply)
-  t = time.perf_counter(); a = compiled(); compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  a = compiled()
+  compile_s = time.perf_counter() - t
   assert a == python_loop(jitted) == python_loop(model.apply), "generation paths disagree"
   tc, tl, te = [], [], []
   for _ in range(repeats):
-    t = time.perf_counter(); compiled(); tc.append(time.perf_counter() - t)
-    t = time.perf_counter(); python_loop(jitted); tl.append(time.perf_counter() - t)
-    t = time.perf_counter(); python_loop(model.apply); te.append(time.perf_counter() - t)
+    for times, run in ((tc, compiled), (tl, lambda: python_loop(jitted)),
+                       (te, lambda: python_loop(model.apply))):
+      t = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - t)
   c, l, e = statistics.median(tc), statistics.median(tl), statistics.median(te)
   return {"num_preds": num_preds, "compiled_s": c, "python_loop_s": l, "speedup": l / c,
           "eager_loop_s": e, "speedup_eager": e / c, "compile_s": compile_s}

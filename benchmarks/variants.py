@@ -32,10 +32,10 @@ epoch (the same number of SGD steps for every variant, so precisions can be comp
 Environment: ``CONFIG`` (a ``benchmarks/throughput.py`` config name) or ``CELL``, ``H``, ``L``,
 ``B``, ``MAXTOK``; ``R``, ``N``.
 
-The run is recorded in ``benchmarks/results/<device>/variants.json`` (``machine.py``; ``DEVICE_NAME``
-overrides the device's name, ``RESULTS_DIR`` the folder, ``JSON`` names another file), one entry
-per config and list of variants, replaced when the same comparison is run again, with its
-command, date, commit and library versions.
+The run is recorded in ``benchmarks/results/<device>/variants.json`` (``machine.py``;
+``DEVICE_NAME`` overrides the device's name, ``RESULTS_DIR`` the folder, ``JSON`` names another
+file), one entry per config and list of variants, replaced when the same comparison is run again,
+with its command, date, commit and library versions.
 """
 
 import contextlib

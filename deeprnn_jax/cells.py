@@ -16,7 +16,8 @@ Parameters follow the chapter's names, with gates fused along the last axis in P
 with G = 1 for the RNN, 3 for the GRU (gates r, z, n) and 4 for the LSTM (gates i, f, g, o).
 The LSTM's and GRU's gate nonlinearities (:func:`lstm_gates`, :func:`gru_gates`) carry their
 derivatives written out (``jax.custom_vjp``); tests/test_cells.py checks them against automatic
-differentiation of the equations as written (:func:`lstm_gates_textbook`, :func:`gru_gates_textbook`).
+differentiation of the equations as written (:func:`lstm_gates_textbook`,
+:func:`gru_gates_textbook`).
 The chapter's single bias is ``b_h = b_xh + b_hh``; it is kept as two so that PyTorch weights
 convert both ways exactly and the GRU's ``b_hn`` can sit inside ``r ⊙ (·)`` as PyTorch has it.
 """
@@ -30,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from deeprnn_jax import validate
-from deeprnn_jax.validate import Activation, Cell as CellName
+from deeprnn_jax.validate import Activation
+from deeprnn_jax.validate import Cell as CellName
 
 Array = jax.Array
 Carry = Any  # <float32>[batch, hiddens] for RNN and GRU, a pair (H, C) of those for LSTM.
@@ -75,7 +77,8 @@ def gru_step(params: dict, h: Array, gx: Array) -> tuple[Array, Array]:
   return h, h
 
 
-def lstm_step(params: dict, carry: tuple[Array, Array], gx: Array) -> tuple[tuple[Array, Array], Array]:
+def lstm_step(params: dict, carry: tuple[Array, Array],
+              gx: Array) -> tuple[tuple[Array, Array], Array]:
   """PyTorch's LSTM.
 
   [I; F; G; O] = X W_xh + b_xh + H_{t-1} W_hh + b_hh
@@ -127,7 +130,8 @@ def _lstm_gates_bwd(res, cotangents):
 
 @jax.custom_vjp
 def lstm_gates(z: Array, c: Array) -> tuple[Array, Array]:
-  """``(H_t, C_t)`` from ``z = [I; F; G; O] <float32>[batch, 4H]`` and ``C_{t-1} <float32>[batch, H]``."""
+  """``(H_t, C_t)`` from ``z = [I; F; G; O] <float32>[batch, 4H]`` and
+  ``C_{t-1} <float32>[batch, H]``."""
   return _lstm_gates_fwd(z, c)[0]
 
 
@@ -174,7 +178,8 @@ def lstm_gates_textbook(z: Array, c: Array) -> tuple[Array, Array]:
 
 
 def gru_gates_textbook(gx: Array, gh: Array, h: Array) -> Array:
-  """:func:`gru_gates` as the equations read, differentiated by JAX (as :func:`lstm_gates_textbook`)."""
+  """:func:`gru_gates` as the equations read, differentiated by JAX (as
+  :func:`lstm_gates_textbook`)."""
   xr, xz, xn = jnp.split(gx, 3, axis=-1)
   hr, hz, hn = jnp.split(gh, 3, axis=-1)
   r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)

@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deeprnn_jax import stopping
-from deeprnn_jax.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, Diverged,
-                                 Interrupted, UsageError)
+from deeprnn_jax.errors import (
+  EXIT_DIVERGED,
+  EXIT_INTERRUPTED,
+  EXIT_USAGE,
+  Diverged,
+  Interrupted,
+  UsageError,
+)
 
 CACHE_ENV = "DEEPRNN_JAX_CACHE"
 

@@ -28,8 +28,8 @@ from typing import Mapping, Sequence
 
 from deeprnn_jax import checkpoint, cli, data, files, interop, training
 from deeprnn_jax.config import TrainConfig, parse_activation
-from deeprnn_jax.runs import check_run_dir
 from deeprnn_jax.errors import UsageError
+from deeprnn_jax.runs import check_run_dir
 
 PROG = "deeprnn_jax.convert"
 _D = TrainConfig()

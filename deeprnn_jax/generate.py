@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprnn_jax.vocab import Vocab
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
+from deeprnn_jax.vocab import Vocab
 
 Array = jax.Array
 

@@ -227,7 +227,8 @@ class RNNLM(nn.Module):
     super().__post_init__()
 
   def begin_state(self, batch_size: int = 1):
-    """Zeros in d2l/PyTorch layout: ``<float32>[num_layers, batch, num_hiddens]`` (LSTM: ``(H, C)``)."""
+    """Zeros in d2l/PyTorch layout: ``<float32>[num_layers, batch, num_hiddens]``
+    (LSTM: ``(H, C)``)."""
     h = jnp.zeros((self.num_layers, batch_size, self.num_hiddens), jnp.float32)
     return (h, h) if self.cell == "lstm" else h
 

@@ -22,10 +22,10 @@ are written) over ``gx <float32>[steps, batch, G*H]`` with a hand-written backwa
 
 Both passes differentiate the step function itself (``jax.vjp`` of ``cells.step`` per step, which
 uses the gate derivatives ``cells`` writes out), so no derivative of a cell is written here: the
-gate gradient is read off as the gradient with respect to a per-row copy of ``b_hh``, and the product ``H_{t-1} W_hh``, computed once per
-step, is handed to the step as a stand-in for ``W_hh`` (:class:`_Product`) whose ``h @ W`` is the
-stored product. :func:`input_gates` is the hoisted input projection with the same treatment of
-its backward products.
+gate gradient is read off as the gradient with respect to a per-row copy of ``b_hh``, and the
+product ``H_{t-1} W_hh``, computed once per step, is handed to the step as a stand-in for ``W_hh``
+(:class:`_Product`) whose ``h @ W`` is the stored product. :func:`input_gates` is the hoisted input
+projection with the same treatment of its backward products.
 
 :func:`wave_scan` runs the same kernel on L stacked layers skewed in time (a wavefront): one
 recurrence whose hidden state is all layers' ``H`` side by side and whose ``W`` is block

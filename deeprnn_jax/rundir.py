@@ -1,11 +1,11 @@
 """A run folder: its files, its lock, its metrics rows and its summary.
 
-``config.json``, ``metrics.jsonl`` (one row per epoch), ``summary.json``, ``perplexity.png``/``.svg``
-and the checkpoints (:mod:`deeprnn_jax.checkpoint`) live in it, and ``run.lock``, which one
-process at a time holds (an advisory ``flock``, released by the system when the process ends,
-however it ends) while it writes anything there. Every file but ``metrics.jsonl`` is replaced
-atomically; ``metrics.jsonl`` is appended to, a row at a time, and made to agree with the
-checkpoint when a run resumes (:meth:`RunDir.read_metrics`). All JSON is strict (no ``NaN``).
+``config.json``, ``metrics.jsonl`` (one row per epoch), ``summary.json``,
+``perplexity.png``/``.svg`` and the checkpoints (:mod:`deeprnn_jax.checkpoint`) live in it, and
+``run.lock``, which one process at a time holds (an advisory ``flock``, released by the system when
+the process ends, however it ends) while it writes anything there. Every file but ``metrics.jsonl``
+is replaced atomically; ``metrics.jsonl`` is appended to, a row at a time, and made to agree with
+the checkpoint when a run resumes (:meth:`RunDir.read_metrics`). All JSON is strict (no ``NaN``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class RunDir:
     """
     path = self.metrics_path
     if not path.is_file():
-      notes = [f"{path} is missing: the curve starts at epoch {up_to_epoch + 1}"] if up_to_epoch else []
+      notes = ([f"{path} is missing: the curve starts at epoch {up_to_epoch + 1}"]
+               if up_to_epoch else [])
       return [], notes
     raw = path.read_bytes()
     lines = raw.split(b"\n")

@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
                  help="held-out tail of the corpus (0 = d2l: no validation)")
   d.add_argument("--batch-size", type=int, default=_D.batch_size)
   d.add_argument("--num-steps", type=int, default=_D.num_steps)
-  d.add_argument("--random-iter", action="store_true", help="random instead of sequential partitioning")
+  d.add_argument("--random-iter", action="store_true",
+                 help="random instead of sequential partitioning")
   o = p.add_argument_group("optimisation")
   o.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
   o.add_argument("--lr", type=float, default=_D.lr)

@@ -27,7 +27,8 @@ from deeprnn_jax.validate import Optimizer
 Array = jax.Array
 
 
-def make_optimizer(lr: float, clip_norm: float, name: Optimizer = "sgd") -> optax.GradientTransformation:
+def make_optimizer(lr: float, clip_norm: float,
+                   name: Optimizer = "sgd") -> optax.GradientTransformation:
   """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam."""
   validate.optimizer(lr, clip_norm, name)
   opt = optax.sgd(lr) if name == "sgd" else optax.adam(lr)

@@ -11,7 +11,6 @@ import reference
 
 from deeprnn_jax import cells
 
-
 lstm_textbook, gru_textbook = cells.lstm_gates_textbook, cells.gru_gates_textbook
 
 
@@ -23,7 +22,8 @@ GATES = {"lstm": (cells.lstm_gates, lstm_textbook), "gru": (cells.gru_gates, gru
 
 
 def _inputs(cell, key, lead, hiddens, scale):
-  """The gates' arguments: LSTM ``(z [..., 4H], C [..., H])``, GRU ``(gx, gh [..., 3H], H [..., H])``."""
+  """The gates' arguments: LSTM ``(z [..., 4H], C [..., H])``, GRU
+  ``(gx, gh [..., 3H], H [..., H])``."""
   k = jax.random.split(key, 3)
   if cell == "lstm":
     return _normal(k[0], lead + (4 * hiddens,), scale), _normal(k[1], lead + (hiddens,), scale)

@@ -8,6 +8,7 @@ import re
 import urllib.request
 from pathlib import Path
 
+import d2l_reference as d2l
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,8 +17,6 @@ from hypothesis import strategies as st
 from deeprnn_jax import corpora, data
 from deeprnn_jax.data import DataError
 from deeprnn_jax.errors import UsageError
-
-import d2l_reference as d2l
 
 TM = "timemachine.txt"
 
@@ -414,7 +413,7 @@ def test_shift_and_continuity_on_time_machine(time_machine_corpus):
   for X, Y in batches:
     assert X.shape == Y.shape == (4, 10) and X.dtype == Y.dtype == np.int32
     np.testing.assert_array_equal(Y[:, :-1], X[:, 1:])
-  for (X0, Y0), (X1, _) in zip(batches, batches[1:]):
+  for (_, Y0), (X1, _) in zip(batches, batches[1:]):
     np.testing.assert_array_equal(X1[:, 0], Y0[:, -1])
   for X, Y in data.seq_data_iter_random(corpus, 4, 10, seed=1):
     np.testing.assert_array_equal(Y[:, :-1], X[:, 1:])

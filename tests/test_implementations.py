@@ -24,14 +24,12 @@ import numpy as np
 import optax
 import pytest
 from jax.experimental import rnn
+from reference import NUM_GATES, reference_forward
+from test_models import assert_state, assert_state_close, layout_params, random_state, random_tokens
 
 from deeprnn_jax import cells, cudnn, generate, recurrence, training
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
-
-from reference import NUM_GATES, reference_forward
-from test_models import (assert_state, assert_state_close, layout_params, random_state,
-                         random_tokens)
 
 IMPLS = ("scan", "layerwise", "wavefront", "cudnn")
 TOL = dict(rtol=1e-5, atol=1e-5)

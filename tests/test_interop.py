@@ -20,13 +20,12 @@ import numpy as np
 import optax
 import pytest
 import torch
+from d2l_reference import RNNModel, predict_ch8, train_ch8
 from torch import nn
 
 from deeprnn_jax import checkpoint, convert, data, interop, models, training
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
-
-from d2l_reference import RNNModel, predict_ch8, train_ch8
 
 CASES = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
 LAYERS = [1, 2, 3]
@@ -473,7 +472,8 @@ def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
     (["--cell", "lstm"], r"--from-torch needs --num-layers"),
     (["--cell", "lstm", "--num-layers", "2", "--corpus", "missing.txt"],
      r"corpus file not found: missing\.txt"),
-    (["--cell", "lstm", "--num-layers", "2", "--lr", "0"], r"learning rate must be a finite number > 0"),
+    (["--cell", "lstm", "--num-layers", "2", "--lr", "0"],
+     r"learning rate must be a finite number > 0"),
     (["--cell", "lstm", "--num-layers", "2", "--out", "{tmp}/run/checkpoint.msgpack"],
      r"give the run folder, not its checkpoint file"),
 ])

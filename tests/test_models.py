@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import NUM_GATES, reference_forward
 
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
-from reference import NUM_GATES, reference_forward
 
 IMPLS = ("scan", "layerwise")  # the implementations that take dropout between layers
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_implementations import projected_loss, random_like
 
 from deeprnn_jax import data, parallel, recurrence, train, training
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
-
-from test_implementations import projected_loss, random_like
 
 VOCAB, HIDDENS = 11, 32
 

@@ -4,6 +4,7 @@ import math
 import types
 
 import chex
+import d2l_reference as d2l
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,6 @@ import torch
 from deeprnn_jax import data, generate, pipeline, training
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
-
-import d2l_reference as d2l
 
 VOCAB = 11
 
@@ -119,7 +118,7 @@ def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for(
   pipe = pipeline.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 2)
   done = list(pipe.run(ts, _epoch_items(5)))
   assert [f.tag for f in done] == [0, 1, 2, 3, 4]
-  for f, (losses, params) in zip(done, expected):
+  for f, (losses, _) in zip(done, expected):
     np.testing.assert_array_equal(f.losses, losses)
     assert f.seconds > 0
   # Epoch 2 was asked for and the last one is not donated to anything; the others were.
@@ -228,7 +227,8 @@ def test_evaluate_rows_and_errors():
   expected = math.exp(float(training.cross_entropy(logits, corpus[None, 1:])))
   assert one == pytest.approx(expected, rel=1e-5)
   three = training.evaluate(model, ts.params, corpus, num_rows=3)
-  rows_loss = [float(training.cross_entropy(model.apply({"params": ts.params}, x[None])[0], y[None]))
+  apply = lambda x: model.apply({"params": ts.params}, x[None])[0]
+  rows_loss = [float(training.cross_entropy(apply(x), y[None]))
                for x, y in zip(corpus[:300].reshape(3, 100), corpus[1:301].reshape(3, 100))]
   assert three == pytest.approx(math.exp(np.mean(rows_loss)), rel=1e-5)
   with pytest.raises(UsageError):

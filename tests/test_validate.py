@@ -32,14 +32,16 @@ def test_learning_rates_and_norms_must_be_finite_in_float32(value):
 
 def test_one_of_lists_the_choices():
   assert validate.cell("gru") == "gru"
-  with pytest.raises(UsageError, match=r"^unknown cell 'transformer'; choose one of rnn, gru, lstm$"):
+  with pytest.raises(UsageError,
+                     match=r"^unknown cell 'transformer'; choose one of rnn, gru, lstm$"):
     validate.cell("transformer")
   with pytest.raises(UsageError, match="unknown impl 'fast'"):
     validate.model(28, 8, 2, "lstm", "tanh", 0.0, impl="fast")
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("lr", math.inf, "learning rate"), ("lr", 1e39, "learning rate"), ("clip", math.inf, "clipping"),
+    ("lr", math.inf, "learning rate"), ("lr", 1e39, "learning rate"),
+    ("clip", math.inf, "clipping"),
     ("max_tokens", 0, "max tokens"), ("max_tokens", -2, "max tokens"), ("unroll", 0, "unroll"),
     ("cell", "transformer", "unknown cell"), ("precision", "float16", "unknown precision"),
     ("optimizer", "rmsprop", "unknown optimizer"), ("clean", "strip", "unknown cleaning"),
