@@ -417,6 +417,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
             saver.save(epoch, done.state, done.tag.data_rng_state)
           report.show(row)
           if stop.requested and done.state is not None and epoch < config.num_epochs:
+            saver.save(epoch, done.state, done.tag.data_rng_state)  # if the stop came since
             raise stopped(stop, saver, f"after epoch {epoch}")
       except EpochAbandoned:
         raise stopped(stop, saver, f"(the epoch in progress did not finish within "

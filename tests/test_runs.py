@@ -193,10 +193,10 @@ def test_a_signal_saves_the_newest_epoch_and_resuming_ends_as_an_uninterrupted_r
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path):
-  """Epochs of ~2-5 s (one token per minibatch): the second Ctrl-C comes while the run waits for
-  the epoch in progress, and ends the process there."""
+  """Epochs of ~6 s or more (the whole book, one token per minibatch): the second Ctrl-C comes
+  while the run waits for the epoch in progress, and ends the process there."""
   run = tmp_path / "run"
-  slow = ["--num-hiddens", "16", "--max-tokens", "40000", "--batch-size", "1", "--num-steps", "1",
+  slow = ["--num-hiddens", "64", "--max-tokens", "-1", "--batch-size", "1", "--num-steps", "1",
           "--num-epochs", "50", "--checkpoint-every", "1", "--out", run]
   t = Train(tmp_path, "slow", slow)
   t.wait_for(lambda: checkpoint.checkpoint_files(run) and complete_rows(run) >= 1,
