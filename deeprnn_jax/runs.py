@@ -444,7 +444,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                                   f"{config.num_hiddens} hidden units")
   report.say(f"compile time {compile_seconds:.1f} sec")
   products = "" if config.precision == "float32" else f" ({config.precision} products)"
-  report.say(f"perplexity {report.ppl:.1f}, {speed:.1f} tokens/sec on {summary['device']}{products}")
+  device = summary["device"]
+  report.say(f"perplexity {report.ppl:.1f}, {speed:.1f} tokens/sec on {device}{products}")
   report.say(report.predict(report.prefix))  # the last epoch's: always logged, its state kept
   report.say(report.predict(report.short_prefix))
   return summary

@@ -557,14 +557,15 @@ def two_epochs(tmp_path_factory):
   return run
 
 
-ROW = '{"epoch": %d, "train_perplexity": 20.0, "valid_perplexity": null, "tokens_per_sec": 1.0, "seconds": 1.0}'
+ROW = ('{"epoch": %d, "train_perplexity": 20.0, "valid_perplexity": null, "tokens_per_sec": 1.0, '
+       '"seconds": 1.0}')
 
 
 def _damage(run: Path, case: str) -> None:
   path = run / "metrics.jsonl"
   lines = path.read_bytes().splitlines(keepends=True)
   damaged = {
-      "rows_after_checkpoint": lambda: lines + [(ROW % 3 + "\n").encode(), (ROW % 4 + "\n").encode()],
+      "rows_after_checkpoint": lambda: lines + [(ROW % e + "\n").encode() for e in (3, 4)],
       "torn_last_row": lambda: lines + [(ROW % 3)[:30].encode()],
       "torn_checkpoint_row": lambda: lines[:1] + [lines[1][:25]],
       "old_infinity": lambda: [b'{"epoch": 1, "train_perplexity": Infinity, "valid_perplexity": '
