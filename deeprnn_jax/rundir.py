@@ -91,7 +91,6 @@ class RunDir:
     lock.flush()
     self._lock = lock
     try:
-      self._remove_temporary_files()
       yield self
     finally:
       if self._metrics is not None:
@@ -183,9 +182,11 @@ class RunDir:
   # Writing, once every check has passed.
 
   def begin(self, config_json: dict, rows: list[dict]) -> None:
-    """The run's first writes: ``config.json``, and ``metrics.jsonl`` holding ``rows`` (the rows
-    kept from before), opened for the rows to come."""
+    """The run's first writes: away with temporary files a killed process left, ``config.json``,
+    and ``metrics.jsonl`` holding ``rows`` (the rows kept from before), opened for the rows to
+    come."""
     assert self._lock is not None, "write a run folder only while holding its lock"
+    self._remove_temporary_files()
     files.atomic_write_json(self.config_path, config_json)
     files.atomic_write_bytes(self.metrics_path,
                              "".join(files.dumps(r) + "\n" for r in rows).encode())

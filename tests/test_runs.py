@@ -643,6 +643,8 @@ def test_a_folder_without_a_checkpoint_is_no_dead_end(tmp_path, capsys):
   run = tmp_path / "run"
   assert in_process(["--num-epochs", 3, "--seed", 5, "--quiet", "--out", run], capsys)[0] == 0
   (run / "checkpoint.msgpack").unlink()
+  (run / ".checkpoint.msgpack.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # a save cut short
+  (run / ".notes.tmp").write_text("not the run's")
   code, _, err = in_process(["--num-epochs", 3, "--out", run], capsys)
   assert code == 2 and "--resume starts it again from epoch 0" in err
   code, _, err = in_process(["--resume", "--out", run, "--quiet"], capsys)  # TINY as started
@@ -650,6 +652,7 @@ def test_a_folder_without_a_checkpoint_is_no_dead_end(tmp_path, capsys):
   assert "starts again from epoch 0" in err
   assert [r["epoch"] for r in metrics(run)] == [1, 2, 3]
   assert strict_json((run / "config.json").read_text())["seed"] == 5
+  assert [p.name for p in run.glob(".*.tmp")] == [".notes.tmp"]  # the run's own are cleared
 
 
 # ----------------------------------------------------------------------------------------------
