@@ -33,6 +33,23 @@ FOREVER = 1_000_000  # the length of a run that is to be stopped: it cannot end 
 TIMEOUT = 900  # seconds any one subprocess may take on a loaded machine
 
 
+# Tests that read no corpus; every other one gets The Time Machine through conftest's fixture
+# (offline with no copy of it, those fail in one line that says how to provide it).
+CORPUS_FREE = {
+    "test_an_ignored_sighup_stays_ignored_and_a_nested_watch_shares_the_flag",
+    "test_an_epoch_that_never_finishes_is_abandoned_after_a_stop",
+    "test_the_epoch_marks_its_last_loss_when_it_leaves_the_parameters_non_finite",
+    "test_an_unwritable_output_is_named_not_its_temporary_file",
+    "test_json_is_strict_and_plots_skip_non_finite_points",
+}
+
+
+@pytest.fixture(autouse=True)
+def _corpus(request):
+  if request.node.originalname not in CORPUS_FREE:
+    request.getfixturevalue("time_machine_path")
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers.
 
@@ -153,6 +170,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 # Ctrl-C, SIGTERM, SIGHUP.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame,moment,rows", [
     ("SIGINT", "while it compiles", None),  # config.json written: compiling or in epoch 1-2
     ("SIGINT", "after the first epochs", 1),
@@ -192,6 +210,7 @@ def test_a_signal_saves_the_newest_epoch_and_resuming_ends_as_an_uninterrupted_r
   assert_same_run(run, reference)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path):
   """Epochs of ~6 s or more (the whole book, one token per minibatch): the second Ctrl-C comes
   while the run waits for the epoch in progress, and ends the process there."""
@@ -221,6 +240,7 @@ def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path):
   assert [r["epoch"] for r in metrics(run)] == list(range(1, saved.epoch + 2))
 
 
+@pytest.mark.slow
 def test_closing_the_terminal_saves_the_newest_epoch(tmp_path):
   """The run's terminal (a pseudo-terminal here, with the progress bar on) goes away: writing to
   it fails (EIO) and SIGHUP comes. The run stops printing, not training: it saves its newest
@@ -266,6 +286,7 @@ def test_closing_the_terminal_saves_the_newest_epoch(tmp_path):
   assert checkpoint.load_checkpoint(run).epoch == len(rows) > 3
 
 
+@pytest.mark.slow
 def test_the_library_run_stops_on_a_real_signal_and_gives_the_handlers_back(tmp_path, capsys):
   """train_run from Python: SIGTERM while it trains raises Interrupted (a KeyboardInterrupt) after
   saving; the handlers are the caller's again afterwards; no handler is installed on import."""
@@ -343,6 +364,7 @@ def test_an_epoch_that_never_finishes_is_abandoned_after_a_stop():
 # One writer per folder; SIGKILL.
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_pid_and_sigkill_leaves_no_stale_lock(
     reference, tmp_path):
   run = tmp_path / "run"
