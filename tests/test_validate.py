@@ -56,3 +56,11 @@ def test_the_defaults_are_valid_and_literals_name_the_choices():
   assert TrainConfig().validate() == TrainConfig()
   assert validate.CELLS == ("rnn", "gru", "lstm") and "layerwise" in validate.IMPLS
   assert validate.PRECISIONS == ("float32", "bfloat16")
+
+
+def test_unroll_reaches_the_model_from_the_command_line():
+  from deeprnn_jax import models, train
+  config = TrainConfig(**train.config_fields(train.parser().parse_args(["--unroll", "4"])))
+  assert config.validate().unroll == 4 and models.from_config(config, 28).unroll == 4
+  assert TrainConfig.from_json(config.to_json()) == config
+  assert models.from_config(TrainConfig(), 28).unroll is None  # the backend's default
