@@ -79,7 +79,7 @@ fi
 # The fast paths against the nn.scan reference first, at full float32 precision (XLA:GPU and
 # cuDNN may use TF32 by default; the equivalence tolerances are float32's).
 HI="env JAX_DEFAULT_MATMUL_PRECISION=highest"
-stage tests-fast-paths 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_fast_paths.py
+stage tests-implementations 100 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_implementations.py
 if [ "${SWEEP:-0}" = 1 ]; then
   stage variants-seed 80 env CONFIG=seed R="${R:-5}" N="${N:-3}" RESULTS_DIR="$RESULTS" \
     python benchmarks/variants.py "${SEED_VARIANTS:-res:8,sliced:8,res:16,wave:8}"
