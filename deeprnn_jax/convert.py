@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 from deeprnn_jax import checkpoint, cli, data, files, interop, training
 from deeprnn_jax.config import TrainConfig, parse_activation
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.runs import check_run_dir
+from deeprnn_jax.rundir import RunDir
 
 PROG = "deeprnn_jax.convert"
 _D = TrainConfig()
@@ -72,7 +72,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
 def _check_out(path: Path, force: bool, is_dir: bool) -> None:
   """Refuses to replace an existing output unless ``force``."""
   if is_dir:
-    check_run_dir(path)
+    RunDir(path)  # refuses a file, or a checkpoint, where the run folder should be
     taken = [p for p in (checkpoint.checkpoint_path(path), path / "config.json") if p.exists()]
     if taken and not force:
       raise UsageError(f"{taken[0]} exists; pass --force to overwrite it")

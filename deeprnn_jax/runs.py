@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import cudnn, data, generate, models, parallel, plots, stopping, training
+from deeprnn_jax import cudnn, data, generate, models, parallel, plots, stopping, training, validate
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import Diverged, Interrupted, UsageError
 from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline, FinishedEpoch
@@ -47,14 +47,10 @@ class RunOptions:
   stop_wait: float = 30.0
 
   def validate(self) -> "RunOptions":
-    if self.log_every < 1:
-      raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
-    if self.checkpoint_every < 1:
-      raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
-    if self.shards is not None and self.shards < 1:
-      raise UsageError(f"--shards must be >= 1, got {self.shards}")
-    if self.keep_checkpoints < 1:
-      raise UsageError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+      validate.positive_int("--" + name.replace("_", "-"), getattr(self, name))
+    if self.shards is not None:
+      validate.positive_int("--shards", self.shards)
     if not self.stop_wait >= 0:
       raise UsageError(f"stop_wait must be >= 0 seconds, got {self.stop_wait}")
     return self
@@ -75,11 +71,6 @@ def default_prefixes(config: TrainConfig, corpus: np.ndarray, vocab: data.Vocab)
     return (vocab.to_tokens(int(corpus[0])),) * 2
   first = " ".join(words[:2])
   return first, words[1] if len(words) > 1 else words[0]
-
-
-def check_run_dir(run_dir) -> Path:
-  """``run_dir`` as a path, refusing one that names a file (or a checkpoint) instead of a folder."""
-  return RunDir(run_dir).path
 
 
 def resume_command(run_dir) -> str:

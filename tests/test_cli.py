@@ -180,7 +180,8 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys, request):
     assert "b.txt" in err and "offset 3" in err
   if case == "too_short":
     assert re.search(r"at least \d+ are needed", err)
-  shards_error = {"shards_zero": "--shards must be >= 1", "shards_uneven": "does not split into 2",
+  shards_error = {"shards_zero": "--shards must be a positive integer",
+                  "shards_uneven": "does not split into 2",
                   "shards_too_many": "JAX has 2 CPU devices"}
   if case in shards_error and jax.default_backend() == "cpu":
     assert shards_error[case] in err
@@ -338,6 +339,7 @@ def test_bare_resume_keeps_the_saved_settings_and_flags_override_them(tmp_path, 
   assert checkpoint.load_checkpoint(run).epoch == 3
 
 
+@pytest.mark.usefixtures("time_machine_path")
 def test_a_folder_with_metrics_but_no_checkpoint_is_not_overwritten(tmp_path, capsys):
   run = tmp_path / "run"
   run.mkdir()
