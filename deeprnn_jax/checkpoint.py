@@ -51,8 +51,11 @@ class Checkpoint:
   epoch: int
   vocab: Vocab
   config: TrainConfig
-  data_rng_state: dict | None = None
+  data_rng_state: dict | list | None = None  # a list: one per model
   path: Path | None = None  # the file it was read from
+  # Where the file holds several models trained together (every array with a leading [K] axis):
+  # each one's seed, learning rate, clip norm, perplexities and the epoch it diverged at.
+  models: list[dict] | None = None
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
@@ -83,14 +86,15 @@ def _to_host(tree) -> dict:
 
 
 def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
-                    config: TrainConfig, data_rng_state: dict | None = None,
-                    keep: int = 1) -> Path:
+                    config: TrainConfig, data_rng_state: dict | list | None = None,
+                    keep: int = 1, models: list[dict] | None = None) -> Path:
   """Saves a checkpoint into ``run_dir`` (atomically) and returns its path.
 
   With ``keep > 1`` the checkpoint it replaces stays as ``checkpoint-<epoch>.msgpack`` (a hard
   link: no copy), and only the newest ``keep`` checkpoints are left in the folder; a newest file
   that cannot be read is replaced, not kept. At every moment the folder holds a readable
-  checkpoint if it held one before.
+  checkpoint if it held one before. ``models`` describes the models of a file that holds several
+  (:attr:`Checkpoint.models`).
   """
   meta = {
       "format": FORMAT,
@@ -99,6 +103,8 @@ def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
       "config": config.to_json(),
       "data_rng_state": data_rng_state,
   }
+  if models is not None:
+    meta["models"] = models
   payload = flax.serialization.msgpack_serialize({
       "params": _to_host(params),
       "opt_state": _to_host(opt_state),
@@ -156,7 +162,7 @@ def read_checkpoint_file(path: str | os.PathLike) -> Checkpoint:
     config = TrainConfig.from_json(meta["config"])
     vocab = Vocab.from_tokens_list(meta["vocab"])
     saved = Checkpoint(raw["params"], raw["opt_state"], int(meta["epoch"]), vocab, config,
-                       meta.get("data_rng_state"), path)
+                       meta.get("data_rng_state"), path, meta.get("models"))
   except Exception as e:  # msgpack, JSON, key and type errors all mean the same to the user.
     raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {e}") from None
   if not _all_finite((saved.params, saved.opt_state)):
@@ -218,3 +224,22 @@ def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
   diffs = config_differences(saved, requested, "checkpoint", "asked")
   if diffs:
     raise CheckpointError("checkpoint is of another configuration (" + "; ".join(diffs) + ")")
+
+
+MEMBER_FIELDS = ("seed", "lr", "clip")  # what tells the models of one file apart
+
+
+def check_members(saved: list[dict] | None, requested: list[dict] | None) -> None:
+  """A run of several models resumes from a checkpoint of the same models, a single run from a
+  single model's."""
+  count = lambda models: 1 if models is None else len(models)
+  if (saved is None) != (requested is None) or count(saved) != count(requested):
+    raise CheckpointError(f"checkpoint holds {count(saved)} model(s), the run asks for "
+                          f"{count(requested)}")
+  if requested is None:
+    return
+  for k, (a, b) in enumerate(zip(saved, requested)):
+    diffs = [f"{f} {a.get(f)!r} in the checkpoint, {b[f]!r} asked" for f in MEMBER_FIELDS
+             if a.get(f) != b[f]]
+    if diffs:
+      raise CheckpointError(f"checkpoint's model {k} differs: " + ", ".join(diffs))

@@ -80,3 +80,51 @@ class TrainConfig:
     if isinstance(d.get("activation"), list):
       d["activation"] = tuple(d["activation"])
     return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """The models one program trains: every learning rate and clip norm crossed with
+  ``num_seeds`` seeds (``seed``, ``seed + 1``, …). Empty ``lrs`` or ``clips``: the config's."""
+
+  num_seeds: int = 1
+  lrs: tuple[float, ...] = ()
+  clips: tuple[float, ...] = ()
+
+  def members(self, config: TrainConfig) -> list[TrainConfig]:
+    """Each model's own configuration: model ``k`` trains as a single run of ``members[k]``."""
+    return [dataclasses.replace(config, lr=lr, clip=clip, seed=config.seed + s)
+            for lr in self.lrs or (config.lr,) for clip in self.clips or (config.clip,)
+            for s in range(self.num_seeds)]
+
+  @property
+  def single(self) -> bool:
+    """One model: a plain run."""
+    return self.num_seeds == 1 and len(self.lrs) <= 1 and len(self.clips) <= 1
+
+  def validate(self, config: TrainConfig) -> "Sweep":
+    validate.positive_int("number of seeds", self.num_seeds)
+    for name, values in (("learning rates", self.lrs), ("clipping norms", self.clips)):
+      if len(set(values)) != len(values):
+        raise UsageError(f"{name} {', '.join(map(str, values))}: a value twice")
+    for member in self.members(config):
+      member.validate()
+    return self
+
+  def to_json(self) -> dict:
+    return {"num_seeds": self.num_seeds, "lrs": list(self.lrs), "clips": list(self.clips)}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Sweep":
+    try:
+      return cls(int(d["num_seeds"]), tuple(map(float, d["lrs"])), tuple(map(float, d["clips"])))
+    except (KeyError, TypeError, ValueError) as e:
+      raise UsageError(f"not a sweep: {e}") from None
+
+
+def parse_floats(name: str, text: str) -> tuple[float, ...]:
+  """``"0.5,1,2"`` -> ``(0.5, 1.0, 2.0)``, for the flags that take one value per model."""
+  try:
+    return tuple(float(v) for v in text.split(","))
+  except ValueError:
+    raise UsageError(f"{name} takes numbers separated by commas, got {text!r}") from None

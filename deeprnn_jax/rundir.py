@@ -1,6 +1,7 @@
 """A run folder: its files, its lock, its metrics rows and its summary.
 
-``config.json``, ``metrics.jsonl`` (one row per epoch), ``summary.json``,
+``config.json``, ``metrics.jsonl`` (one row per epoch, and model where a run trains several),
+``summary.json``,
 ``perplexity.png``/``.svg`` and the checkpoints (:mod:`deeprnn_jax.checkpoint`) live in it, and
 ``run.lock``, which one process at a time holds (an advisory ``flock``, released by the system when
 the process ends, however it ends) while it writes anything there. Every file but ``metrics.jsonl``
@@ -159,15 +160,18 @@ class RunDir:
       if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
         raise UsageError(f"{path} line {number} is not a metrics row (an object with a positive "
                          "integer epoch); repair or delete that line, then --resume again")
-      if epoch in seen:
-        raise UsageError(f"{path} has epoch {epoch} twice (lines {seen[epoch]} and {number}); "
-                         "delete the rows that are not this run's, then --resume again")
-      seen[epoch] = number
+      key = (epoch, row.get("model"))  # several models trained together: a row per model
+      if key in seen:
+        which = "" if key[1] is None else f" of model {key[1]}"
+        raise UsageError(f"{path} has epoch {epoch}{which} twice (lines {seen[key]} and "
+                         f"{number}); delete the rows that are not this run's, then --resume "
+                         "again")
+      seen[key] = number
       if epoch > up_to_epoch:
         after.append(epoch)
       else:
         rows.append(files.strict(row))
-    rows.sort(key=lambda r: r["epoch"])
+    rows.sort(key=lambda r: (r["epoch"], r.get("model", 0)))
     if after:
       notes.append(f"dropped the rows of epochs {min(after)}-{max(after)} from {path}: they come "
                    f"after the checkpoint (epoch {up_to_epoch}) and are trained again")

@@ -130,16 +130,20 @@ class Start:
   data_rng_state: dict | None = None
   saved_epoch: int | None = None  # the checkpoint's epoch, None where there is none
   notes: list = dataclasses.field(default_factory=list)  # for stderr: what was dropped, and why
+  models: list | None = None  # several models: the checkpoint's description of each
 
 
-def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, model, optimizer,
-                    init_key, resume: bool) -> Start:
+def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, fresh_state,
+                    resume: bool, members: list[dict] | None = None) -> Start:
   """Checks what the folder holds against what is asked, and returns where the run starts.
 
-  Reads and writes nothing but what it checks: the folder is untouched where anything is wrong. A
-  folder with no checkpoint (its run stopped before the first) resumes from epoch 0.
+  ``fresh_state`` is where a new run starts: a :class:`training.TrainState`, or for several
+  models trained together (``members``: each one's ``seed``, ``lr`` and ``clip``) a
+  :class:`training.Models`. Reads and writes nothing but what it checks: the folder is untouched
+  where anything is wrong. A folder with no checkpoint (its run stopped before the first) resumes
+  from epoch 0.
   """
-  fresh = Start(training.init_train_state(model, optimizer, init_key))
+  fresh = Start(fresh_state)
   if not resume:
     if folder.holds_run():
       hint = ("" if ckpt.checkpoint_files(folder.path) else
@@ -160,16 +164,27 @@ def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, mode
           f"the checkpoint {saved.path} is not of the run config.json describes ("
           + "; ".join(diffs) + "); put back the run's own checkpoint, or start another --out")
   ckpt.check_compatible(saved.config, config)
+  ckpt.check_members(saved.models, members)
   if saved.vocab.idx_to_token != vocab.idx_to_token:
     raise ckpt.CheckpointError("checkpoint's vocabulary differs from the corpus' vocabulary")
-  state = training.TrainState(
-      jax.tree_util.tree_map(jnp.asarray, ckpt.restore(fresh.state.params, saved.params)),
-      jax.tree_util.tree_map(jnp.asarray, ckpt.restore(fresh.state.opt_state, saved.opt_state)))
   if saved.epoch >= config.num_epochs:
     raise UsageError(f"checkpoint is at epoch {saved.epoch}; ask for more with --num-epochs")
   rows, row_notes = folder.read_metrics(saved.epoch)
-  return Start(state, saved.epoch, rows, saved.data_rng_state, saved.epoch,
-               fresh.notes + row_notes)
+  return Start(_restored(fresh.state, saved), saved.epoch, rows, saved.data_rng_state,
+               saved.epoch, fresh.notes + row_notes, saved.models)
+
+
+def _restored(fresh_state, saved: ckpt.Checkpoint):
+  """``fresh_state`` (a train state, or :class:`training.Models`) with the checkpoint's values."""
+  several = isinstance(fresh_state, training.Models)
+  ts = fresh_state.train_state if several else fresh_state
+  on_device = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
+  ts = training.TrainState(on_device(ckpt.restore(ts.params, saved.params)),
+                           on_device(ckpt.restore(ts.opt_state, saved.opt_state)))
+  if not several:
+    return ts
+  alive = jnp.asarray([m.get("diverged_epoch") is None for m in saved.models])
+  return training.Models(ts, alive)
 
 
 def compile_epochs(model, optimizer, config: TrainConfig, loader: data.SeqDataLoader, devices,
@@ -304,12 +319,14 @@ class Saver:
                last: int | None):
     self.folder, self.config, self.vocab, self.keep, self.last = folder, config, vocab, keep, last
 
-  def save(self, epoch: int, state: training.TrainState, data_rng_state: dict) -> None:
+  def save(self, epoch: int, state: training.TrainState, data_rng_state: dict | list,
+           models: list[dict] | None = None) -> None:
+    """``models``: the description of each model, where ``state`` holds several."""
     if epoch == self.last:
       return
     ckpt.save_checkpoint(self.folder.path, params=state.params, opt_state=state.opt_state,
                          epoch=epoch, vocab=self.vocab, config=self.config,
-                         data_rng_state=data_rng_state, keep=self.keep)
+                         data_rng_state=data_rng_state, keep=self.keep, models=models)
     self.last = epoch
 
   def kept(self) -> str:
@@ -375,7 +392,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
 
     with folder.locked():
       # Restore or initialise: every check first, then the first write.
-      start = restore_or_init(folder, config, text.vocab, model, optimizer, init_key, resume)
+      start = restore_or_init(folder, config, text.vocab,
+                              training.init_train_state(model, optimizer, init_key), resume)
       for note in start.notes:
         print(f"note: {note}", file=err)
       folder.begin(config.to_json(), start.rows)

@@ -57,10 +57,17 @@ def parser() -> argparse.ArgumentParser:
                  help="random instead of sequential partitioning")
   o = p.add_argument_group("optimisation")
   o.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
-  o.add_argument("--lr", type=float, default=_D.lr)
-  o.add_argument("--clip", type=float, default=_D.clip, help="global gradient norm")
+  o.add_argument("--lr", default=f"{_D.lr:g}",
+                 help="learning rate; several separated by commas (0.5,1,2,4) train one model "
+                      "each, all in one program")
+  o.add_argument("--clip", default=f"{_D.clip:g}",
+                 help="global gradient norm; several separated by commas: a model each, crossed "
+                      "with the learning rates")
   o.add_argument("--num-epochs", type=int, default=_D.num_epochs)
   o.add_argument("--seed", type=int, default=_D.seed)
+  o.add_argument("--num-seeds", type=int, default=1,
+                 help="train each setting with seeds --seed, --seed + 1, ...: all the models in "
+                      "one program (jax.vmap), a row per model in metrics.jsonl")
   r = p.add_argument_group("run")
   r.add_argument("--out", default=None, help="run folder (default runs/<timestamp>/)")
   r.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -77,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 _RUN_FLAGS = {"out", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "quiet",
-              "shards"}
+              "shards", "num_seeds"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
@@ -87,35 +94,61 @@ def config_fields(args: argparse.Namespace) -> dict:
   fields = {_RENAMED.get(k, k): v for k, v in vars(args).items() if k not in _RUN_FLAGS}
   if "activation" in fields:
     fields["activation"] = parse_activation(fields["activation"])
+  for name in ("lr", "clip"):  # the first value: the config's; all of them: the sweep's
+    if name in fields:
+      fields[name] = sweep_values(args, name)[0]
   return fields
 
 
-def _explicit(argv: Sequence[str] | None) -> dict:
-  """The config fields the user typed, for a resumed run to override its saved config with."""
+def sweep_values(args: argparse.Namespace, name: str) -> tuple[float, ...]:
+  """``--lr`` or ``--clip``'s values (numbers separated by commas); ``()`` where absent."""
+  from deeprnn_jax.config import parse_floats
+  text = getattr(args, name, None)
+  return () if text is None else parse_floats(f"--{name}", str(text))
+
+
+def sweep_of(args: argparse.Namespace):
+  """The models the flags in ``args`` ask for (those present)."""
+  from deeprnn_jax.config import Sweep
+  several = lambda values: values if len(values) > 1 else ()
+  return Sweep(getattr(args, "num_seeds", 1), several(sweep_values(args, "lr")),
+               several(sweep_values(args, "clip")))
+
+
+def _explicit_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The flags the user typed, for a resumed run to override its saved settings with."""
   p = parser()
   for action in p._actions:  # argparse has no public switch for "omit absent flags".
     action.default = argparse.SUPPRESS
-  return config_fields(p.parse_args(argv))
+  return p.parse_args(argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
   from deeprnn_jax.config import TrainConfig
   from deeprnn_jax.runs import RunOptions, saved_config, train_run
+  from deeprnn_jax.sweeps import saved_sweep, sweep_run
   args = parser().parse_args(argv)
   saved = None
+  sweep = sweep_of(args)
   if args.resume:
-    # The saved config, changed only where a flag says so: a bare --resume continues as started.
+    # The saved settings, changed only where a flag says so: a bare --resume continues as started.
     if args.out is None:
       raise UsageError("--resume needs --out RUN_DIR, the run to continue")
     saved = saved_config(args.out)  # None: a run that left only metrics; the flags say it all
+    typed = _explicit_args(argv)
+    if not {"num_seeds", "lr", "clip"} & set(vars(typed)):
+      sweep = saved_sweep(args.out) or sweep
   if saved is not None:
-    config = dataclasses.replace(saved, **_explicit(argv)).validate()
+    config = dataclasses.replace(saved, **config_fields(typed)).validate()
   else:
     config = TrainConfig(**config_fields(args)).validate()
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-  train_run(config, out, resume=args.resume,
-            options=RunOptions(args.log_every, args.checkpoint_every, args.quiet,
-                               shards=args.shards, keep_checkpoints=args.keep_checkpoints))
+  options = RunOptions(args.log_every, args.checkpoint_every, args.quiet, shards=args.shards,
+                       keep_checkpoints=args.keep_checkpoints)
+  if sweep.single:
+    train_run(config, out, resume=args.resume, options=options)
+  else:
+    sweep_run(config, sweep, out, resume=args.resume, options=options)
   return 0
 
 

@@ -31,8 +31,21 @@ def make_optimizer(lr: float, clip_norm: float,
                    name: Optimizer = "sgd") -> optax.GradientTransformation:
   """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam."""
   validate.optimizer(lr, clip_norm, name)
-  opt = optax.sgd(lr) if name == "sgd" else optax.adam(lr)
-  return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+  return _clipped(lr, clip_norm, name)
+
+
+def _clipped(learning_rate, max_norm, name: Optimizer) -> optax.GradientTransformation:
+  opt = optax.sgd(learning_rate) if name == "sgd" else optax.adam(learning_rate)
+  return optax.chain(optax.clip_by_global_norm(max_norm), opt)
+
+
+def make_sweep_optimizer(name: Optimizer = "sgd") -> optax.GradientTransformation:
+  """:func:`make_optimizer`'s transformation reading its learning rate and clip norm from its
+  state (``optax.inject_hyperparams``), so that they are data: each of the models trained in one
+  vmapped program has its own (:func:`init_train_states` sets them)."""
+  validate.one_of("optimizer", name, validate.OPTIMIZERS)
+  return optax.inject_hyperparams(functools.partial(_clipped, name=name))(
+      learning_rate=1.0, max_norm=1.0)
 
 
 def cross_entropy(logits: Array, Y: Array) -> Array:
@@ -63,6 +76,29 @@ def init_train_state(model: RNNLM, optimizer, key: Array, batch_size: int = 1,
 
   # One compiled program: op by op, a GPU compiles a kernel for every operation of the model.
   return jax.jit(init)(key)
+
+
+def init_train_states(model: RNNLM, optimizer, keys: Array, lrs, clip_norms) -> TrainState:
+  """``K`` train states stacked on a leading axis, initialised in one vmapped program.
+
+  Model ``k`` is initialised from ``keys[k]`` as :func:`init_train_state` would, and trains with
+  learning rate ``lrs[k]`` and clip norm ``clip_norms[k]``.
+
+  Args:
+    optimizer: from :func:`make_sweep_optimizer`.
+    keys: ``<key>[K]`` PRNG keys (``<uint32>[K, 2]``).
+    lrs, clip_norms: ``<float32>[K]``.
+  """
+  X = jnp.zeros((1, 1), jnp.int32)
+
+  def init(key, lr, clip_norm):
+    params = model.init(key, X)["params"]
+    opt_state = optimizer.init(params)
+    hyperparams = dict(opt_state.hyperparams, learning_rate=lr, max_norm=clip_norm)
+    return TrainState(params, opt_state._replace(hyperparams=hyperparams))
+
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return jax.jit(jax.vmap(init))(keys, f32(lrs), f32(clip_norms))
 
 
 def make_train_step(model: RNNLM, optimizer, axis_name: str | None = None) -> Callable:
@@ -164,6 +200,60 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
                           # VJPs would have to annotate) guards nothing here.
                           check_vma=False)
   return jax.jit(epoch, donate_argnums=0)
+
+
+class Models(NamedTuple):
+  """The state of ``K`` models trained together: their train states, every leaf with a leading
+  ``[K]`` axis, and which of them still train (a model that diverged stops, at its last finite
+  state)."""
+
+  train_state: TrainState
+  alive: Array  # <bool>[K]
+
+
+def make_models_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) -> Callable:
+  """``K`` models' epochs in one jitted program: :func:`make_train_epoch`'s epoch under
+  ``jax.vmap``.
+
+  Returns ``(models, Xs, Ys, keys, num_batches) -> (models, losses <float32>[K, max_batches])``:
+
+  * ``models``: :class:`Models` (donated);
+  * ``Xs``, ``Ys``: ``<int32>[K, max_batches, batch, steps]``, model ``k``'s own minibatches (its
+    data order and partition offset), padded to a common count;
+  * ``keys``: ``<key>[K]``, each model's epoch key (its dropout masks);
+  * ``num_batches``: ``<int32>[K]``, how many of model ``k``'s minibatches are real.
+
+  Model ``k`` trains exactly as one model would on its own minibatches: padding minibatches leave
+  its state as it was. A model whose epoch ends with a non-finite loss or parameter goes back to
+  its state before the epoch and stops (``alive`` false): its losses are NaN for that epoch and
+  zero from then on, and it does not change again. The others are not touched by it.
+  """
+  train_step = make_train_step(model, optimizer)
+
+  def select(flag, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+  def epoch(models: Models, Xs, Ys, key, num_batches):
+    zeros = model.begin_state(Xs.shape[1])
+
+    def body(carry, batch):
+      ts, state = carry
+      X, Y, k, real = batch
+      if use_random_iter:
+        state = zeros
+      new_ts, new_state, loss = train_step(ts, state, X, Y, k)
+      return (select(real, new_ts, ts), select(real, new_state, state)), jnp.where(real, loss, 0.)
+
+    index = jnp.arange(Xs.shape[0])
+    real = (index < num_batches) & models.alive
+    keys = jax.random.split(key, Xs.shape[0])
+    (ts, _), losses = jax.lax.scan(body, (models.train_state, zeros), (Xs, Ys, keys, real))
+    ok = all_finite(ts) & jnp.all(jnp.isfinite(losses))
+    alive = models.alive & ok
+    return (Models(select(ok, ts, models.train_state), alive),
+            jnp.where(ok, losses, jnp.nan))
+
+  return jax.jit(jax.vmap(epoch), donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
