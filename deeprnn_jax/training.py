@@ -224,8 +224,8 @@ def make_models_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) ->
   * ``num_batches``: ``<int32>[K]``, how many of model ``k``'s minibatches are real.
 
   Model ``k`` trains exactly as one model would on its own minibatches: padding minibatches leave
-  its state as it was. A model whose epoch ends with a non-finite loss or parameter goes back to
-  its state before the epoch and stops (``alive`` false): its losses are NaN for that epoch and
+  its state as it was. A model whose epoch diverges (:func:`diverged`: a non-finite loss or
+  parameter, or a perplexity that overflows) goes back to its state before the epoch and stops (``alive`` false): its losses are NaN for that epoch and
   zero from then on, and it does not change again. The others are not touched by it.
   """
   train_step = make_train_step(model, optimizer)
@@ -248,7 +248,8 @@ def make_models_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) ->
     real = (index < num_batches) & models.alive
     keys = jax.random.split(key, Xs.shape[0])
     (ts, _), losses = jax.lax.scan(body, (models.train_state, zeros), (Xs, Ys, keys, real))
-    ok = all_finite(ts) & jnp.all(jnp.isfinite(losses))
+    mean_loss = jnp.sum(losses) / jnp.maximum(jnp.sum(real), 1)
+    ok = all_finite(ts) & jnp.all(jnp.isfinite(losses)) & (mean_loss <= MAX_LOG_PERPLEXITY)
     alive = models.alive & ok
     return (Models(select(ok, ts, models.train_state), alive),
             jnp.where(ok, losses, jnp.nan))
