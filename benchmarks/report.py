@@ -6,7 +6,7 @@
 BENCHMARKS.md is ``benchmarks/BENCHMARKS.template.md`` (the prose, written by hand) with every
 line ``<!-- render KIND -->`` replaced by the tables of that kind, one per device and measurement,
 from ``benchmarks/results/<device>/<measurement>.json``: ``machines``, ``throughput``,
-``full_run``, ``generation``, ``variants``. A results file of a kind the template does not render
+``full_run``, ``generation``, ``variants``, ``sweep``. A results file of a kind the template does not render
 is an error, so that no measurement is left out silently. In README.md, the text between
 ``<!-- report NAME key=value... -->`` and ``<!-- /report -->`` is replaced (``chapter-run``: the
 chapter's run as printed, ``performance``: the short table). Nothing here measures anything.
@@ -29,7 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 TEMPLATE = ROOT / "benchmarks" / "BENCHMARKS.template.md"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 README = ROOT / "README.md"
-KINDS = ("machines", "throughput", "full_run", "generation", "variants")
+KINDS = ("machines", "throughput", "full_run", "generation", "variants", "sweep")
 GENERATED = ("<!-- Rendered by `python benchmarks/report.py` from "
              "benchmarks/BENCHMARKS.template.md and benchmarks/results/: edit those, not this "
              "file. -->")
@@ -266,6 +266,33 @@ def render_variants(docs: list[dict]) -> list[str]:
   return out
 
 
+def render_sweep(docs: list[dict]) -> list[str]:
+  out = []
+  for doc in docs:
+    settings, results = doc["settings"], doc["results"]
+    k = settings["num_models"]
+    rows = []
+    for n, r in enumerate(results["repeats"], 1):
+      seq, tog = r["sequential"], r["together"]
+      rows.append([str(n), _n(tog["tokens_per_s"]), _n(seq["tokens_per_s"]),
+                   _x(r["ratio_tokens_per_s"]), _s(tog["wall_s"]), _s(seq["wall_s"]),
+                   _x(r["ratio_wall"]), str(tog["devices"])])
+    memory = [[str(m["num_models"]), f"{m['peak_rss_mib']:,.0f} MiB",
+               "—" if m["device_peak_mib"] is None else f"{m['device_peak_mib']:,.0f} MiB"]
+              for m in results["memory"]]
+    out += [f"### `{doc['device']}`", ""]
+    if rows:
+      out += [f"{k} models of {settings['config']}, {settings['epochs']} epochs each:", "",
+              *table(["repeat", f"`--num-seeds {k}` tokens/s", f"{k} runs tokens/s", "ratio",
+                      f"`--num-seeds {k}` process", f"{k} processes", "ratio",
+                      "devices the models are spread over"], rows, "lrrrrrrr"), ""]
+    if memory:
+      out += [*table(["models", "peak resident memory", "peak device memory"], memory, "lrr"),
+              ""]
+    out += [*command_block(doc["command"]), "", source_line(doc), ""]
+  return out
+
+
 def render_kind(kind: str, docs: list[dict]) -> list[str]:
   mine = [d for d in docs if d["kind"] == kind]
   if kind == "machines":
@@ -273,7 +300,7 @@ def render_kind(kind: str, docs: list[dict]) -> list[str]:
   if kind == "throughput":
     return [line for d in mine for line in render_throughput(d)]
   return {"full_run": render_full_run, "generation": render_generation,
-          "variants": render_variants}[kind](mine)
+          "variants": render_variants, "sweep": render_sweep}[kind](mine)
 
 
 def render_benchmarks(docs: list[dict], template: str) -> str:
