@@ -113,8 +113,9 @@ def plot_sweep(rows: Sequence[dict], out_stem: str | Path, title: str = "") -> l
     if last:
       ax.plot(*zip(*last), "o", color="black", markersize=3)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("last perplexity")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel("last perplexity (valid where measured)")
+    ax.grid(True, alpha=0.3)
   return _save(fig, out_stem)
