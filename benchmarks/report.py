@@ -6,8 +6,8 @@
 BENCHMARKS.md is ``benchmarks/BENCHMARKS.template.md`` (the prose, written by hand) with every
 line ``<!-- render KIND -->`` replaced by the tables of that kind, one per device and measurement,
 from ``benchmarks/results/<device>/<measurement>.json``: ``machines``, ``throughput``,
-``full_run``, ``generation``, ``variants``, ``sweep``. A results file of a kind the template does not render
-is an error, so that no measurement is left out silently. In README.md, the text between
+``full_run``, ``generation``, ``variants``, ``sweep``. A results file of a kind the template does
+not render is an error, so that no measurement is left out silently. In README.md, the text between
 ``<!-- report NAME key=value... -->`` and ``<!-- /report -->`` is replaced (``chapter-run``: the
 chapter's run as printed, ``performance``: the short table). Nothing here measures anything.
 """

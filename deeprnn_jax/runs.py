@@ -351,6 +351,26 @@ def stopped(stop: stopping.StopRequest, saver: Saver, when: str) -> Interrupted:
   return Interrupted(f"stopped by {stop.name} {when}; {kept}", stop.signum)
 
 
+def run_pipeline(epoch_fn: Callable, config: TrainConfig, options: RunOptions, report: Report,
+                 stop: stopping.StopRequest) -> tuple[EpochPipeline, Callable[[int], bool]]:
+  """The pipeline that runs a run's epochs, and which epochs save a checkpoint."""
+  due = lambda epoch: epoch % options.checkpoint_every == 0 or epoch == config.num_epochs
+  # A state is kept (not donated to the next epoch) where it is read: reported, saved, or, once a
+  # stop is asked for, the newest one, which is saved.
+  pipeline = EpochPipeline(
+      epoch_fn,
+      needs_state=lambda tag: due(tag.epoch) or report.reads_state(tag.epoch) or stop.requested,
+      should_abandon=lambda: stop.waited_more_than(max(options.stop_wait, 2 * report.slowest)))
+  return pipeline, due
+
+
+def abandoned(stop: stopping.StopRequest, saver: Saver, options: RunOptions,
+              report: Report) -> Interrupted:
+  return stopped(stop, saver, f"(the epoch in progress did not finish within "
+                              f"{max(options.stop_wait, 2 * report.slowest):.0f} s and was "
+                              "abandoned)")
+
+
 # ----------------------------------------------------------------------------------------------
 # The run.
 
@@ -405,13 +425,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
 
       report = Report(config, options, model, text, devices, folder, start.epoch, out, err)
       saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
-      due = lambda epoch: epoch % options.checkpoint_every == 0 or epoch == config.num_epochs
-      # A state is kept (not donated to the next epoch) where it is read: reported, saved, or,
-      # once a stop is asked for, the newest one, which is saved.
-      pipeline = EpochPipeline(
-          epoch_fn,
-          needs_state=lambda tag: due(tag.epoch) or report.reads_state(tag.epoch) or stop.requested,
-          should_abandon=lambda: stop.waited_more_than(max(options.stop_wait, 2 * report.slowest)))
+      pipeline, due = run_pipeline(epoch_fn, config, options, report, stop)
       try:
         if stop.requested:
           raise stopped(stop, saver, "before the first epoch")
@@ -429,9 +443,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
             saver.save(epoch, done.state, done.tag.data_rng_state)  # if the stop came since
             raise stopped(stop, saver, f"after epoch {epoch}")
       except EpochAbandoned:
-        raise stopped(stop, saver, f"(the epoch in progress did not finish within "
-                                   f"{max(options.stop_wait, 2 * report.slowest):.0f} s and was "
-                                   "abandoned)") from None
+        raise abandoned(stop, saver, options, report) from None
       finally:
         report.close()
 

@@ -33,16 +33,18 @@ from deeprnn_jax import checkpoint as ckpt
 from deeprnn_jax import cudnn, data, files, models, plots, stopping, training
 from deeprnn_jax.config import Sweep, TrainConfig
 from deeprnn_jax.errors import Diverged, Interrupted, UsageError
-from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline, FinishedEpoch
+from deeprnn_jax.pipeline import EpochAbandoned, FinishedEpoch
 from deeprnn_jax.rundir import RunDir
 from deeprnn_jax.runs import (
   Report,
   RunOptions,
   Saver,
   Text,
+  abandoned,
   device_name,
   load_text,
   restore_or_init,
+  run_pipeline,
   stopped,
 )
 
@@ -307,13 +309,9 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
       report = SweepReport(members, diverged, config, options, model, text, devices, folder,
                            start.epoch, out, err)
       saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
-      due = lambda epoch: epoch % options.checkpoint_every == 0 or epoch == config.num_epochs
       save = lambda done: saver.save(done.tag.epoch, done.state.train_state,
                                      done.tag.data_rng_state, report.descriptions())
-      pipeline = EpochPipeline(
-          epoch_fn,
-          needs_state=lambda tag: due(tag.epoch) or report.reads_state(tag.epoch) or stop.requested,
-          should_abandon=lambda: stop.waited_more_than(max(options.stop_wait, 2 * report.slowest)))
+      pipeline, due = run_pipeline(epoch_fn, config, options, report, stop)
       try:
         if stop.requested:
           raise stopped(stop, saver, "before the first epoch")
@@ -334,9 +332,7 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
             save(done)
             raise stopped(stop, saver, f"after epoch {epoch}")
       except EpochAbandoned:
-        raise stopped(stop, saver, f"(the epoch in progress did not finish within "
-                                   f"{max(options.stop_wait, 2 * report.slowest):.0f} s and was "
-                                   "abandoned)") from None
+        raise abandoned(stop, saver, options, report) from None
       finally:
         report.close()
 

@@ -225,8 +225,9 @@ def make_models_epoch(model: RNNLM, optimizer, use_random_iter: bool = False) ->
 
   Model ``k`` trains exactly as one model would on its own minibatches: padding minibatches leave
   its state as it was. A model whose epoch diverges (:func:`diverged`: a non-finite loss or
-  parameter, or a perplexity that overflows) goes back to its state before the epoch and stops (``alive`` false): its losses are NaN for that epoch and
-  zero from then on, and it does not change again. The others are not touched by it.
+  parameter, or a perplexity that overflows) goes back to its state before the epoch and stops
+  (``alive`` false): its losses are NaN for that epoch and zero from then on, and it does not
+  change again. The others are not touched by it.
   """
   train_step = make_train_step(model, optimizer)
 

@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_runs import FOREVER, Train, complete_rows, metrics, snapshot, strict_json
 
 from deeprnn_jax import checkpoint, data, models, predict, sweeps, train, training
 from deeprnn_jax.config import Sweep, TrainConfig
 from deeprnn_jax.errors import EXIT_DIVERGED, EXIT_TERMINATED, EXIT_USAGE
-
-from test_runs import FOREVER, Train, complete_rows, metrics, snapshot, strict_json
 
 # 2 x 16 GRU with dropout on 2,000 characters: every per-model path (dropout masks, clipping).
 SMALL = ["--cell", "gru", "--num-hiddens", "16", "--max-tokens", "2000", "--batch-size", "4",
@@ -124,7 +123,9 @@ def test_sweep_members_cross_learning_rates_clips_and_seeds():
 
 
 # ----------------------------------------------------------------------------------------------
-# The command.
+# The command, on The Time Machine (offline with no copy of it, each fails in one line).
+
+command = pytest.mark.usefixtures("time_machine_path")
 
 
 def train_main(args) -> int:
@@ -146,6 +147,7 @@ def assert_model_equals_single(run, k, single):
                                rtol=1e-5)
 
 
+@command
 def test_the_command_trains_a_grid_and_each_model_equals_its_single_run(tmp_path, capsys):
   run = tmp_path / "sweep"
   code = train_main(SMALL + ["--num-epochs", "4", "--num-seeds", "2", "--lr", "1,2",
@@ -189,6 +191,7 @@ def test_the_command_trains_a_grid_and_each_model_equals_its_single_run(tmp_path
   assert "holds models 0 to 3" in capsys.readouterr().err
 
 
+@command
 def test_a_sweep_resumes_as_if_never_stopped(tmp_path, capsys):
   whole, parts = tmp_path / "whole", tmp_path / "parts"
   grid = ["--num-seeds", "2", "--clip", "0.5,1"]
@@ -210,6 +213,7 @@ def test_a_sweep_resumes_as_if_never_stopped(tmp_path, capsys):
                              [r["train_perplexity"] for r in want], rtol=1e-5)
 
 
+@command
 def test_one_diverging_model_leaves_the_others_and_the_exit_code_says_so(tmp_path, capsys):
   run = tmp_path / "run"
   code = train_main(SMALL + ["--num-epochs", "3", "--lr", "1,1e30", "--clip", "1e30",
@@ -240,6 +244,7 @@ def test_one_diverging_model_leaves_the_others_and_the_exit_code_says_so(tmp_pat
     (["--lr", "1,-2"], "learning rate must be a finite number > 0, got -2.0"),
     (["--clip", "1,1"], "a value twice"),
 ])
+@command
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys, flags, message):
   assert train_main(SMALL + flags + ["--out", str(tmp_path / "run")]) == EXIT_USAGE
   err = capsys.readouterr().err
@@ -247,6 +252,7 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, capsys, flags, message):
   assert not (tmp_path / "run").exists()
 
 
+@command
 @pytest.mark.slow
 def test_sigterm_saves_every_model_and_resume_continues(tmp_path):
   run = tmp_path / "run"
