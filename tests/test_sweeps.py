@@ -269,3 +269,16 @@ def test_sigterm_saves_every_model_and_resume_continues(tmp_path):
   t = Train(tmp_path, "resume", ["--resume", "--out", run, "--num-epochs", last + 2])
   assert t.wait() == 0, t.err
   assert [r["epoch"] for r in metrics(run)] == [e for e in range(1, last + 3) for _ in range(3)]
+
+
+def test_predict_chooses_the_best_model_that_did_not_diverge():
+  described = [
+      {"model": 0, "train_perplexity": 3.0, "valid_perplexity": 5.0, "diverged_epoch": None},
+      {"model": 1, "train_perplexity": None, "valid_perplexity": None, "diverged_epoch": 2},
+      {"model": 2, "train_perplexity": 2.0, "valid_perplexity": 4.0, "diverged_epoch": None},
+      {"model": 3, "train_perplexity": 1.5, "valid_perplexity": 4.5, "diverged_epoch": None},
+  ]
+  assert predict.choose_model(described, None, "run") == 2  # by validation perplexity
+  no_valid = [dict(d, valid_perplexity=None) for d in described]
+  assert predict.choose_model(no_valid, None, "run") == 3  # else by training perplexity
+  assert predict.choose_model(described, 1, "run") == 1  # asked for: even a diverged one
