@@ -79,17 +79,15 @@ def auto_shards(batch_size: int, num_hiddens: int, num_devices: int) -> int:
 
 
 def parse_devices(value) -> int | str | None:
-  """``--devices``' value: a positive integer, ``all``, or ``None`` (the default rule)."""
+  """``--devices``' value: a positive integer (or its digits), ``all``, or ``None`` (the default
+  rule)."""
   if value is None or value == "all":
     return value
-  if isinstance(value, str):
-    try:
-      value = int(value)
-    except ValueError:
-      pass
-  if isinstance(value, str):
-    raise UsageError(f"--devices/--shards must be a positive integer or all, got {value}")
-  return validate.positive_int("--devices/--shards", value)
+  n = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+  try:
+    return validate.positive_int("--devices", n)
+  except UsageError:
+    raise UsageError(f"--devices/--shards must be a positive integer or all, got {value}") from None
 
 
 def batch_devices(batch_size: int, num_hiddens: int,
