@@ -6,12 +6,9 @@ devices runs in a subprocess, which can be given them before its JAX starts.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import chex
+import cpu_runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +20,6 @@ from deeprnn_jax import parallel, train, training
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 11
 CPUS = jax.devices("cpu")
 ON_CPU = jax.default_backend() == "cpu"
@@ -162,27 +158,14 @@ SMALL = ["--cell", "gru", "--num-hiddens", "16", "--max-tokens", "1000", "--batc
          "--quiet"]
 
 
-def _perplexities(run: Path) -> np.ndarray:
-  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-  return np.array([[r["epoch"], r["train_perplexity"], r["valid_perplexity"]] for r in rows])
-
-
 @pytest.mark.usefixtures("time_machine_path")
-def test_a_run_over_four_cpu_devices_trains_as_one_device_does(tmp_path, capsys):
-  """``--devices 4`` in a process given four CPU devices before its JAX starts; against a run
-  on one device in this process."""
+def test_a_run_over_four_cpu_devices_trains_as_one_device_does(tmp_path):
   one, four = tmp_path / "one", tmp_path / "four"
-  assert train.main(SMALL + ["--devices", "1", "--out", str(one)]) == 0
-  capsys.readouterr()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_NUM_CPU_DEVICES="4",  # the code under test first on the path
-             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-  proc = subprocess.run([sys.executable, "-m", "deeprnn_jax.train", *SMALL, "--devices", "4",
-                         "--out", str(four)],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  proc = cpu_runs.train([SMALL + ["--devices", "1", "--out", one],
+                         SMALL + ["--devices", "4", "--out", four]], devices=4)
   assert proc.returncode == 0, proc.stderr
   assert json.loads((four / "summary.json").read_text())["shards"] == 4
-  np.testing.assert_allclose(_perplexities(four), _perplexities(one), rtol=1e-4)
+  np.testing.assert_allclose(cpu_runs.perplexities(four), cpu_runs.perplexities(one), rtol=1e-4)
 
 
 @pytest.mark.parametrize("devices,batch,message", [
