@@ -51,18 +51,20 @@ def test_auto_shards_splits_only_where_it_was_measured_to_pay(batch, hiddens, de
 
 def test_batch_devices():
   everywhere = jax.devices()
-  if not ON_CPU:  # a GPU: one device unless asked for more
-    assert len(parallel.batch_devices(32, 256)) == 1
-  else:
+  n = len(everywhere)  # on a CPU, conftest's 2
+  if ON_CPU:
     assert len(parallel.batch_devices(32, 256)) == 2  # the rule: the chapter's run is split
+  else:  # a GPU: one device unless asked for more
+    assert len(parallel.batch_devices(32, 256)) == 1
   assert list(parallel.batch_devices(32, 256, 1)) == everywhere[:1]
-  assert list(parallel.batch_devices(6, 8, 2)) == everywhere[:2]
-  assert list(parallel.batch_devices(6, 8, "2")) == everywhere[:2]  # as --devices gives it
-  assert list(parallel.batch_devices(8 * len(everywhere), 8, "all")) == everywhere
-  for batch, devices, match in [(6, 0, "positive integer or all"), (6, 1.5, "positive"),
-                                (6, "two", "positive integer or all, got two"),
-                                (7, 2, "does not split into 2"),
-                                (6, len(everywhere) + 1, f"JAX has {len(everywhere)} ")]:
+  assert list(parallel.batch_devices(8 * n, 8, n)) == everywhere
+  assert list(parallel.batch_devices(8 * n, 8, str(n))) == everywhere  # as --devices gives it
+  assert list(parallel.batch_devices(8 * n, 8, "all")) == everywhere
+  bad = [(6, 0, "positive integer or all"), (6, 1.5, "positive"),
+         (6, "two", "positive integer or all, got two"), (8 * n, n + 1, f"JAX has {n} ")]
+  if n > 1:
+    bad.append((8 * n + 1, "all", f"does not split into {n} equal shards"))
+  for batch, devices, match in bad:
     with pytest.raises(UsageError, match=match):
       parallel.batch_devices(batch, 8, devices)
 
@@ -170,7 +172,7 @@ def test_a_run_over_four_cpu_devices_trains_as_one_device_does(tmp_path):
 
 @pytest.mark.parametrize("devices,batch,message", [
     ("3", 8, "3 devices asked for, but JAX has 2 "),  # conftest: 2 CPU devices
-    ("all", 5, "batch size 5 does not split into 2 equal shards"),
+    ("2", 5, "batch size 5 does not split into 2 equal shards"),
     ("none", 8, "--devices/--shards must be a positive integer or all, got none"),
 ])
 def test_devices_that_cannot_be_had_are_one_line_and_exit_code_2(devices, batch, message,
