@@ -40,7 +40,7 @@ class RunOptions:
   checkpoint_every: int = 50
   quiet: bool = False
   progress: bool | None = None  # None: a bar on stderr when it is a terminal.
-  devices: int | str | None = None  # a batch split over N devices or "all"; None: parallel's rule
+  shards: int | str | None = None  # --devices: N, "all" or None (parallel.batch_devices' rule)
   keep_checkpoints: int = 1  # the newest K checkpoints stay in the folder
   # After a stop signal, how long the epoch in progress is waited for before it is abandoned
   # (an epoch known to take longer, the slowest so far, gets twice its time).
@@ -49,7 +49,7 @@ class RunOptions:
   def validate(self) -> "RunOptions":
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
       validate.positive_int("--" + name.replace("_", "-"), getattr(self, name))
-    parallel.parse_devices(self.devices)
+    parallel.parse_devices(self.shards)
     if not self.stop_wait >= 0:
       raise UsageError(f"stop_wait must be >= 0 seconds, got {self.stop_wait}")
     return self
@@ -362,7 +362,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
 
   with stopping.watch() as stop:
     # The text, the model, the optimiser: everything that can be wrong with the settings.
-    devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.devices)
+    devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
     text = load_text(config)
     loader = data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
                                 config.use_random_iter, seed=config.seed)

@@ -107,7 +107,7 @@ def _explicit(argv: Sequence[str] | None) -> dict:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-  from deeprnn_jax import distributed
+  from deeprnn_jax import distributed, parallel
   from deeprnn_jax.config import TrainConfig
   from deeprnn_jax.runs import RunOptions, saved_config, train_run
   args = parser().parse_args(argv)
@@ -124,7 +124,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
   else:
     config = TrainConfig(**config_fields(args)).validate()
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-  options = RunOptions(args.log_every, args.checkpoint_every, args.quiet, devices=args.devices,
+  options = RunOptions(args.log_every, args.checkpoint_every, args.quiet,
+                       shards=parallel.parse_devices(args.devices),
                        keep_checkpoints=args.keep_checkpoints)
   with distributed.outputs(out, copy_from=args.out) as (run_dir, stdout, stderr):
     train_run(config, run_dir, resume=args.resume, options=options, out=stdout, err=stderr)
