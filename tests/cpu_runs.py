@@ -39,9 +39,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train_processes(tmp_path: Path, name: str, args: list[str], n: int = 2) -> list[dict]:
-  """``python -m deeprnn_jax.train ARGS`` as ``n`` processes of one CPU device each, joined on a
-  free local port; each one's exit code, PID, stdout and stderr."""
+def train_processes(tmp_path: Path, name: str, args: list[str], n: int = 2,
+                    devices: int = 1) -> list[dict]:
+  """``python -m deeprnn_jax.train ARGS`` as ``n`` processes of ``devices`` CPU devices each,
+  joined on a free local port; each one's exit code, PID, stdout and stderr."""
   port, procs = free_port(), []
   try:
     for i in range(n):
@@ -51,7 +52,7 @@ def train_processes(tmp_path: Path, name: str, args: list[str], n: int = 2) -> l
             [sys.executable, "-m", "deeprnn_jax.train", *args,
              "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
              "--process-id", str(i)],
-            stdout=out, stderr=err, cwd=REPO, env=cpu_env(1)))
+            stdout=out, stderr=err, cwd=REPO, env=cpu_env(devices)))
     for p in procs:
       p.wait(TIMEOUT)
   finally:

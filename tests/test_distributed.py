@@ -1,9 +1,9 @@
 """One run over two processes on this machine: JAX's distributed runtime, CPU devices, gloo.
 
-Two real ``python -m deeprnn_jax.train`` processes, one CPU device each, join through a
-coordinator on a free local port and train one model, each process feeding its half of every
-minibatch's rows. They must train as one process splitting the same global batch over two CPU
-devices does, and only process 0 may write the run folder and print.
+Two real ``python -m deeprnn_jax.train`` processes, two CPU devices each, join through a
+coordinator on a free local port and train one model over the four devices, each process feeding
+its half of every minibatch's rows. They must train as one process splitting the same global
+batch over four CPU devices does, and only process 0 may write the run folder and print.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ def run_lines(stdout: str) -> list[str]:
 @pytest.mark.usefixtures("time_machine_path")
 def test_two_processes_train_as_one_process_with_as_many_devices(tmp_path):
   ref, run = tmp_path / "one", tmp_path / "two"
-  one = train([SMALL + ["--num-epochs", "3", "--devices", "2", "--out", ref]], devices=2)
+  one = train([SMALL + ["--num-epochs", "3", "--devices", "4", "--out", ref]], devices=4)
   assert one.returncode == 0, one.stderr
-  first, second = train_processes(tmp_path, "fresh", SMALL + ["--num-epochs", "2", "--out", run])
+  first, second = train_processes(tmp_path, "fresh", SMALL + ["--num-epochs", "2", "--out", run],
+                                  devices=2)
   assert first["code"] == 0 and second["code"] == 0, (first["err"], second["err"])
   np.testing.assert_allclose(perplexities(run), perplexities(ref)[:2], rtol=1e-4)
-  assert json.loads((run / "summary.json").read_text())["shards"] == 2  # one device a process
+  assert json.loads((run / "summary.json").read_text())["shards"] == 4  # every process's
   # Process 0 alone prints d2l's final lines and writes the folder (it held its lock); the
   # other is silent.
   lines = run_lines(first["out"])
@@ -43,7 +44,8 @@ def test_two_processes_train_as_one_process_with_as_many_devices(tmp_path):
 
   # Both resume from process 0's checkpoint and go on as the uninterrupted run.
   first, second = train_processes(tmp_path, "resumed",
-                                  SMALL + ["--num-epochs", "3", "--resume", "--out", run])
+                                  SMALL + ["--num-epochs", "3", "--resume", "--out", run],
+                                  devices=2)
   assert first["code"] == 0 and second["code"] == 0, (first["err"], second["err"])
   np.testing.assert_allclose(perplexities(run), perplexities(ref), rtol=1e-4)
 
