@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from cpu_runs import perplexities, train, train_processes
 
+from deeprnn_jax import distributed
 from deeprnn_jax import train as train_command
 
 SMALL = ["--cell", "rnn", "--num-hiddens", "16", "--max-tokens", "1000", "--batch-size", "8",
@@ -61,3 +62,30 @@ def test_bad_process_flags_are_one_line_and_exit_code_2(args, message, tmp_path,
   err = capsys.readouterr().err
   assert message in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / "run").exists()
+
+
+def test_the_coordinator_may_come_from_jax_own_variable(monkeypatch):
+  monkeypatch.delenv(distributed.COORDINATOR_ENV, raising=False)
+  assert not distributed.requested(None, None, None)
+  assert distributed.requested(None, 2, None)
+  monkeypatch.setenv(distributed.COORDINATOR_ENV, "10.0.0.1:1234")
+  assert distributed.requested(None, None, None)
+
+
+def test_a_follower_trains_in_a_scratch_copy_and_prints_nothing(tmp_path, monkeypatch):
+  run = tmp_path / "run"
+  run.mkdir()
+  for name, text in [("config.json", "{}"), ("run.lock", "123\n"), ("checkpoint.msgpack", "c")]:
+    (run / name).write_text(text)
+  with distributed.outputs(run, copy_from=run) as (where, out, err):
+    assert (where, out, err) == (run, None, None)  # process 0 (this one): the folder itself
+  monkeypatch.setattr(distributed, "is_writer", lambda: False)
+  with distributed.outputs(run, copy_from=run) as (where, out, err):
+    assert where != run and sorted(p.name for p in where.iterdir()) == [
+        "checkpoint.msgpack", "config.json"]  # what a resume reads; not the writer's lock
+    print("a line", file=out)
+    (where / "metrics.jsonl").write_text("")
+  assert not where.exists() and out.closed
+  assert sorted(p.name for p in run.iterdir()) == ["checkpoint.msgpack", "config.json", "run.lock"]
+  with distributed.outputs(tmp_path / "new", copy_from=None) as (where, _, _):
+    assert not where.exists()  # a fresh run: nothing to copy
