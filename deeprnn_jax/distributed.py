@@ -21,11 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, TextIO
 
+import jax
+
 from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
+from deeprnn_jax.rundir import LOCK
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # JAX's own; the process count and id it detects
-RUN_LOCK = "run.lock"  # rundir.LOCK, named here to keep this module free of the run's imports
 
 
 def requested(coordinator: str | None, num_processes: int | None,
@@ -49,9 +51,8 @@ def join(coordinator: str | None = None, num_processes: int | None = None,
     validate.positive_int("--num-processes", num_processes)
   if process_id is not None and (num_processes is None or not 0 <= process_id < num_processes):
     raise UsageError(f"--process-id must be in 0 .. --num-processes - 1, got {process_id}")
-  import jax
-  # CPU devices of different processes reduce through gloo (JAX's default today; stated, since
-  # without a CPU collectives implementation a cross-process reduction fails).
+  # CPU devices of different processes reduce through gloo (JAX's default in 0.10; stated,
+  # since without a CPU collectives implementation a cross-process reduction fails).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(coordinator, num_processes, process_id,
@@ -63,7 +64,6 @@ def join(coordinator: str | None = None, num_processes: int | None = None,
 
 def is_writer() -> bool:
   """Whether this process writes the run folder and prints: process 0 (or the only one)."""
-  import jax
   return jax.process_index() == 0
 
 
@@ -83,5 +83,5 @@ def outputs(run_dir: str | os.PathLike, copy_from: str | os.PathLike | None = No
     run = Path(scratch) / "run"
     source = Path(copy_from) if copy_from is not None else None
     if source is not None and source.is_dir():
-      shutil.copytree(source, run, ignore=shutil.ignore_patterns(RUN_LOCK, ".*.tmp"))
+      shutil.copytree(source, run, ignore=shutil.ignore_patterns(LOCK))  # the writer's alone
     yield run, sink, sink
