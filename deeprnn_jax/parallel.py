@@ -1,16 +1,21 @@
-"""Data parallelism over CPU cores: a minibatch's rows split across JAX's CPU devices.
+"""Data parallelism: a minibatch's rows split over devices, on one machine or over several.
 
-At the chapter's size XLA:CPU spends a time step on one ``[32, 256] x [256, 1024]`` product split
-over every core, and the hand-off between threads costs about as much as the arithmetic. With one
-JAX CPU device per core (:func:`use_cpu_cores`) the rows can be split instead
-(:func:`batch_devices`): each device runs its rows' whole recurrence on one core, and the
-gradients are averaged once per minibatch (``training.make_train_epoch(..., devices=...)``). The
-mean loss and its gradient are the same as on one device, up to the order of float32 sums; with
-dropout, each shard draws its own masks, so those depend on the number of shards.
+A mesh with one axis, :data:`BATCH_AXIS` (``data``), holds the devices; every minibatch's rows are
+split across it, each device runs its rows' whole recurrence, and the gradients are averaged once
+per minibatch (``training.make_train_epoch(..., devices=...)``). The mean loss and its gradient are
+the same as on one device, up to the order of float32 sums; with dropout, each shard draws its own
+masks, so those depend on the number of shards. The devices may be GPUs, CPU cores or, after
+:func:`deeprnn_jax.distributed.join`, the devices of several processes: each process places only
+its own devices' rows (:func:`epoch_inputs`) and reads local copies of the replicated parameters
+(:func:`on_first`).
 
-Splitting wins only where the per-step product is small; where it is large, XLA's threads already
-keep the cores busy and one device is as fast or faster. :func:`auto_shards` encodes that rule;
-the measurements behind its thresholds (an epoch interleaved with and without the split, per
+On a CPU the split is also the fast way to use the cores. At the chapter's size XLA:CPU spends a
+time step on one ``[32, 256] x [256, 1024]`` product split over every core, and the hand-off
+between threads costs about as much as the arithmetic. With one JAX CPU device per core
+(:func:`use_cpu_cores`) the rows are split instead, each device on one core. That wins only where
+the per-step product is small; where it is large, XLA's threads already keep the cores busy and
+one device is as fast or faster. :func:`auto_shards` encodes that rule, the default on a CPU; the
+measurements behind its thresholds (an epoch interleaved with and without the split, per
 configuration) are in BENCHMARKS.md.
 """
 
@@ -27,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
 
-BATCH_AXIS = "batch"  # the mesh axis a minibatch's rows are split over
+BATCH_AXIS = "data"  # the mesh axis a minibatch's rows are split over
 # rows x hidden² of one shard's per-step product at or below which a split has won (the chapter's
 # 16 rows x 256² per shard); the sizes above it measured no gain or a loss.
 MAX_SHARD_WORK = 16 * 256 * 256
@@ -73,27 +78,52 @@ def auto_shards(batch_size: int, num_hiddens: int, num_devices: int) -> int:
   return best
 
 
+def parse_devices(value) -> int | str | None:
+  """``--devices``' value: a positive integer (or its digits), ``all``, or ``None`` (the default
+  rule)."""
+  if value is None or value == "all":
+    return value
+  n = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+  try:
+    return validate.positive_int("--devices", n)
+  except UsageError:
+    raise UsageError(f"--devices/--shards must be a positive integer or all, got {value}") from None
+
+
 def batch_devices(batch_size: int, num_hiddens: int,
-                  shards: int | None = None) -> Sequence[jax.Device]:
-  """The devices a training minibatch is split over: one device (no split) unless JAX computes
-  on its CPU devices and there are several. ``shards=None`` chooses by :func:`auto_shards`; an
-  integer asks for exactly that many (1: never split)."""
-  if shards is not None:
-    shards = validate.positive_int("shards", shards)
-  default = jax.devices()
-  if default[0].platform != "cpu":
-    if shards not in (None, 1):
-      raise UsageError(f"{shards} shards: splitting the batch is for CPU cores; JAX computes "
-                       f"on {default[0].platform}")
-    return default[:1]
-  if shards is None:
-    shards = auto_shards(batch_size, num_hiddens, len(default))
-  if shards > len(default):
-    raise UsageError(f"{shards} shards, but JAX has {len(default)} CPU devices "
-                     f"(this process may use {usable_cores()} cores)")
-  if batch_size % shards:
-    raise UsageError(f"batch size {batch_size} does not split into {shards} equal shards")
-  return default[:shards]
+                  devices: int | str | None = None) -> Sequence[jax.Device]:
+  """The devices a training minibatch is split over, from JAX's default backend.
+
+  ``devices``: an integer asks for exactly that many (1: no split), ``"all"`` for every device.
+  ``None`` chooses: on a CPU, by :func:`auto_shards`; elsewhere one device; over several
+  processes, all of them (each process must take part). Over several processes the devices are
+  the first ``devices / processes`` of each. Raises :class:`UsageError` where they cannot be
+  had or the batch does not split into equal shards.
+  """
+  devices = parse_devices(devices)
+  everywhere = jax.devices()  # every process's, after distributed.join
+  platform, processes = everywhere[0].platform, jax.process_count()
+  if devices == "all" or devices is None and processes > 1:
+    n = len(everywhere)
+  elif devices is None:
+    n = auto_shards(batch_size, num_hiddens, len(everywhere)) if platform == "cpu" else 1
+  else:
+    n = devices
+  if n > len(everywhere):
+    where = (f" over {processes} processes" if processes > 1 else
+             f" (this process may use {usable_cores()} cores)" if platform == "cpu" else "")
+    raise UsageError(f"{n} devices asked for, but JAX has {len(everywhere)} "
+                     f"{platform.upper()} devices{where}")
+  if batch_size % n:
+    raise UsageError(f"batch size {batch_size} does not split into {n} equal shards "
+                     f"(one a device); choose --devices or --batch-size to fit")
+  if processes == 1:
+    return everywhere[:n]
+  if n % processes:
+    raise UsageError(f"{n} devices do not split evenly over {processes} processes")
+  # Process-major: process p's rows are the p-th block of each minibatch.
+  return [d for p in range(processes)
+          for d in [d for d in everywhere if d.process_index == p][:n // processes]]
 
 
 def batch_mesh(devices: Sequence[jax.Device]) -> Mesh:
@@ -104,17 +134,41 @@ def batch_mesh(devices: Sequence[jax.Device]) -> Mesh:
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
   """``tree`` with a copy of every array on each of ``devices``, as a split epoch takes and
   returns its train state (an epoch given the state placed otherwise compiles once more, for
-  the placement it returns); unchanged for one device."""
+  the placement it returns); unchanged for one device. Over several processes every process
+  passes the same values and places its own devices' copies."""
   if len(devices) < 2:
     return tree
-  return jax.device_put(tree, NamedSharding(batch_mesh(devices), P()))
+  sharding = NamedSharding(batch_mesh(devices), P())
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda a: _global(np.asarray(a), sharding), tree)
+
+
+def rows_sharding(devices: Sequence[jax.Device]) -> NamedSharding:
+  """Where an epoch's ``<int32>[num_batches, batch, steps]`` minibatches go: rows split."""
+  return NamedSharding(batch_mesh(devices), P(None, BATCH_AXIS))
+
+
+def epoch_inputs(devices: Sequence[jax.Device], Xs, Ys, key) -> tuple:
+  """A split epoch's inputs ``(Xs, Ys, key)`` placed on ``devices``: the rows of
+  ``Xs``/``Ys`` ``<int32>[num_batches, batch, steps]`` split, the key replicated; unchanged for
+  one device. Every process passes the same whole epoch (the same loader, the same seed) and
+  places only its own devices' rows."""
+  if len(devices) < 2:
+    return Xs, Ys, key
+  rows = rows_sharding(devices)
+  return (_global(np.asarray(Xs), rows), _global(np.asarray(Ys), rows),
+          replicate(key, devices))
+
+
+def _global(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 def on_first(tree: Any, devices: Sequence[jax.Device]) -> Any:
-  """``tree`` on ``devices[0]`` alone, for work that is not split (evaluation, generation): a
-  replicated tree would run it on every device at once; unchanged for one device. A copy, so that
-  it outlives the replicated tree being donated to the next epoch."""
+  """``tree`` on one device of this process alone, for work that is not split (evaluation,
+  generation): a replicated tree would run it on every device at once; unchanged for one device.
+  A copy, so that it outlives the replicated tree being donated to the next epoch."""
   if len(devices) < 2:
     return tree
-  # device_put alone may hand back device 0's own buffer of the replicated array.
-  return jax.tree.map(lambda a: a.copy(), jax.device_put(tree, devices[0]))
+  return jax.tree.map(lambda a: a.addressable_data(0).copy(), tree)

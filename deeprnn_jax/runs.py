@@ -40,7 +40,7 @@ class RunOptions:
   checkpoint_every: int = 50
   quiet: bool = False
   progress: bool | None = None  # None: a bar on stderr when it is a terminal.
-  shards: int | None = None  # CPU devices a minibatch's rows are split over; None: parallel's rule
+  shards: int | str | None = None  # --devices: N, "all" or None (parallel.batch_devices' rule)
   keep_checkpoints: int = 1  # the newest K checkpoints stay in the folder
   # After a stop signal, how long the epoch in progress is waited for before it is abandoned
   # (an epoch known to take longer, the slowest so far, gets twice its time).
@@ -49,8 +49,7 @@ class RunOptions:
   def validate(self) -> "RunOptions":
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
       validate.positive_int("--" + name.replace("_", "-"), getattr(self, name))
-    if self.shards is not None:
-      validate.positive_int("--shards", self.shards)
+    parallel.parse_devices(self.shards)
     if not self.stop_wait >= 0:
       raise UsageError(f"stop_wait must be >= 0 seconds, got {self.stop_wait}")
     return self
@@ -199,7 +198,8 @@ def compile_epochs(model, optimizer, config: TrainConfig, loader: data.SeqDataLo
     return {X.shape: epoch_fn.lower(state, X, X, key).compile() for X in shapes}
 
   compiled = stopping.responsive(compile_all)
-  return (lambda s, Xs, Ys, k: compiled[Xs.shape](s, Xs, Ys, k)), time.perf_counter() - t
+  return ((lambda s, Xs, Ys, k: compiled[Xs.shape](s, *parallel.epoch_inputs(devices, Xs, Ys, k))),
+          time.perf_counter() - t)
 
 
 class EpochTag(NamedTuple):

@@ -68,14 +68,17 @@ def saved_sweep(run_dir) -> Sweep | None:
     raise UsageError(f"{path} is unreadable: {e}") from None
 
 
-def model_devices(num_models: int, devices: int | None = None) -> list[jax.Device]:
+def model_devices(num_models: int, devices: int | str | None = None) -> list[jax.Device]:
   """The devices the models are spread over (a :data:`MODELS_AXIS` mesh), each holding
-  ``num_models / len(devices)`` of them: ``devices`` of them where asked, else the most of JAX's
-  devices that divide the models evenly."""
+  ``num_models / len(devices)`` of them: ``devices`` of them (a number, or ``"all"``) where
+  asked, else the most of JAX's devices that divide the models evenly."""
   available = jax.devices()
+  if devices == "all":
+    devices = len(available)
   if devices is not None:
     if devices > len(available):
-      raise UsageError(f"{devices} devices asked, JAX has {len(available)}")
+      raise UsageError(f"--devices {devices}: JAX has {len(available)} "
+                       f"{available[0].platform.upper()} device(s)")
     if num_models % devices:
       raise UsageError(f"{num_models} models do not spread evenly over {devices} devices")
     return available[:devices]

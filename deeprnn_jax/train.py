@@ -77,14 +77,22 @@ def parser() -> argparse.ArgumentParser:
                       "where the newest is unreadable)")
   r.add_argument("--log-every", type=int, default=RunOptions.log_every)
   r.add_argument("--quiet", action="store_true", help="print only the final lines")
-  r.add_argument("--shards", type=int, default=None,
-                 help="CPU cores a minibatch's rows are split over (1: no split; default: split "
-                      "where it was measured to pay, see deeprnn_jax/parallel.py)")
+  r.add_argument("--devices", "--shards", dest="devices", default=None,
+                 help="devices a minibatch's rows are split over: N or all (1: no split; default: "
+                      "on a CPU, its cores where that was measured to pay, see "
+                      "deeprnn_jax/parallel.py; on a GPU, one; over several processes, all)")
+  h = p.add_argument_group("several processes (docs/performance.md)")
+  h.add_argument("--coordinator", default=None,
+                 help="HOST:PORT of process 0, which every process connects to (default: "
+                      "$JAX_COORDINATOR_ADDRESS)")
+  h.add_argument("--num-processes", type=int, default=None)
+  h.add_argument("--process-id", type=int, default=None,
+                 help="this process's rank, 0 .. N-1; only process 0 writes and prints")
   return p
 
 
 _RUN_FLAGS = {"out", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "quiet",
-              "shards", "num_seeds"}
+              "devices", "coordinator", "num_processes", "process_id", "num_seeds"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
@@ -124,10 +132,15 @@ def _explicit_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+  import jax
+
+  from deeprnn_jax import distributed, parallel
   from deeprnn_jax.config import TrainConfig
   from deeprnn_jax.runs import RunOptions, saved_config, train_run
   from deeprnn_jax.sweeps import saved_sweep, sweep_run
   args = parser().parse_args(argv)
+  if distributed.requested(args.coordinator, args.num_processes, args.process_id):
+    distributed.join(args.coordinator, args.num_processes, args.process_id)
   saved = None
   sweep = sweep_of(args)
   if args.resume:
@@ -143,12 +156,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
   else:
     config = TrainConfig(**config_fields(args)).validate()
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-  options = RunOptions(args.log_every, args.checkpoint_every, args.quiet, shards=args.shards,
+  options = RunOptions(args.log_every, args.checkpoint_every, args.quiet,
+                       shards=parallel.parse_devices(args.devices),
                        keep_checkpoints=args.keep_checkpoints)
-  if sweep.single:
-    train_run(config, out, resume=args.resume, options=options)
-  else:
+  if not sweep.single:
+    if jax.process_count() > 1:
+      raise UsageError("several models train in one process (spread over its devices with "
+                       "--devices); over several processes, train one model")
     sweep_run(config, sweep, out, resume=args.resume, options=options)
+    return 0
+  with distributed.outputs(out, copy_from=args.out) as (run_dir, stdout, stderr):
+    train_run(config, run_dir, resume=args.resume, options=options, out=stdout, err=stderr)
   return 0
 
 

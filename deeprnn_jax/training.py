@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax import validate
@@ -192,13 +193,18 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
     return ts, mark_nonfinite_state(ts, losses)
 
   if sharded:
-    rows = P(None, BATCH_AXIS)
-    epoch = jax.shard_map(epoch, mesh=batch_mesh(devices),
+    mesh, rows = batch_mesh(devices), P(None, BATCH_AXIS)
+    epoch = jax.shard_map(epoch, mesh=mesh,
                           in_specs=(P(), rows, rows, P()), out_specs=(P(), P()),
                           # Gradients are taken within each shard, never through a collective,
                           # so JAX's check of per-shard variance (which the recurrence's custom
                           # VJPs would have to annotate) guards nothing here.
                           check_vma=False)
+    # Placements stated, not left to the compiler: the compiled epoch then takes the arrays
+    # parallel.replicate and parallel.epoch_inputs make, on one process or several.
+    on = lambda spec: NamedSharding(mesh, spec)
+    return jax.jit(epoch, donate_argnums=0, in_shardings=(on(P()), on(rows), on(rows), on(P())),
+                   out_shardings=(on(P()), on(P())))
   return jax.jit(epoch, donate_argnums=0)
 
 

@@ -1,10 +1,14 @@
-"""Data parallelism over CPU devices: the split rule, and a split epoch equal to an unsplit one.
+"""Data parallelism: the split rule, the choice of devices, a split epoch equal to an unsplit one.
 
 ``conftest.py`` gives this process two CPU devices, so the split path runs on any machine (on
-one whose JAX computes on a GPU, these tests run on its CPU devices).
+one whose JAX computes on a GPU, the epoch tests run on its CPU devices); a run over four CPU
+devices runs in a subprocess, which can be given them before its JAX starts.
 """
 
+import json
+
 import chex
+import cpu_runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deeprnn_jax import parallel, training
+from deeprnn_jax import parallel, train, training
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
@@ -46,19 +50,23 @@ def test_auto_shards_splits_only_where_it_was_measured_to_pay(batch, hiddens, de
 
 
 def test_batch_devices():
-  if not ON_CPU:  # a GPU: never split
+  everywhere = jax.devices()
+  n = len(everywhere)  # on a CPU, conftest's 2
+  if ON_CPU:
+    assert len(parallel.batch_devices(32, 256)) == 2  # the rule: the chapter's run is split
+  else:  # a GPU: one device unless asked for more
     assert len(parallel.batch_devices(32, 256)) == 1
-    with pytest.raises(UsageError, match="for CPU cores"):
-      parallel.batch_devices(32, 256, shards=2)
-    return
-  assert len(parallel.batch_devices(32, 256)) == 2
-  assert len(parallel.batch_devices(32, 256, shards=1)) == 1
-  assert list(parallel.batch_devices(6, 8, shards=2)) == jax.devices()[:2]
-  for batch, shards, match in [(6, 0, "positive"), (6, 1.5, "positive"),
-                               (7, 2, "does not split into 2"),
-                               (6, len(jax.devices()) + 1, "CPU devices")]:
+  assert list(parallel.batch_devices(32, 256, 1)) == everywhere[:1]
+  assert list(parallel.batch_devices(8 * n, 8, n)) == everywhere
+  assert list(parallel.batch_devices(8 * n, 8, str(n))) == everywhere  # as --devices gives it
+  assert list(parallel.batch_devices(8 * n, 8, "all")) == everywhere
+  bad = [(6, 0, "positive integer or all"), (6, 1.5, "positive"),
+         (6, "two", "positive integer or all, got two"), (8 * n, n + 1, f"JAX has {n} ")]
+  if n > 1:
+    bad.append((8 * n + 1, "all", f"does not split into {n} equal shards"))
+  for batch, devices, match in bad:
     with pytest.raises(UsageError, match=match):
-      parallel.batch_devices(batch, 8, shards=shards)
+      parallel.batch_devices(batch, 8, devices)
 
 
 def test_use_cpu_cores_once_jax_has_started_changes_nothing():
@@ -81,6 +89,17 @@ def test_replicate_and_on_first():
   first = parallel.on_first(rep, CPUS[:2])
   jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)(rep)  # as an epoch does
   chex.assert_trees_all_equal(first, tree)  # still readable
+
+
+def test_epoch_inputs_split_the_rows_and_replicate_the_key():
+  Xs = np.arange(3 * 6 * 5, dtype=np.int32).reshape(3, 6, 5)
+  key = jax.random.PRNGKey(3)
+  assert parallel.epoch_inputs(CPUS[:1], Xs, Xs, key) == (Xs, Xs, key)
+  X, Y, k = parallel.epoch_inputs(CPUS[:2], Xs, Xs + 1, key)
+  assert X.sharding == parallel.rows_sharding(CPUS[:2]) and k.sharding.is_fully_replicated
+  assert [s.data.shape for s in X.addressable_shards] == [(3, 3, 5)] * 2
+  np.testing.assert_array_equal(X.addressable_shards[1].data, Xs[:, 3:])
+  np.testing.assert_array_equal(Y, Xs + 1)
 
 
 def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
@@ -134,3 +153,34 @@ def test_split_shards_draw_their_own_dropout_masks():
   assert np.isfinite(loss)
   assert not np.allclose(H[1, :3], H[1, 3:])  # layer 2 reads layer 1 through dropout
   np.testing.assert_allclose(H[0, :3], H[0, 3:], rtol=1e-6)  # layer 1 has none before it
+
+
+SMALL = ["--cell", "gru", "--num-hiddens", "16", "--max-tokens", "1000", "--batch-size", "8",
+         "--num-steps", "5", "--valid-fraction", "0.2", "--num-epochs", "3", "--log-every", "1",
+         "--quiet"]
+
+
+@pytest.mark.usefixtures("time_machine_path")
+def test_a_run_over_four_cpu_devices_trains_as_one_device_does(tmp_path):
+  one, four = tmp_path / "one", tmp_path / "four"
+  proc = cpu_runs.train([SMALL + ["--devices", "1", "--out", one],
+                         SMALL + ["--devices", "4", "--out", four]], devices=4)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads((four / "summary.json").read_text())["shards"] == 4
+  np.testing.assert_allclose(cpu_runs.perplexities(four), cpu_runs.perplexities(one), rtol=1e-4)
+
+
+@pytest.mark.parametrize("devices,batch,message", [
+    ("3", 8, "3 devices asked for, but JAX has 2 "),  # conftest: 2 CPU devices
+    ("2", 5, "batch size 5 does not split into 2 equal shards"),
+    ("none", 8, "--devices/--shards must be a positive integer or all, got none"),
+])
+def test_devices_that_cannot_be_had_are_one_line_and_exit_code_2(devices, batch, message,
+                                                                 tmp_path, capsys):
+  args = SMALL + ["--devices", devices, "--batch-size", str(batch), "--out", str(tmp_path / "r")]
+  assert train.main(args) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and err.startswith("deeprnn_jax.train: error: ")
+  if ON_CPU or devices == "none":
+    assert message in err
+  assert not (tmp_path / "r").exists()
