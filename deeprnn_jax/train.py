@@ -80,7 +80,9 @@ def parser() -> argparse.ArgumentParser:
   r.add_argument("--devices", "--shards", dest="devices", default=None,
                  help="devices a minibatch's rows are split over: N or all (1: no split; default: "
                       "on a CPU, its cores where that was measured to pay, see "
-                      "deeprnn_jax/parallel.py; on a GPU, one; over several processes, all)")
+                      "deeprnn_jax/parallel.py; on a GPU, one; over several processes, all); "
+                      "with several models, the devices they are spread over (default: the most "
+                      "that divide them evenly)")
   h = p.add_argument_group("several processes (docs/performance.md)")
   h.add_argument("--coordinator", default=None,
                  help="HOST:PORT of process 0, which every process connects to (default: "
