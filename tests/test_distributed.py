@@ -26,6 +26,7 @@ def run_lines(stdout: str) -> list[str]:
   return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("time_machine_path")
 def test_two_processes_train_as_one_process_with_as_many_devices(tmp_path):
   ref, run = tmp_path / "one", tmp_path / "two"

@@ -160,6 +160,7 @@ SMALL = ["--cell", "gru", "--num-hiddens", "16", "--max-tokens", "1000", "--batc
          "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("time_machine_path")
 def test_a_run_over_four_cpu_devices_trains_as_one_device_does(tmp_path):
   one, four = tmp_path / "one", tmp_path / "four"
