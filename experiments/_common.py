@@ -57,17 +57,36 @@ def check_seeds(seeds: int | None, default: int) -> int:
   return seeds
 
 
-def run_config(config: TrainConfig, run_dir: Path, log_every: int = 1) -> dict:
-  """Trains ``config`` into ``run_dir`` (from scratch: an existing folder is replaced) and
-  returns its summary with ``rows`` (one per epoch), ``best_valid`` and ``best_epoch`` added."""
+REUSED: list[float] = []  # wall seconds of the finished runs read back instead of trained
+
+
+def finished(run_dir: Path, config: TrainConfig) -> bool:
+  """Whether ``run_dir`` holds a finished run of exactly ``config``."""
+  try:
+    saved = json.loads((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return saved == config.to_json() and summary.get("epochs") == config.num_epochs
+
+
+def run_config(config: TrainConfig, run_dir: Path, log_every: int = 1,
+               reuse: bool = True) -> dict:
+  """Trains ``config`` into ``run_dir`` and returns its summary with ``rows`` (one per epoch),
+  ``best_valid`` and ``best_epoch`` added. A folder that already holds a finished run of the
+  same configuration is read, not trained again (``reuse``); any other is trained afresh."""
   run_dir = Path(run_dir)
-  if (run_dir / "config.json").exists():
-    for f in run_dir.iterdir():
-      if f.is_file():
-        f.unlink()
-  options = runs.RunOptions(log_every=log_every, checkpoint_every=10**6, quiet=True,
-                            progress=False)
-  summary = runs.train_run(config, run_dir, options=options, out=io.StringIO())
+  if reuse and finished(run_dir, config):
+    REUSED.append(json.loads((run_dir / "summary.json").read_text())["wall_seconds"])
+  else:
+    if (run_dir / "config.json").exists():
+      for f in run_dir.iterdir():
+        if f.is_file():
+          f.unlink()
+    options = runs.RunOptions(log_every=log_every, checkpoint_every=10**6, quiet=True,
+                              progress=False)
+    runs.train_run(config, run_dir, options=options, out=io.StringIO())
+  summary = json.loads((run_dir / "summary.json").read_text())
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   valid = [(r["valid_perplexity"], r["epoch"]) for r in rows
            if isinstance(r.get("valid_perplexity"), (int, float))]
@@ -106,8 +125,12 @@ def provenance(wall_seconds: float) -> str:
                   ("python", "jax", "jaxlib", "flax", "optax", "numpy"))
   command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  wall = f"{wall_seconds / 60:.1f} min ({wall_seconds:.0f} s)"
+  if REUSED:
+    wall += (f", plus {sum(REUSED) / 60:.1f} min of {len(REUSED)} finished run(s) of the same "
+             f"configuration read back from the run folders")
   return (f"- command: `{command}`\n- device: {where}\n- libraries: {lib}\n"
-          f"- date: {date}\n- wall time: {wall_seconds / 60:.1f} min ({wall_seconds:.0f} s)\n")
+          f"- date: {date}\n- wall time: {wall}\n")
 
 
 def write_results(path: str | Path, title: str, body: str, wall_seconds: float) -> Path:
@@ -121,9 +144,10 @@ def write_results(path: str | Path, title: str, body: str, wall_seconds: float) 
 def results_path(args, name: str) -> Path | None:
   """Where the results page goes: ``--results``, or ``experiments/results/<name>.md`` for a full
   run; ``None`` (no page) for ``--quick`` without ``--results``."""
-  if args.results:
-    return Path(args.results)
-  return None if args.quick else RESULTS / f"{name}.md"
+  path = Path(args.results) if args.results else None if args.quick else RESULTS / f"{name}.md"
+  if path is not None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  return path
 
 
 def runs_folder(args, name: str) -> Path:
