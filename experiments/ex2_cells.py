@@ -80,13 +80,13 @@ def table_of(rows: list[dict]) -> str:
 def main(argv=None) -> int:
   p = _common.parser(__doc__)
   p.add_argument("--hiddens", type=int, default=None, help="width at equal epochs (default 128)")
-  p.add_argument("--num-epochs", type=int, default=None, help="default 10 (quick: 2)")
+  p.add_argument("--num-epochs", type=int, default=None, help="default 8 (quick: 2)")
   p.add_argument("--max-tokens", type=int, default=None,
                  help="characters of The Time Machine (default 20000)")
   args = p.parse_args(argv)
   seeds = _common.check_seeds(args.seeds, 1 if args.quick else 3)
   hiddens = args.hiddens or (16 if args.quick else 128)
-  base = TrainConfig(num_hiddens=hiddens, num_epochs=args.num_epochs or (2 if args.quick else 10),
+  base = TrainConfig(num_hiddens=hiddens, num_epochs=args.num_epochs or (2 if args.quick else 8),
                      max_tokens=args.max_tokens or (3000 if args.quick else 20_000),
                      batch_size=8 if args.quick else 32, num_steps=35, optimizer="adam",
                      lr=5e-3, clip=1.0, valid_fraction=0.1).validate()
