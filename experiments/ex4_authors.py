@@ -29,6 +29,10 @@ AUTHORS = {"Wells": "timemachine.txt", "Shakespeare": "tinyshakespeare.txt"}
 PREFIXES = {"Wells": "the time traveller", "Shakespeare": "my lord ", "mixed": "the king "}
 
 
+def slug(name: str) -> str:
+  return name.lower().replace(", ", "-").replace(" ", "-")
+
+
 def cleaned(corpus: str, chars: int) -> str:
   """The first ``chars`` characters of a corpus after d2l's cleaning (lines joined as d2l does:
   with nothing in between)."""
@@ -91,23 +95,27 @@ def main(argv=None) -> int:
   folder = _common.runs_folder(args, "ex4_authors")
   files, tails = write_texts(folder / "texts", chars)
 
+  # The mixed text is twice as long: at equal epochs the mixed model takes twice the steps, so it
+  # is also trained for half the epochs, as many steps as each author's model.
+  trained = {name: (path, base.num_epochs) for name, path in files.items()}
+  trained["mixed, equal steps"] = (files["mixed"], max(1, base.num_epochs // 2))
   matrix = {}  # (trained on, evaluated on) -> [perplexity per seed]
   for seed in range(seeds):
-    for name, path in files.items():
-      config = dataclasses.replace(base, corpus=str(path.resolve()), seed=seed,
-                                   valid_fraction=0.0 if name == "mixed" else 0.1)
-      run_dir = folder / f"{name.lower()}-seed{seed}"
-      _common.run_config(config, run_dir, log_every=base.num_epochs)
+    for name, (path, epochs) in trained.items():
+      config = dataclasses.replace(base, corpus=str(path.resolve()), seed=seed, num_epochs=epochs,
+                                   valid_fraction=0.1 if name in AUTHORS else 0.0)
+      run_dir = folder / f"{slug(name)}-seed{seed}"
+      _common.run_config(config, run_dir, log_every=epochs)
       for author, tail in tails.items():
         matrix.setdefault((name, author), []).append(held_out_perplexity(run_dir, tail))
       print(f"seed {seed}, trained on {name}: " + ", ".join(
           f"{a} {matrix[name, a][-1]:.2f}" for a in tails), flush=True)
 
   rows = [[f"trained on {name}"] + [_common.mean_std(matrix[name, a]) for a in tails]
-          for name in files]
+          for name in trained]
   report = _common.table(["", *(f"valid {a}" for a in tails)], rows)
   samples = "\n\n".join(f"**{name}** (`{PREFIXES[name]}` …):\n\n> "
-                        + sample(folder / f"{name.lower()}-seed0", PREFIXES[name])
+                        + sample(folder / f"{slug(name)}-seed0", PREFIXES[name])
                         for name in files)
   print(report)
   print(samples)
@@ -116,7 +124,9 @@ def main(argv=None) -> int:
     body = (f"Each corpus is cut to its first {chars:,} characters after d2l's cleaning (so the "
             f"two share one 28-token vocabulary); the last 10 % of each is held out. The mixed "
             f"model trains on both training parts ({2 * (chars - round(0.1 * chars)):,} "
-            f"characters, twice the others', so at equal epochs it takes twice the steps). "
+            f"characters, twice the others', so at equal epochs it takes twice the steps; "
+            f"\"mixed, equal steps\" is trained for half the epochs, as many steps as each "
+            f"author's model). "
             f"Model: {base.num_layers}×{base.num_hiddens} LSTM, dropout {base.dropout}, Adam lr "
             f"{base.lr:g}, clip {base.clip:g}, batch {base.batch_size}×{base.num_steps}, "
             f"{base.num_epochs} epochs, sequential partitioning. Each cell is the validation "

@@ -100,7 +100,8 @@ def test_ex4_authors_matrix_and_samples(tmp_path):
   corpus_path("tinyshakespeare.txt")
   out = run("ex4_authors", "--quick", "--runs", str(tmp_path)).stdout
   rows = table_rows(out)
-  assert [r[0] for r in rows] == [f"trained on {n}" for n in ("Wells", "Shakespeare", "mixed")]
+  assert [r[0] for r in rows] == [f"trained on {n}" for n in
+                                  ("Wells", "Shakespeare", "mixed", "mixed, equal steps")]
   assert all(len(r) == 3 and all(1 < value(c) < 30 for c in r[1:]) for r in rows)
   for prefix in ("the time traveller", "my lord ", "the king "):
     assert f"> {prefix}" in out
