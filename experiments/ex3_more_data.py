@@ -9,7 +9,7 @@ against two goals: the whole book's validation perplexity <= 4.0, and Tiny Shake
 validation loss <= 1.47 nats per character with an LSTM.
 
   python experiments/ex3_more_data.py --quick          # seconds: tiny models, 2 epochs each
-  python experiments/ex3_more_data.py                  # the budget recipe, 10-20 min on 2 cores
+  python experiments/ex3_more_data.py                  # the budget recipe, about 17 min on 2 cores
   python experiments/ex3_more_data.py --epochs-scale 4 # the same recipe trained 4x longer
 """
 
