@@ -32,9 +32,9 @@ from deeprnn_jax.config import TrainConfig  # noqa: E402
 from deeprnn_jax.errors import UsageError  # noqa: E402
 
 
-def parser(doc: str, seeds: bool = True) -> argparse.ArgumentParser:
-  """The flags the experiments share: ``--quick``, ``--runs``, ``--results`` and (where
-  configurations are compared over seeds) ``--seeds``."""
+def parser(doc: str, seeds: bool = True, run_folders: bool = True) -> argparse.ArgumentParser:
+  """The flags the experiments share: ``--quick``, ``--results``, and where they apply
+  ``--seeds`` (configurations compared over seeds) and ``--runs`` (run folders kept)."""
   p = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                               epilog="\n".join(doc.strip().splitlines()[1:]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,8 +42,9 @@ def parser(doc: str, seeds: bool = True) -> argparse.ArgumentParser:
                  help="a small version that finishes in seconds (what CI runs); writes no results")
   if seeds:
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
-  p.add_argument("--runs", default=None,
-                 help="folder for the run folders (default runs/<experiment>[-quick])")
+  if run_folders:
+    p.add_argument("--runs", default=None,
+                   help="folder for the run folders (default runs/<experiment>[-quick])")
   p.add_argument("--results", default=None,
                  help="the results page to write (default experiments/results/<experiment>.md; "
                       "not written with --quick unless given)")

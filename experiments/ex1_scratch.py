@@ -162,7 +162,7 @@ def check_against_library(vocab_size: int, num_hiddens: int, num_layers: int, X,
 
 
 def main(argv=None) -> int:
-  p = _common.parser(__doc__, seeds=False)
+  p = _common.parser(__doc__, seeds=False, run_folders=False)
   p.add_argument("--num-epochs", type=int, default=None, help="default 500 (quick: 20)")
   p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (default 1)")
   p.add_argument("--clip", type=float, default=1.0, help="gradient norm bound θ (default 1)")
