@@ -77,6 +77,34 @@ def table_of(rows: list[dict]) -> str:
         f"{statistics.mean(r['wall_seconds']):.1f}"] for r in rows])
 
 
+def plot(equal_epochs: list[dict], equal_params: list[dict], path) -> None:
+  """Validation perplexity, mean ± std over seeds: by depth at equal width, and at equal
+  parameters."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True,
+                           gridspec_kw={"width_ratios": [3, 1.3]})
+  width = 0.8 / len(CELLS)
+  layers = sorted({r["config"].num_layers for r in equal_epochs})
+  for i, name in enumerate(CELLS):
+    for ax, rows, xs in ((axes[0], equal_epochs, layers), (axes[1], equal_params, [0])):
+      mine = [r for r in rows if r["name"].startswith(name)]
+      ax.bar([x + (i - 1.5) * width for x in xs],
+             [statistics.mean(r["valid_perplexity"]) for r in mine], width,
+             yerr=[statistics.stdev(r["valid_perplexity"]) if len(r["valid_perplexity"]) > 1
+                   else 0 for r in mine], color=f"C{i}", label=name if ax is axes[0] else None)
+  axes[0].set(xticks=layers, xticklabels=[f"{L} layer{'s' * (L > 1)}" for L in layers],
+              ylabel="validation perplexity", title="equal width")
+  axes[1].set(xticks=[0], xticklabels=["2 layers"], title="equal parameters")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   p = _common.parser(__doc__)
   p.add_argument("--hiddens", type=int, default=None, help="width at equal epochs (default 128)")
@@ -118,6 +146,8 @@ def main(argv=None) -> int:
         f"about {lstm['params']:,})\n\n{second}\n\n{lines[0]}")
   out = _common.results_path(args, "ex2_cells")
   if out is not None:
+    png = out.with_name(out.stem + ".png")
+    plot(equal_epochs, equal_params, png)
     body = (f"The Time Machine's first {base.max_tokens:,} characters (d2l cleaning), the last "
             f"10 % held out; {base.num_epochs} epochs of Adam (lr {base.lr:g}, clip {base.clip:g})"
             f", batch {base.batch_size}×{base.num_steps}, sequential partitioning; mean ± std "
@@ -125,7 +155,8 @@ def main(argv=None) -> int:
             f"throughput of the epochs after the first (compilation excluded); s per run includes "
             f"compilation and data loading.\n\n## Equal epochs, width {hiddens}\n\n{first}\n\n"
             f"## Equal parameters ({depth} layers, about the {depth}-layer LSTM's "
-            f"{lstm['params']:,})\n\n{second}\n\n{lines[0]}\n")
+            f"{lstm['params']:,})\n\n{second}\n\n{lines[0]}\n\n![validation perplexity]"
+            f"({png.name})\n")
     _common.write_results(out, "Exercise 2: RNN, GRU and LSTM, 1 to 3 layers", body,
                           time.perf_counter() - t0)
   return 0

@@ -76,6 +76,27 @@ def sample(run_dir: Path, prefix: str, num_preds: int = 160) -> str:
                           key=jax.random.PRNGKey(0))
 
 
+def plot(matrix: dict, trained: list[str], authors: list[str], path) -> None:
+  """The cross-evaluation matrix as a heat map, mean over seeds in each cell."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  values = np.array([[np.mean(matrix[t, a]) for a in authors] for t in trained])
+  fig, ax = plt.subplots(figsize=(6.5, 3.4))
+  ax.imshow(values, cmap="viridis_r", aspect="auto")
+  for (i, j), v in np.ndenumerate(values):
+    ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v > values.mean() else "k")
+  ax.set(xticks=range(len(authors)), xticklabels=authors, xlabel="held-out tail of",
+         yticks=range(len(trained)), yticklabels=[f"trained on {t}" for t in trained],
+         title="validation perplexity")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   p = _common.parser(__doc__)
   p.add_argument("--chars", type=int, default=None,
@@ -121,6 +142,8 @@ def main(argv=None) -> int:
   print(samples)
   out = _common.results_path(args, "ex4_authors")
   if out is not None:
+    png = out.with_name(out.stem + ".png")
+    plot(matrix, list(trained), list(tails), png)
     body = (f"Each corpus is cut to its first {chars:,} characters after d2l's cleaning (so the "
             f"two share one 28-token vocabulary); the last 10 % of each is held out. The mixed "
             f"model trains on both training parts ({2 * (chars - round(0.1 * chars)):,} "
@@ -132,7 +155,8 @@ def main(argv=None) -> int:
             f"{base.num_epochs} epochs, sequential partitioning. Each cell is the validation "
             f"perplexity of the model of the row on the held-out tail of the column, read as one "
             f"stream from a zero state; mean ± std over {seeds} seeds.\n\n## Cross-evaluation"
-            f"\n\n{report}\n\n## Samples\n\nSeed 0's models, sampled at temperature 0.6:\n\n"
+            f"\n\n{report}\n\n![cross-evaluation]({png.name})\n\n## Samples\n\n"
+            f"Seed 0's models, sampled at temperature 0.6:\n\n"
             f"{samples}\n")
     _common.write_results(out, "Exercise 4: Wells and Shakespeare, apart and mixed", body,
                           time.perf_counter() - t0)
