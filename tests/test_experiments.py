@@ -1,0 +1,120 @@
+"""The experiment scripts of experiments/: each one's ``--quick`` mode, run as a user runs it.
+
+Each script runs in a subprocess from the repository root with its run folders under
+``tmp_path``, and its printed output is checked: ex1's equality checks pass, the tables have the
+rows they should, bad input is one line and a non-zero exit. The notebook is executed separately
+(``python -m pytest --nbmake experiments/deep_rnn.ipynb``, as CI does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import corpus_path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ("ex1_scratch", "ex2_cells", "ex3_more_data", "ex4_authors")
+
+pytestmark = pytest.mark.usefixtures("time_machine_path")
+
+
+def run(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  proc = subprocess.run([sys.executable, f"experiments/{name}.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def table_rows(text: str) -> list[list[str]]:
+  """The body rows of every Markdown table in ``text``, as lists of stripped cells."""
+  return [[c.strip() for c in line.strip().strip("|").split("|")]
+          for line in text.splitlines()
+          if line.startswith("|") and not re.match(r"\|\s*(---|model|corpus|\s*\|)", line)]
+
+
+def value(cell: str) -> float:
+  """The first number of a cell: ``"8.74 (27)"`` -> 8.74, ``"1.2 ± 0.1"`` -> 1.2."""
+  return float(re.match(r"[\d,.]+", cell).group().replace(",", ""))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_help(name):
+  out = run(name, "--help").stdout
+  assert "--quick" in out and "--results" in out
+
+
+@pytest.mark.slow
+def test_ex1_scratch_equals_the_library_and_trains():
+  out = run("ex1_scratch", "--quick").stdout
+  checks = re.findall(r"check: (.+) equal to the library's, max \|difference\| (\S+)", out)
+  assert [c for c, _ in checks] == ["logits", "gradients", "one clipped SGD step"]
+  assert all(float(d) <= 1e-5 for _, d in checks)
+  ppl = [float(p) for p in re.findall(r"^epoch \d+, perplexity ([\d.]+): time traveller", out,
+                                      re.M)]
+  assert len(ppl) == 2 and ppl[-1] < ppl[0] < 28  # d2l's lines, learning (28 = vocabulary)
+  assert re.search(r"^perplexity [\d.]+, [\d.]+ tokens/sec on cpu$", out, re.M)
+
+
+@pytest.mark.slow
+def test_ex2_cells_tables(tmp_path):
+  out = run("ex2_cells", "--quick", "--runs", str(tmp_path)).stdout
+  equal_epochs, equal_params = out.split("## Equal parameters")
+  models = ["RNN (tanh)", "RNN (relu)", "GRU", "LSTM"]
+  for part in (equal_epochs, equal_params):
+    rows = table_rows(part)
+    assert [r[0] for r in rows] == models
+    assert all(math.isfinite(value(r[4])) for r in rows)  # validation perplexity
+  params = [value(r[2]) for r in table_rows(equal_params)]
+  assert max(params) / min(params) < 1.1  # equal parameter counts
+  assert [r[1] for r in table_rows(equal_epochs)] == ["1 × 16"] * 4
+
+
+@pytest.mark.slow
+def test_ex3_more_data_rows_and_results_page(tmp_path):
+  corpus_path("tinyshakespeare.txt")
+  page = tmp_path / "ex3.md"
+  out = run("ex3_more_data", "--quick", "--runs", str(tmp_path / "runs"), "--results",
+            str(page)).stdout
+  rows = table_rows(out)
+  assert [r[0] for r in rows] == ["timemachine-10k", "timemachine-full", "tinyshakespeare"]
+  assert [r[3] for r in rows] == ["28", "28", "66"]  # vocabularies: d2l cleaning, then none
+  assert all(math.isfinite(value(r[5])) for r in rows)
+  assert "valid perplexity ≤ 4.0" in out and "valid nats/char ≤ 1.47" in out
+  text = page.read_text()
+  for field in ("command", "device", "libraries", "date", "wall time"):
+    assert f"- {field}: " in text
+  assert (tmp_path / "ex3.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ex4_authors_matrix_and_samples(tmp_path):
+  corpus_path("tinyshakespeare.txt")
+  out = run("ex4_authors", "--quick", "--runs", str(tmp_path)).stdout
+  rows = table_rows(out)
+  assert [r[0] for r in rows] == [f"trained on {n}" for n in
+                                  ("Wells", "Shakespeare", "mixed", "mixed, equal steps")]
+  assert all(len(r) == 3 and all(1 < value(c) < 30 for c in r[1:]) for r in rows)
+  for prefix in ("the time traveller", "my lord ", "the king "):
+    assert f"> {prefix}" in out
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("ex2_cells", ["--quick", "--seeds", "0"], "--seeds must be at least 1"),
+    ("ex3_more_data", ["--epochs-scale", "-1"], "--epochs-scale must be a positive number"),
+    ("ex4_authors", ["--quick", "--chars", "10"], "--chars must be at least 1000"),
+    ("ex1_scratch", ["--quick", "--lr", "0"], "must be positive"),
+])
+def test_bad_input_is_one_line(name, args, message):
+  proc = run(name, *args, check=False)
+  assert proc.returncode == 2
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
