@@ -171,9 +171,9 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
                    help="a run folder (or its checkpoint.msgpack); --out is a .pt file")
   p.add_argument("--out", required=True, help="the run folder or .pt file to write")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
-  p.add_argument("--preset", default="classic", choices=list(presets.PRESETS),
-                 help="the run the PyTorch model is of (--from-torch; d2l-en: d2l 1.0's RNNLM): "
-                      "the defaults of the flags below")
+  p.add_argument("--preset", default="classic",
+                 help=f"{' or '.join(presets.PRESETS)}: the run the PyTorch model is of "
+                      "(--from-torch; d2l-en: d2l 1.0's RNNLM), the defaults of the flags below")
   m = p.add_argument_group("the PyTorch model (--from-torch)")
   fixed = preset != "classic"  # a preset names the layer; the classic edition's has every kind
   m.add_argument("--cell", default=defaults.cell if fixed else None,

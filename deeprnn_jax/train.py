@@ -28,9 +28,10 @@ def parser() -> argparse.ArgumentParser:
       prog="python -m deeprnn_jax.train",
       description="Train a deep RNN/GRU/LSTM character language model (defaults: d2l's run).",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--preset", default="classic", choices=list(PRESETS),
-                 help="d2l edition whose run to start from (d2l-en: d2l 1.0's deep GRU); the "
-                      "flags below override it, their defaults shown are the classic edition's")
+  p.add_argument("--preset", default="classic",
+                 help=f"{' or '.join(PRESETS)}: the d2l edition whose run to start from "
+                      "(d2l-en: d2l 1.0's deep GRU, docs/presets.md); the flags below override "
+                      "it, their defaults shown are the classic edition's")
   m = p.add_argument_group("model")
   m.add_argument("--cell", default=_D.cell, help="rnn, gru or lstm")
   m.add_argument("--num-layers", type=int, default=_D.num_layers)

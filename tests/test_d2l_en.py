@@ -102,6 +102,8 @@ def test_preset_and_flags_over_it():
     (["--pipeline", "windows", "--num-train", "0"], "number of training windows must be"),
     (["--preset", "d2l-en", "--num-train", "200000"], "too few for 200000 training"),
     (["--pipeline", "sideways"], "unknown pipeline 'sideways'"),
+    (["--preset", "d2l-zh"], "unknown preset 'd2l-zh'; choose one of classic, d2l-en"),
+    (["--preset", "d2l-en", "--resume"], "--preset starts a run; --resume continues one"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, time_machine_path, argv, pattern):
   assert train.main([*argv, "--out", str(tmp_path / "run")]) == 2
