@@ -113,11 +113,13 @@ def test_bad_settings_are_one_line(tmp_path, capsys, time_machine_path, argv, pa
 
 def test_training_matches_d2l_1_0_trainer(tmp_path, capsys, time_machine_path):
   """Three epochs of ``--preset d2l-en`` (smaller: 4 minibatches of 256, the last of 232, split
-  over 2 CPU devices) and of d2l 1.0's ``Trainer.fit`` from the same weights, same orders."""
+  over 2 CPU devices; stopped after 2 and resumed) and of d2l 1.0's ``Trainer.fit`` from the same
+  weights, same orders."""
   run = tmp_path / "run"
   assert train.main(["--preset", "d2l-en", "--num-train", "1000", "--num-val", "600",
-                     "--batch-size", "256", "--num-steps", "16", "--num-epochs", "3",
+                     "--batch-size", "256", "--num-steps", "16", "--num-epochs", "2",
                      "--log-every", "1", "--out", str(run)]) == 0
+  assert train.main(["--resume", "--num-epochs", "3", "--out", str(run)]) == 0
   out = capsys.readouterr().out.splitlines()
   config = TrainConfig.from_json(json.loads((run / "config.json").read_text()))
   assert config == presets.preset("d2l-en", num_train=1000, num_val=600, batch_size=256,
