@@ -37,7 +37,8 @@ FORMAT = 1
 _OLDER = re.compile(r"checkpoint-(\d+)\.msgpack")
 # What a resumed run must share with its checkpoint: the model and the data it reads.
 RESUME_FIELDS = MODEL_FIELDS + ("corpus", "clean", "max_tokens", "batch_size", "num_steps",
-                                "use_random_iter", "valid_fraction", "optimizer")
+                                "use_random_iter", "valid_fraction", "optimizer", "pipeline",
+                                "num_train", "num_val")
 
 
 class CheckpointError(UsageError):

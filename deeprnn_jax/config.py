@@ -10,7 +10,7 @@ import dataclasses
 
 from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.validate import Activation, Cell, Cleaning, Impl, Optimizer, Precision
+from deeprnn_jax.validate import Activation, Cell, Cleaning, Impl, Optimizer, Pipeline, Precision
 
 
 def parse_activation(text: str) -> str | tuple[str, ...]:
@@ -47,6 +47,12 @@ class TrainConfig:
   impl: Impl = "layerwise"
   precision: Precision = "float32"
   unroll: int | None = None  # lax.scan unroll of the recurrence; None: the backend's default
+  # "classic": the first max_tokens tokens partitioned into minibatches (d2l's classic edition);
+  # "windows": every overlapping window of num_steps + 1 tokens, num_train of them for training
+  # and the next num_val for validation (d2l 1.0, deeprnn_jax.windows).
+  pipeline: Pipeline = "classic"
+  num_train: int = 10000
+  num_val: int = 5000
 
   def validate(self) -> "TrainConfig":
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""
@@ -62,6 +68,9 @@ class TrainConfig:
                        f"got {self.max_tokens}")
     validate.one_of("cleaning", self.clean, validate.CLEANINGS)
     validate.fraction("valid fraction", self.valid_fraction)
+    validate.one_of("pipeline", self.pipeline, validate.PIPELINES)
+    if self.pipeline == "windows":
+      validate.windows(self.num_train, self.num_val, self.valid_fraction, self.use_random_iter)
     return self
 
   def to_json(self) -> dict:
@@ -104,6 +113,9 @@ class Sweep:
 
   def validate(self, config: TrainConfig) -> "Sweep":
     validate.positive_int("number of seeds", self.num_seeds)
+    if config.pipeline != "classic":
+      raise UsageError(f"several models train on the classic pipeline, not {config.pipeline!r} "
+                       "(--preset d2l-en): run its seeds one at a time")
     for name, values in (("learning rates", self.lrs), ("clipping norms", self.clips)):
       if len(set(values)) != len(values):
         raise UsageError(f"{name} {', '.join(map(str, values))}: a value twice")

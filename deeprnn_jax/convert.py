@@ -14,6 +14,10 @@ takes::
 
     python -m deeprnn_jax.convert --to-torch RUN_DIR --out model.pt
 
+d2l 1.0's ``RNNLM`` (keys ``rnn.rnn.*``, a sorted vocabulary) converts with ``--preset d2l-en``,
+which sets the run folder's settings to that run's (the flags override them); a run of the windows
+pipeline converts back to that layout.
+
 Torch is imported only here, and only when it is needed.
 """
 
@@ -26,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from deeprnn_jax import checkpoint, cli, data, files, interop, training
+from deeprnn_jax import checkpoint, cli, files, interop, presets, runs, training
 from deeprnn_jax.config import TrainConfig, parse_activation
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.rundir import RunDir
@@ -84,21 +88,32 @@ def _check_out(path: Path, force: bool, is_dir: bool) -> None:
 
 
 def from_torch(args: argparse.Namespace) -> int:
-  cfg = TrainConfig(
+  cfg = presets.preset(
+      args.preset,
       cell=args.cell, num_layers=args.num_layers, num_hiddens=1,  # Set below, from the shapes.
       activation=parse_activation(args.activation) if args.activation else _D.activation,
       corpus=args.corpus, clean=args.clean, max_tokens=args.max_tokens,
       batch_size=args.batch_size, num_steps=args.num_steps, use_random_iter=args.random_iter,
       optimizer=args.optimizer, lr=args.lr, clip=args.clip, num_epochs=args.num_epochs,
-      seed=args.seed).validate()
+      seed=args.seed, pipeline=args.pipeline, num_train=args.num_train,
+      num_val=args.num_val).validate()
   out = Path(args.out)
   _check_out(out, args.force, is_dir=True)
   state_dict = load_torch_state_dict(args.from_torch)
+  windows = cfg.pipeline == "windows"
+  if interop.is_d2l_en(state_dict) != windows:
+    raise UsageError(
+        f"{args.from_torch} is d2l 1.0's RNNLM (rnn.rnn.* keys), whose vocabulary is sorted: "
+        "pass --preset d2l-en" if not windows else
+        f"{args.from_torch} is the classic edition's RNNModel (rnn.* keys), not d2l 1.0's "
+        "RNNLM: the windows pipeline (--preset d2l-en) reads d2l 1.0's")
+  if windows:
+    state_dict = interop.from_d2l_en(state_dict)
   params = interop.params_from_torch(state_dict, cfg.cell, cfg.num_layers)
   num_hiddens, vocab_size = params["W_hq"].shape
   cfg = dataclasses.replace(cfg, num_hiddens=num_hiddens)
   # The vocabulary exactly as training builds it: indices must mean the same characters.
-  _, vocab = data.load_corpus(cfg.corpus, clean=cfg.clean, max_tokens=cfg.max_tokens)
+  vocab = runs.load_text(cfg).vocab
   if len(vocab) != vocab_size:
     raise UsageError(f"the model's input width is {vocab_size} but corpus {cfg.corpus} "
                      f"(--clean {cfg.clean}) has {len(vocab)} tokens; pass the corpus and "
@@ -122,6 +137,8 @@ def to_torch(args: argparse.Namespace) -> int:
     raise UsageError(f"nn.RNN has one nonlinearity for all layers; this run uses "
                      f"{', '.join(cfg.activation)}")
   state_dict = interop.params_to_torch(saved.params, cfg.cell, cfg.num_layers)
+  if cfg.pipeline == "windows":
+    state_dict = interop.to_d2l_en(state_dict)
   buffer = io.BytesIO()
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, buffer)
   files.atomic_write_bytes(out, buffer.getvalue())
@@ -131,12 +148,18 @@ def to_torch(args: argparse.Namespace) -> int:
   if cfg.cell == "rnn":
     act = cfg.activation if isinstance(cfg.activation, str) else cfg.activation[0]
     extra = f", nonlinearity={act!r}"
-  print(f"wrote {out}: load it into RNNModel({layer}({vocab_size}, {cfg.num_hiddens}, "
-        f"num_layers={cfg.num_layers}{extra}), vocab_size={vocab_size})")
+  layer = f"{layer}({vocab_size}, {cfg.num_hiddens}, num_layers={cfg.num_layers}{extra})"
+  if cfg.pipeline == "windows":
+    print(f"wrote {out}: load it into d2l 1.0's RNNLM(rnn, vocab_size={vocab_size}) whose rnn.rnn "
+          f"is {layer}: d2l.GRU({vocab_size}, {cfg.num_hiddens}, {cfg.num_layers}) for a GRU")
+  else:
+    print(f"wrote {out}: load it into RNNModel({layer}, vocab_size={vocab_size})")
   return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(preset: str = "classic") -> argparse.ArgumentParser:
+  """The flags, their defaults the settings of ``preset`` (:data:`deeprnn_jax.presets.PRESETS`)."""
+  defaults = presets.preset(preset)
   p = argparse.ArgumentParser(
       prog=f"python -m {PROG}",
       description="Convert d2l RNNModel weights between PyTorch state dicts and run folders.",
@@ -148,28 +171,42 @@ def parser() -> argparse.ArgumentParser:
                    help="a run folder (or its checkpoint.msgpack); --out is a .pt file")
   p.add_argument("--out", required=True, help="the run folder or .pt file to write")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  p.add_argument("--preset", default="classic",
+                 help=f"{' or '.join(presets.PRESETS)}: the run the PyTorch model is of "
+                      "(--from-torch; d2l-en: d2l 1.0's RNNLM), the defaults of the flags below")
   m = p.add_argument_group("the PyTorch model (--from-torch)")
-  m.add_argument("--cell", help="rnn, gru or lstm: the RNNModel's nn.RNN/GRU/LSTM")
-  m.add_argument("--num-layers", type=int, help="its num_layers")
+  fixed = preset != "classic"  # a preset names the layer; the classic edition's has every kind
+  m.add_argument("--cell", default=defaults.cell if fixed else None,
+                 help="rnn, gru or lstm: the RNNModel's nn.RNN/GRU/LSTM")
+  m.add_argument("--num-layers", type=int, default=defaults.num_layers if fixed else None,
+                 help="its num_layers")
   m.add_argument("--activation", default=None,
-                 help=f"nn.RNN's nonlinearity, tanh or relu (default {_D.activation})")
+                 help=f"nn.RNN's nonlinearity, tanh or relu (default {defaults.activation})")
   d = p.add_argument_group("the run folder's data and training settings (--from-torch)")
-  d.add_argument("--corpus", default=_D.corpus, help="the text the model was trained on")
-  d.add_argument("--clean", default=_D.clean, help="d2l (letters, lower case) or none")
-  d.add_argument("--max-tokens", type=int, default=_D.max_tokens, help="-1 for the whole corpus")
-  d.add_argument("--batch-size", type=int, default=_D.batch_size)
-  d.add_argument("--num-steps", type=int, default=_D.num_steps)
+  d.add_argument("--corpus", default=defaults.corpus, help="the text the model was trained on")
+  d.add_argument("--clean", default=defaults.clean, help="d2l (letters, lower case) or none")
+  d.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                 help="-1 for the whole corpus")
+  d.add_argument("--batch-size", type=int, default=defaults.batch_size)
+  d.add_argument("--num-steps", type=int, default=defaults.num_steps)
   d.add_argument("--random-iter", action="store_true")
-  d.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
-  d.add_argument("--lr", type=float, default=_D.lr)
-  d.add_argument("--clip", type=float, default=_D.clip)
-  d.add_argument("--num-epochs", type=int, default=_D.num_epochs)
-  d.add_argument("--seed", type=int, default=_D.seed)
+  d.add_argument("--pipeline", default=defaults.pipeline, help="classic or windows (d2l 1.0)")
+  d.add_argument("--num-train", type=int, default=defaults.num_train)
+  d.add_argument("--num-val", type=int, default=defaults.num_val)
+  d.add_argument("--optimizer", default=defaults.optimizer, help="sgd or adam")
+  d.add_argument("--lr", type=float, default=defaults.lr)
+  d.add_argument("--clip", type=float, default=defaults.clip)
+  d.add_argument("--num-epochs", type=int, default=defaults.num_epochs)
+  d.add_argument("--seed", type=int, default=defaults.seed)
   return p
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
+  if args.preset != "classic":
+    if args.to_torch is not None:
+      raise UsageError("--preset is for --from-torch; --to-torch reads the run folder's settings")
+    args = parser(args.preset).parse_args(argv)
   if args.to_torch is not None:
     given = [f"--{n.replace('_', '-')}" for n in ("cell", "num_layers", "activation")
              if getattr(args, n) is not None]

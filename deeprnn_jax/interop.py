@@ -13,6 +13,11 @@ and ``linear.weight <float32>[vocab_size, H]`` (= ``W_hq.T``), ``linear.bias <fl
 transposing, both ways exactly. States need nothing: :class:`~deeprnn_jax.models.RNNLM` takes and
 returns them in PyTorch's ``[num_layers, batch, H]`` layout (LSTM: ``(H, C)``).
 
+d2l 1.0 (the English edition, ``d2l.RNNLM``) holds its ``nn.GRU`` one module deeper, in
+``d2l.GRU``'s ``rnn``: its keys are ``rnn.rnn.weight_ih_l{k}`` … (:data:`D2L_EN_RNN_PREFIX`) and the
+same ``linear.*`` (a ``LazyLinear``); :func:`from_d2l_en` and :func:`to_d2l_en` rename between the
+two layouts. Its vocabulary is sorted (``deeprnn_jax.windows``), which the keys do not record.
+
 Which nonlinearity an ``nn.RNN`` uses is not in its state dict; pass it to the model yourself.
 Torch is not imported here: tensors are converted by duck typing (``.detach().cpu().numpy()``).
 """
@@ -29,6 +34,7 @@ from deeprnn_jax.errors import UsageError
 
 RNN_PREFIX = "rnn."
 HEAD_PREFIX = "linear."
+D2L_EN_RNN_PREFIX = "rnn.rnn."
 _LAYER_KEY = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
 # (torch name, our name, transposed?) for each recurrent layer.
 _LAYER_PARAMS = (("weight_ih", "W_xh", True), ("weight_hh", "W_hh", True),
@@ -57,6 +63,25 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   """The entries whose key starts with ``prefix``, without it: ``lstm.load_state_dict(
   strip_prefix(sd, "rnn."))`` and ``linear.load_state_dict(strip_prefix(sd, "linear."))``."""
   return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def is_d2l_en(state_dict: Mapping[str, Any]) -> bool:
+  """Whether a state dict has d2l 1.0's ``RNNLM`` layout (``rnn.rnn.*`` keys)."""
+  return any(str(key).startswith(D2L_EN_RNN_PREFIX) for key in state_dict)
+
+
+def from_d2l_en(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """d2l 1.0's ``RNNLM`` state dict in the classic ``RNNModel`` layout: ``rnn.rnn.X`` -> ``rnn.X``,
+  in the same order; any other key is kept, for :func:`params_from_torch` to name."""
+  n = len(RNN_PREFIX)
+  return {(key[n:] if str(key).startswith(D2L_EN_RNN_PREFIX) else key): value
+          for key, value in state_dict.items()}
+
+
+def to_d2l_en(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """A classic ``RNNModel`` state dict in d2l 1.0's ``RNNLM`` layout: ``rnn.X`` -> ``rnn.rnn.X``."""
+  return {(RNN_PREFIX + key if key.startswith(RNN_PREFIX) else key): value
+          for key, value in state_dict.items()}
 
 
 def to_numpy(value, key: str = "value") -> np.ndarray:
@@ -93,7 +118,9 @@ def _check_keys(keys, num_layers: int) -> None:
   num_present = (layers_present[-1] + 1) if layers_present else 0
   if missing:
     key = missing[0]
-    if not any(str(k).startswith(RNN_PREFIX) for k in keys) and "weight_ih_l0" in keys:
+    if is_d2l_en(dict.fromkeys(keys)):
+      hint = "; this is d2l 1.0's RNNLM layout (rnn.rnn.*): convert it with interop.from_d2l_en"
+    elif not any(str(k).startswith(RNN_PREFIX) for k in keys) and "weight_ih_l0" in keys:
       hint = ("; this looks like a bare nn.RNN/GRU/LSTM state dict: add the 'rnn.' prefix and the "
               "head's 'linear.' keys (interop.with_prefix)")
     elif key.startswith(RNN_PREFIX) and num_present < num_layers and _LAYER_KEY.match(key):

@@ -24,8 +24,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deeprnn_jax import (
+  board,
+  cudnn,
+  data,
+  generate,
+  models,
+  parallel,
+  plots,
+  stopping,
+  training,
+  validate,
+  windows,
+)
 from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import cudnn, data, generate, models, parallel, plots, stopping, training, validate
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import Diverged, Interrupted, UsageError
 from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline, FinishedEpoch
@@ -64,6 +76,8 @@ def device_name(device=None) -> str:
 def default_prefixes(config: TrainConfig, corpus: np.ndarray, vocab: data.Vocab) -> tuple[str, str]:
   """d2l's ``time traveller`` and ``traveller``; the first two words of any other corpus."""
   if Path(config.corpus).name == "timemachine.txt" and config.clean == "d2l":
+    if config.pipeline == "windows":
+      return "it has", "it has"  # d2l 1.0's model.predict('it has', 20, data.vocab)
     return "time traveller", "traveller"
   words = "".join(vocab.to_tokens([int(i) for i in corpus[:200]])).split()
   if not words:
@@ -111,6 +125,10 @@ class Text(NamedTuple):
 
 
 def load_text(config: TrainConfig) -> Text:
+  if config.pipeline == "windows":  # train and valid: windows <int32>[n, num_steps + 1]
+    corpus, vocab = windows.load_corpus(config.corpus, config.clean, config.max_tokens)
+    return Text(corpus, vocab, *windows.split(corpus, config.num_steps, config.num_train,
+                                              config.num_val))
   corpus, vocab = data.load_corpus(config.corpus, clean=config.clean, max_tokens=config.max_tokens)
   train, valid = data.split_corpus(corpus, config.valid_fraction)
   if config.valid_fraction > 0 and len(valid) < 2:
@@ -190,7 +208,9 @@ def compile_epochs(model, optimizer, config: TrainConfig, loader: data.SeqDataLo
                    state, key) -> tuple[Callable, float]:
   """The jitted epoch, compiled now for every epoch shape (not while an epoch runs: the pipeline
   reads ahead), in a helper thread so that a signal is handled at once; and the seconds it took."""
-  epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter, devices)
+  masked = config.pipeline == "windows"  # every minibatch from zeros, the last one padded
+  epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter or masked,
+                                       devices, masked=masked)
   t = time.perf_counter()
 
   def compile_all():
@@ -223,6 +243,7 @@ class Report:
     self.config, self.options, self.model, self.text = config, options, model, text
     self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
     self.prefix, self.short_prefix = default_prefixes(config, text.corpus, text.vocab)
+    self.windows = config.pipeline == "windows"  # d2l 1.0: validation every epoch, 20 predictions
     self.eval_rows = max(1, len(text.valid) // 10_000)  # rows of >= 10k tokens read in parallel
     self.tokens = self.seconds = self.slowest = 0.0
     self.ppl = self.valid_ppl = math.nan
@@ -237,20 +258,28 @@ class Report:
   def logged(self, epoch: int) -> bool:
     return epoch % self.options.log_every == 0 or epoch == self.config.num_epochs
 
+  def validated(self, epoch: int) -> bool:
+    return len(self.text.valid) > 0 and (self.logged(epoch) or self.windows)
+
   def reads_state(self, epoch: int) -> bool:
     """Whether reporting ``epoch`` reads its parameters (evaluation, a prediction)."""
-    return (self.logged(epoch) and (not self.options.quiet or len(self.text.valid) > 0)
+    return (self.logged(epoch) and not self.options.quiet or self.validated(epoch)
             or epoch == self.config.num_epochs)
 
   def measure(self, done: FinishedEpoch) -> tuple[dict, str | None]:
     """The epoch's metrics row, and what diverged (``None`` where nothing did)."""
     epoch, losses = done.tag.epoch, done.losses
-    self.ppl = training.perplexity(losses.mean())
+    self.ppl = (board.mean_perplexity(losses) if self.windows
+                else training.perplexity(losses.mean()))
     self.params = (parallel.on_first(done.state.params, self.devices)
-                   if self.logged(epoch) and done.state is not None else None)
+                   if (self.logged(epoch) or self.validated(epoch)) and done.state is not None
+                   else None)
     self.valid_ppl = None
-    if len(self.text.valid) and self.params is not None:
-      self.valid_ppl = training.evaluate(self.model, self.params, self.text.valid, self.eval_rows)
+    if self.validated(epoch) and self.params is not None:
+      self.valid_ppl = (
+          board.evaluate(self.model, self.params, self.text.valid, self.config.batch_size)
+          if self.windows else
+          training.evaluate(self.model, self.params, self.text.valid, self.eval_rows))
     row = {"epoch": epoch, "train_perplexity": self.ppl, "valid_perplexity": self.valid_ppl,
            "tokens_per_sec": self._tokens(losses) / done.seconds, "seconds": done.seconds}
     if training.diverged(losses):
@@ -282,10 +311,13 @@ class Report:
         self.say(f"epoch {epoch}, perplexity {self.ppl:.1f}{valid}: {self.predict(self.prefix)}")
 
   def _tokens(self, losses) -> int:
+    if self.windows:  # the last minibatch's padding left out
+      return len(self.text.train) * self.config.num_steps
     return losses.size * self.config.batch_size * self.config.num_steps
 
   def predict(self, prefix: str) -> str:
-    return generate.predict(prefix, 50, self.params, self.model, self.text.vocab)
+    return generate.predict(prefix, 20 if self.windows else 50, self.params, self.model,
+                            self.text.vocab)
 
   def say(self, line: str) -> None:
     with self._terminal():
@@ -401,8 +433,10 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
     # The text, the model, the optimiser: everything that can be wrong with the settings.
     devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
     text = load_text(config)
-    loader = data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
-                                config.use_random_iter, seed=config.seed)
+    loader = (windows.WindowLoader(text.train, config.batch_size, seed=config.seed)
+              if config.pipeline == "windows" else
+              data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
+                                 config.use_random_iter, seed=config.seed))
     model = models.from_config(config, len(text.vocab))
     optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -468,5 +502,6 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   device = summary["device"]
   report.say(f"perplexity {report.ppl:.1f}, {speed:.1f} tokens/sec on {device}{products}")
   report.say(report.predict(report.prefix))  # the last epoch's: always logged, its state kept
-  report.say(report.predict(report.short_prefix))
+  if not report.windows:  # d2l 1.0 prints one prediction
+    report.say(report.predict(report.short_prefix))
   return summary

@@ -21,12 +21,17 @@ from deeprnn_jax.errors import UsageError
 
 def parser() -> argparse.ArgumentParser:
   from deeprnn_jax.config import TrainConfig
+  from deeprnn_jax.presets import PRESETS
   from deeprnn_jax.runs import RunOptions
   _D = TrainConfig()
   p = argparse.ArgumentParser(
       prog="python -m deeprnn_jax.train",
       description="Train a deep RNN/GRU/LSTM character language model (defaults: d2l's run).",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--preset", default="classic",
+                 help=f"{' or '.join(PRESETS)}: the d2l edition whose run to start from "
+                      "(d2l-en: d2l 1.0's deep GRU, docs/presets.md); the flags below override "
+                      "it, their defaults shown are the classic edition's")
   m = p.add_argument_group("model")
   m.add_argument("--cell", default=_D.cell, help="rnn, gru or lstm")
   m.add_argument("--num-layers", type=int, default=_D.num_layers)
@@ -55,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
   d.add_argument("--num-steps", type=int, default=_D.num_steps)
   d.add_argument("--random-iter", action="store_true",
                  help="random instead of sequential partitioning")
+  d.add_argument("--pipeline", default=_D.pipeline,
+                 help="classic (partitioned text) or windows (d2l 1.0: every overlapping window)")
+  d.add_argument("--num-train", type=int, default=_D.num_train,
+                 help="windows pipeline: the first N windows train")
+  d.add_argument("--num-val", type=int, default=_D.num_val,
+                 help="windows pipeline: the next N windows validate")
   o = p.add_argument_group("optimisation")
   o.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
   o.add_argument("--lr", default=f"{_D.lr:g}",
@@ -94,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 _RUN_FLAGS = {"out", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "quiet",
-              "devices", "coordinator", "num_processes", "process_id", "num_seeds"}
+              "devices", "coordinator", "num_processes", "process_id", "num_seeds", "preset"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
@@ -137,7 +148,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
   import jax
 
   from deeprnn_jax import distributed, parallel
-  from deeprnn_jax.config import TrainConfig
+  from deeprnn_jax.presets import preset
   from deeprnn_jax.runs import RunOptions, saved_config, train_run
   from deeprnn_jax.sweeps import saved_sweep, sweep_run
   args = parser().parse_args(argv)
@@ -145,6 +156,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     distributed.join(args.coordinator, args.num_processes, args.process_id)
   saved = None
   sweep = sweep_of(args)
+  if args.resume and args.preset != "classic":
+    raise UsageError("--preset starts a run; --resume continues one with its saved settings")
   if args.resume:
     # The saved settings, changed only where a flag says so: a bare --resume continues as started.
     if args.out is None:
@@ -156,7 +169,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
   if saved is not None:
     config = dataclasses.replace(saved, **config_fields(typed)).validate()
   else:
-    config = TrainConfig(**config_fields(args)).validate()
+    config = preset(args.preset, **config_fields(_explicit_args(argv))).validate()
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
   options = RunOptions(args.log_every, args.checkpoint_every, args.quiet,
                        shards=parallel.parse_devices(args.devices),

@@ -54,6 +54,18 @@ def cross_entropy(logits: Array, Y: Array) -> Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
 
 
+def masked_cross_entropy(logits: Array, Y: Array, axis_name: str | None = None) -> Array:
+  """:func:`cross_entropy` over the tokens whose label is >= 0: a negative label marks padding
+  (``deeprnn_jax.windows.PAD``). Under ``shard_map`` over ``axis_name``, scaled so that the mean
+  over the shards (:func:`make_train_step`'s ``pmean``) is the mean over every shard's tokens."""
+  real = Y >= 0
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(real, Y, 0))
+  count = jnp.sum(real)
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name) / jax.lax.psum(1, axis_name)
+  return jnp.sum(jnp.where(real, nll, 0.0)) / count
+
+
 def perplexity(mean_loss) -> float:
   """``exp(mean loss)``; ``inf`` where that overflows, ``nan`` for a ``nan`` loss."""
   try:
@@ -102,19 +114,23 @@ def init_train_states(model: RNNLM, optimizer, keys: Array, lrs, clip_norms) -> 
   return jax.jit(jax.vmap(init))(keys, f32(lrs), f32(clip_norms))
 
 
-def make_train_step(model: RNNLM, optimizer, axis_name: str | None = None) -> Callable:
+def make_train_step(model: RNNLM, optimizer, axis_name: str | None = None,
+                    masked: bool = False) -> Callable:
   """``(train_state, state, X, Y, key) -> (train_state, state, loss)`` for one minibatch.
 
   ``X`` and ``Y`` are ``<int32>[batch, steps]``; ``state`` is the model state entering the
   minibatch. The returned state is detached (``stop_gradient``), as d2l's ``state.detach_()``.
   Under ``shard_map`` over ``axis_name`` each device holds a shard of the rows: the loss and the
   gradients are averaged over the shards (equal shards, so the mean over all tokens), and each
-  shard draws its own dropout masks.
+  shard draws its own dropout masks. ``masked``: padding labels are left out
+  (:func:`masked_cross_entropy`).
   """
 
   def loss_fn(params, state, X, Y, key):
     logits, state = model.apply({"params": params}, X, state, deterministic=model.dropout == 0.0,
                                 rngs={"dropout": key})
+    if masked:
+      return masked_cross_entropy(logits, Y, axis_name), state
     return cross_entropy(logits, Y), state
 
   def train_step(ts: TrainState, state, X, Y, key):
@@ -163,7 +179,8 @@ def diverged(losses) -> np.ndarray:
 
 
 def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
-                     devices: Sequence[jax.Device] | None = None) -> Callable:
+                     devices: Sequence[jax.Device] | None = None,
+                     masked: bool = False) -> Callable:
   """A jitted ``(train_state, Xs, Ys, key) -> (train_state, losses <float32>[num_batches])``.
 
   ``Xs`` and ``Ys`` are ``<int32>[num_batches, batch, steps]``. A train state left non-finite by
@@ -172,10 +189,12 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
   minibatch from zeros. The train state's buffers are donated. With several ``devices``
   (:func:`deeprnn_jax.parallel.batch_devices`) every minibatch's rows are split across them, and
   the train state is replicated on each: place it so (:func:`deeprnn_jax.parallel.replicate`)
-  before the first call, or the second call compiles again.
+  before the first call, or the second call compiles again. ``masked``: padding labels are left
+  out of the loss (:func:`masked_cross_entropy`).
   """
   sharded = devices is not None and len(devices) > 1
-  train_step = make_train_step(model, optimizer, axis_name=BATCH_AXIS if sharded else None)
+  train_step = make_train_step(model, optimizer, axis_name=BATCH_AXIS if sharded else None,
+                               masked=masked)
 
   def epoch(ts: TrainState, Xs, Ys, key):
     zeros = model.begin_state(Xs.shape[1])

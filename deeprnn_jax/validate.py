@@ -19,6 +19,7 @@ Impl = Literal["layerwise", "scan", "wavefront", "cudnn"]
 Precision = Literal["float32", "bfloat16"]
 Optimizer = Literal["sgd", "adam"]
 Cleaning = Literal["d2l", "none"]
+Pipeline = Literal["classic", "windows"]
 
 CELLS: tuple[str, ...] = get_args(Cell)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -26,6 +27,7 @@ IMPLS: tuple[str, ...] = get_args(Impl)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 CLEANINGS: tuple[str, ...] = get_args(Cleaning)
+PIPELINES: tuple[str, ...] = get_args(Pipeline)
 
 
 def positive_int(name: str, value) -> int:
@@ -110,3 +112,16 @@ def optimizer(lr: float, clip_norm: float, name: str) -> None:
   positive_finite("learning rate", lr)
   positive_finite("clipping norm", clip_norm)
   one_of("optimizer", name, OPTIMIZERS)
+
+
+def windows(num_train, num_val, valid_fraction: float, use_random_iter: bool) -> None:
+  """Raises :class:`UsageError` for settings the windows pipeline (d2l 1.0's) cannot have."""
+  positive_int("number of training windows", num_train)
+  if isinstance(num_val, bool) or not isinstance(num_val, int) or num_val < 0:
+    raise UsageError(f"number of validation windows must be an integer >= 0, got {num_val}")
+  if valid_fraction:
+    raise UsageError("the windows pipeline holds out its num_val windows for validation; "
+                     "valid fraction is for the classic pipeline")
+  if use_random_iter:
+    raise UsageError("the windows pipeline shuffles its windows every epoch; random "
+                     "partitioning is for the classic pipeline")

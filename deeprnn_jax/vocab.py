@@ -1,4 +1,9 @@
-"""The vocabulary: tokens to indices and back, built as d2l's ``Vocab``."""
+"""The vocabulary: tokens to indices and back, built as d2l's ``Vocab``.
+
+The classic edition orders tokens by descending count after ``<unk>`` (:class:`Vocab`); d2l 1.0
+sorts ``<unk>`` and the tokens together (:meth:`Vocab.alphabetical`), so there ``<unk>`` comes
+after the space.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ class Vocab:
 
   @property
   def unk(self) -> int:
-    return 0
+    return self.token_to_idx["<unk>"]
 
   @property
   def token_freqs(self) -> list[tuple[str, int]]:
@@ -60,11 +65,22 @@ class Vocab:
     return list(self.idx_to_token)
 
   @classmethod
-  def from_tokens_list(cls, idx_to_token: Sequence[str]) -> "Vocab":
+  def alphabetical(cls, tokens) -> "Vocab":
+    """d2l 1.0's ``Vocab``: ``sorted(set(['<unk>'] + tokens))``, so characters by code point,
+    ``' '`` before ``'<unk>'`` before ``'a'``."""
+    vocab = cls(tokens)
+    return cls.from_tokens_list(sorted(set(vocab.idx_to_token)), vocab.token_freqs)
+
+  @classmethod
+  def from_tokens_list(cls, idx_to_token: Sequence[str],
+                       token_freqs: list[tuple[str, int]] | None = None) -> "Vocab":
     """Rebuilds a vocabulary from its ``idx_to_token`` list (as saved in a checkpoint)."""
-    if not idx_to_token or idx_to_token[0] != "<unk>":
-      raise DataError("a saved vocabulary must start with '<unk>'")
+    if "<unk>" not in idx_to_token:
+      raise DataError("a saved vocabulary must hold '<unk>'")
+    if len(set(idx_to_token)) != len(idx_to_token):
+      raise DataError("a saved vocabulary must not repeat a token")
     vocab = cls()
+    vocab._token_freqs = list(token_freqs or [])
     vocab.idx_to_token = list(idx_to_token)
     vocab.token_to_idx = {t: i for i, t in enumerate(vocab.idx_to_token)}
     return vocab

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import chex
+import d2l_en_reference
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,17 @@ import torch
 from d2l_reference import RNNModel, predict_ch8, train_ch8
 from torch import nn
 
-from deeprnn_jax import checkpoint, convert, data, interop, models, training
+from deeprnn_jax import (
+  checkpoint,
+  convert,
+  data,
+  interop,
+  models,
+  predict,
+  presets,
+  training,
+  windows,
+)
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 
@@ -522,6 +533,63 @@ def test_missing_torch_is_a_usage_error(tmp_path, capsys, monkeypatch):
   code, _, err = run_convert(capsys, "--to-torch", tmp_path / "run", "--out", tmp_path / "b.pt")
   assert code == 2 and "needs torch" in err
   assert not (tmp_path / "run").exists() and not (tmp_path / "b.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# d2l 1.0's RNNLM (the English edition): keys rnn.rnn.*, a LazyLinear head, a sorted vocabulary.
+
+
+def d2l_en_model(num_hiddens=H, seed=0):
+  torch.manual_seed(seed)
+  net = d2l_en_reference.RNNLM(d2l_en_reference.GRU(TM_VOCAB, num_hiddens, 2), TM_VOCAB)
+  net(torch.zeros((1, 1), dtype=torch.int64))  # the LazyLinear takes its shape
+  return net
+
+
+def test_d2l_en_checkpoint_converts_both_ways_exactly(tmp_path, capsys, time_machine_path):
+  net = d2l_en_model()
+  sd = net.state_dict()
+  assert list(sd)[:2] == ["rnn.rnn.weight_ih_l0", "rnn.rnn.weight_hh_l0"]
+  run = tmp_path / "run"
+  code, out, err = run_convert(capsys, "--from-torch", save_torch(net, tmp_path / "a.pt"),
+                               "--preset", "d2l-en", "--out", run)
+  assert (code, err) == (0, ""), err
+  saved = checkpoint.load_checkpoint(run)
+  assert saved.config == presets.preset("d2l-en", num_hiddens=H)
+  _, vocab = windows.load_corpus("timemachine.txt")
+  assert saved.vocab.idx_to_token == vocab.idx_to_token and vocab.idx_to_token[:2] == [" ", "<unk>"]
+  assert_trees_close(saved.params, interop.params_from_torch(interop.from_d2l_en(sd), "gru", 2),
+                     0.0)
+
+  # The run folder predicts what d2l 1.0's RNNLM.predict predicts with the PyTorch model.
+  assert predict.main(["--checkpoint", str(run), "--prefix", "it has", "--num-preds", "20"]) == 0
+  ours = capsys.readouterr().out.rstrip("\n")
+  reference = d2l_en_reference.TimeMachine(time_machine_path.read_text(), 1024, 32)
+  assert ours == net.predict("it has", 20, reference.vocab)
+
+  code, out, err = run_convert(capsys, "--to-torch", run, "--out", tmp_path / "b.pt")
+  assert (code, err) == (0, ""), err
+  assert f"d2l.GRU({TM_VOCAB}, {H}, 2)" in out
+  back = torch.load(tmp_path / "b.pt", weights_only=True)
+  assert list(back) == list(sd)
+  for key, value in sd.items():
+    assert torch.equal(back[key], value), key
+  fresh = d2l_en_reference.RNNLM(d2l_en_reference.GRU(TM_VOCAB, H, 2), TM_VOCAB)
+  assert not fresh.load_state_dict(back, strict=True).missing_keys  # into an unshaped LazyLinear
+
+
+def test_d2l_en_layout_and_preset_must_agree(tmp_path, capsys, time_machine_path):
+  pt = save_torch(d2l_en_model(), tmp_path / "en.pt")
+  code, _, err = run_convert(capsys, "--from-torch", pt, "--cell", "gru", "--num-layers", 2,
+                             "--out", tmp_path / "run")
+  assert code == 2 and "pass --preset d2l-en" in err and err.count("\n") == 1
+  classic = save_torch(d2l_model("gru", num_layers=2, vocab_size=TM_VOCAB), tmp_path / "c.pt")
+  code, _, err = run_convert(capsys, "--from-torch", classic, "--preset", "d2l-en",
+                             "--out", tmp_path / "run")
+  assert code == 2 and "not d2l 1.0's RNNLM" in err and err.count("\n") == 1
+  with pytest.raises(UsageError, match="d2l 1.0's RNNLM layout"):
+    interop.params_from_torch(torch.load(pt, weights_only=True), "gru", 2)
+  assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------------

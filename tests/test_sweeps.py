@@ -245,6 +245,7 @@ def test_one_diverging_model_leaves_the_others_and_the_exit_code_says_so(tmp_pat
     (["--clip", "1,1"], "a value twice"),
     (["--num-seeds", "3", "--devices", "2"], "3 models do not spread evenly over 2 devices"),
     (["--num-seeds", "2", "--devices", "5"], "--devices 5: JAX has 2 CPU device(s)"),
+    (["--num-seeds", "2", "--pipeline", "windows"], "several models train on the classic"),
 ])
 @command
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys, flags, message):
