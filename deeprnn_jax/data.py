@@ -72,12 +72,18 @@ def load_corpus(
   corpus = np.fromiter(
       (vocab.token_to_idx[t] for line in tokens for t in line), dtype=np.int32
   )
+  return first_tokens(corpus, max_tokens, path), vocab
+
+
+def first_tokens(corpus: np.ndarray, max_tokens: int, path) -> np.ndarray:
+  """The first ``max_tokens`` of ``corpus`` (all of it for ``max_tokens <= 0``); a
+  :class:`DataError` naming ``path`` where none are left."""
   if max_tokens > 0:
     corpus = corpus[:max_tokens]
   if corpus.size == 0:
     what = "is empty" if path.stat().st_size == 0 else "has no tokens left after cleaning"
     raise DataError(f"corpus {path} {what}")
-  return corpus, vocab
+  return corpus
 
 
 def load_corpus_time_machine(max_tokens: int = -1) -> tuple[np.ndarray, Vocab]:
@@ -190,7 +196,22 @@ def seq_data_iter_random(
   yield from zip(*random_epoch(corpus, batch_size, num_steps, seed))
 
 
-class SeqDataLoader:
+class SeededLoader:
+  """A loader that draws its epochs from its own generator, ``self.rng``, whose ``rng_state``
+  is saved in a checkpoint and restored to resume the exact sequence of epochs."""
+
+  rng: np.random.Generator
+
+  @property
+  def rng_state(self) -> dict:
+    return self.rng.bit_generator.state
+
+  @rng_state.setter
+  def rng_state(self, state: dict) -> None:
+    self.rng.bit_generator.state = state
+
+
+class SeqDataLoader(SeededLoader):
   """Draws a new random offset (and order) every epoch from its own generator.
 
   Iterating yields ``(X, Y)`` minibatches; :meth:`epoch` returns the whole epoch as arrays
@@ -220,14 +241,6 @@ class SeqDataLoader:
     B, T, random_iter = self.batch_size, self.num_steps, self.use_random_iter
     return sorted({(_num_batches(len(self.corpus), B, T, offset, random_iter), B, T)
                    for offset in range(_num_offsets(T, random_iter))})
-
-  @property
-  def rng_state(self) -> dict:
-    return self.rng.bit_generator.state
-
-  @rng_state.setter
-  def rng_state(self, state: dict) -> None:
-    self.rng.bit_generator.state = state
 
 
 def load_data_time_machine(

@@ -23,6 +23,7 @@ import numpy as np
 
 from deeprnn_jax import validate
 from deeprnn_jax.corpora import read_text, resolve_corpus
+from deeprnn_jax.data import SeededLoader, first_tokens
 from deeprnn_jax.errors import DataError
 from deeprnn_jax.vocab import Vocab
 
@@ -50,12 +51,7 @@ def load_corpus(path: str | os.PathLike, clean: str = "d2l",
   tokens = list(text)
   vocab = Vocab.alphabetical(tokens)
   corpus = np.asarray(vocab[tokens], dtype=np.int32).reshape(-1)
-  if max_tokens > 0:
-    corpus = corpus[:max_tokens]
-  if corpus.size == 0:
-    what = "is empty" if path.stat().st_size == 0 else "has no tokens left after cleaning"
-    raise DataError(f"corpus {path} {what}")
-  return corpus, vocab
+  return first_tokens(corpus, max_tokens, path), vocab
 
 
 def windows(corpus: np.ndarray, num_steps: int) -> np.ndarray:
@@ -101,7 +97,7 @@ def batches(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   return Xs.reshape(shape), Ys.reshape(shape)
 
 
-class WindowLoader:
+class WindowLoader(SeededLoader):
   """The training windows, reshuffled every epoch from its own generator (d2l 1.0's
   ``DataLoader(shuffle=True)``, ``drop_last=False``).
 
@@ -132,11 +128,3 @@ class WindowLoader:
   def num_tokens(self) -> int:
     """Tokens an epoch trains on (the padding left out)."""
     return self.rows.shape[0] * (self.rows.shape[1] - 1)
-
-  @property
-  def rng_state(self) -> dict:
-    return self.rng.bit_generator.state
-
-  @rng_state.setter
-  def rng_state(self, state: dict) -> None:
-    self.rng.bit_generator.state = state
