@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -244,3 +245,34 @@ def check_members(saved: list[dict] | None, requested: list[dict] | None) -> Non
              if a.get(f) != b[f]]
     if diffs:
       raise CheckpointError(f"checkpoint's model {k} differs: " + ", ".join(diffs))
+
+
+def model_params(saved: Checkpoint, index: int | None, where) -> dict:
+  """One model's parameters (a state dict). Of a checkpoint holding several (:attr:`models`),
+  model ``index``, by default the best: the lowest validation perplexity, else training
+  perplexity, among those that did not diverge. Raises :class:`UsageError` for an index the file
+  does not hold."""
+  if saved.models is None:
+    if index not in (None, 0):
+      raise UsageError(f"--model {index}: {where} holds one model (model 0)")
+    return saved.params
+  index = choose_model(saved.models, index, where)
+  return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], saved.params)
+
+
+def choose_model(described: list[dict], index: int | None, where) -> int:
+  """``index`` if the checkpoint holds it, else the best model that did not diverge."""
+  if index is not None:
+    if not 0 <= index < len(described):
+      raise UsageError(f"--model {index}: {where} holds models 0 to {len(described) - 1}")
+    if described[index].get("diverged_epoch") is not None:
+      _warn(f"model {index} diverged at epoch {described[index]['diverged_epoch']}; its "
+            "parameters are those of the epoch before")
+    return index
+
+  def score(d):
+    value = d.get("valid_perplexity") or d.get("train_perplexity")
+    return value if isinstance(value, (int, float)) else math.inf
+
+  alive = [d for d in described if d.get("diverged_epoch") is None] or described
+  return min(alive, key=score)["model"]

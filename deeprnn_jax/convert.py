@@ -132,11 +132,12 @@ def to_torch(args: argparse.Namespace) -> int:
   out = Path(args.out)
   _check_out(out, args.force, is_dir=False)
   saved = checkpoint.load_checkpoint(args.to_torch)
+  params = checkpoint.model_params(saved, args.model, args.to_torch)
   cfg = saved.config
   if cfg.cell == "rnn" and not isinstance(cfg.activation, str) and len(set(cfg.activation)) > 1:
     raise UsageError(f"nn.RNN has one nonlinearity for all layers; this run uses "
                      f"{', '.join(cfg.activation)}")
-  state_dict = interop.params_to_torch(saved.params, cfg.cell, cfg.num_layers)
+  state_dict = interop.params_to_torch(params, cfg.cell, cfg.num_layers)
   if cfg.pipeline == "windows":
     state_dict = interop.to_d2l_en(state_dict)
   buffer = io.BytesIO()
@@ -171,6 +172,9 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
                    help="a run folder (or its checkpoint.msgpack); --out is a .pt file")
   p.add_argument("--out", required=True, help="the run folder or .pt file to write")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  p.add_argument("--model", type=int, default=None,
+                 help="--to-torch of a run that trained several models: which one (default: the "
+                      "best by validation, else training, perplexity)")
   p.add_argument("--preset", default="classic",
                  help=f"{' or '.join(presets.PRESETS)}: the run the PyTorch model is of "
                       "(--from-torch; d2l-en: d2l 1.0's RNNLM), the defaults of the flags below")

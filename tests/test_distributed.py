@@ -22,8 +22,11 @@ SMALL = ["--cell", "rnn", "--num-hiddens", "16", "--max-tokens", "1000", "--batc
 
 
 def run_lines(stdout: str) -> list[str]:
-  """The run's own lines (gloo announces its connections on stdout too)."""
-  return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
+  """The run's own lines, from its first (``compile time``) on: gloo announces its connections
+  on stdout before them, from C++, in lines that another write may cut in two."""
+  lines = stdout.splitlines()
+  first = next((i for i, line in enumerate(lines) if line.startswith("compile time")), len(lines))
+  return lines[first:]
 
 
 @pytest.mark.slow

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from test_runs import FOREVER, Train, complete_rows, metrics, snapshot, strict_json
 
-from deeprnn_jax import checkpoint, data, models, predict, sweeps, train, training
+from deeprnn_jax import checkpoint, convert, data, models, predict, sweeps, train, training
 from deeprnn_jax.config import Sweep, TrainConfig
 from deeprnn_jax.errors import EXIT_DIVERGED, EXIT_TERMINATED, EXIT_USAGE
 
@@ -189,6 +190,15 @@ def test_the_command_trains_a_grid_and_each_model_equals_its_single_run(tmp_path
   assert predict.main(["--checkpoint", str(run), "--prefix", "time", "--num-preds", "5"]) == 0
   assert predict.main(["--checkpoint", str(run), "--model", "4"]) == EXIT_USAGE
   assert "holds models 0 to 3" in capsys.readouterr().err
+  # convert --to-torch: one model, as its single run's folder converts.
+  assert convert.main(["--to-torch", str(run), "--model", "1", "--out",
+                       str(tmp_path / "a.pt")]) == 0
+  assert convert.main(["--to-torch", str(tmp_path / "single1"), "--out",
+                       str(tmp_path / "b.pt")]) == 0
+  a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+  assert list(a) == list(b)
+  for key in a:
+    np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-4, atol=1e-6)
 
 
 @command
@@ -282,7 +292,7 @@ def test_predict_chooses_the_best_model_that_did_not_diverge():
       {"model": 2, "train_perplexity": 2.0, "valid_perplexity": 4.0, "diverged_epoch": None},
       {"model": 3, "train_perplexity": 1.5, "valid_perplexity": 4.5, "diverged_epoch": None},
   ]
-  assert predict.choose_model(described, None, "run") == 2  # by validation perplexity
+  assert checkpoint.choose_model(described, None, "run") == 2  # by validation perplexity
   no_valid = [dict(d, valid_perplexity=None) for d in described]
-  assert predict.choose_model(no_valid, None, "run") == 3  # else by training perplexity
-  assert predict.choose_model(described, 1, "run") == 1  # asked for: even a diverged one
+  assert checkpoint.choose_model(no_valid, None, "run") == 3  # else by training perplexity
+  assert checkpoint.choose_model(described, 1, "run") == 1  # asked for: even a diverged one
