@@ -302,12 +302,11 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
       for k, m in enumerate(start.models or []):
         diverged[k] = m.get("diverged_epoch")
       state = spread(start.state, devices)
-      example = stack_epochs([data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
-                                                 config.use_random_iter)] * len(members),
-                             max_batches)
+      # Compiled for the one shape every epoch is padded to; the values do not matter.
+      tokens = np.zeros((len(members), max_batches, config.batch_size, config.num_steps), np.int32)
       epoch_fn, compile_seconds = compile_models_epoch(
-          model, optimizer, config, state, spread((example.Xs, example.Ys), devices),
-          spread((jnp.asarray(train_keys), example.num_batches), devices))
+          model, optimizer, config, state, spread((tokens, tokens), devices),
+          spread((jnp.asarray(train_keys), np.full(len(members), max_batches, np.int32)), devices))
 
       report = SweepReport(members, diverged, config, options, model, text, devices, folder,
                            start.epoch, out, err)
