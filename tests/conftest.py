@@ -1,4 +1,10 @@
-"""Test setup: two CPU devices, no compilation cache, and the corpora found as the library does.
+"""Test setup: two CPU devices, a compilation cache of the test session's own, and the corpora
+found as the library does.
+
+The commands keep compiled programs in a cache by default (``$DEEPRNN_JAX_CACHE``), so a user's
+second run of a program loads what the first compiled. The tests do the same, in-process and in
+the commands they start, but in a temporary folder of their own (one per pytest process, removed
+at its end), never the user's: the first test to compile a program fills it, later ones read it.
 
 A test that reads a corpus asks for it through a fixture (``time_machine_path``,
 ``time_machine_corpus`` or ``data_dir``; a test that only runs a command reading it uses
@@ -15,24 +21,35 @@ saying how to fix that, and the tests that need no corpus run as usual.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from deeprnn_jax import corpora, data, parallel
+from deeprnn_jax import cli, corpora, data, parallel
 from deeprnn_jax.errors import DataError
 
 DATA_ENV = corpora.DATA_ENV
-# The CLIs called in-process must not fill the user's compilation cache (test_cli checks it).
-os.environ["DEEPRNN_JAX_CACHE"] = "none"
+# Before JAX compiles anything: a cache set later is not read.
+os.environ[cli.CACHE_ENV] = tempfile.mkdtemp(prefix="deeprnn-jax-test-xla-")
+atexit.register(shutil.rmtree, os.environ[cli.CACHE_ENV], ignore_errors=True)
+cli.enable_compile_cache()
 # Two CPU devices whatever the machine, so that the batch-split path is tested everywhere (a
 # count set in JAX_NUM_CPU_DEVICES or XLA_FLAGS is left alone; the split tests need 2).
 parallel.use_cpu_cores(2)
 
 if os.environ.get(DATA_ENV):  # CI sets it, perhaps relative to the repository root.
   os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).resolve())
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """``-n auto``: a worker per core, at most 8 (each holds its own JAX, PyTorch and cache)."""
+  return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1))
 
 
 @functools.cache

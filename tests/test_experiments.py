@@ -1,13 +1,15 @@
 """The experiment scripts of experiments/: each one's ``--quick`` mode, run as a user runs it.
 
-Each script runs in a subprocess from the repository root with its run folders under
-``tmp_path``, and its printed output is checked: ex1's equality checks pass, the tables have the
-rows they should, bad input is one line and a non-zero exit. The notebook is executed separately
-(``python -m pytest --nbmake experiments/deep_rnn.ipynb``, as CI does).
+Each script's ``--quick`` mode runs in a subprocess from the repository root with its run
+folders under ``tmp_path``, and its printed output is checked: ex1's equality checks pass, the
+tables have the rows they should. ``--help`` and bad input (one line and a non-zero exit) go
+through each script's ``main`` in this process, as its ``__main__`` calls it. The notebook is
+executed separately (nbmake, in the same ``python -m pytest`` run).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -22,6 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ("ex1_scratch", "ex2_cells", "ex3_more_data", "ex4_authors")
 
 pytestmark = pytest.mark.usefixtures("time_machine_path")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def experiments_importable():
+  """``experiments/`` on ``sys.path``, as it is for a script run from it."""
+  sys.path.insert(0, str(ROOT / "experiments"))
+  yield
+  sys.path.remove(str(ROOT / "experiments"))
+
+
+def run_main(name: str, *args: str) -> int:
+  """What ``python experiments/<name>.py ARGS`` exits with, in this process: its ``__main__``
+  is ``_common.main(main, name)``, which exits with ``cli.run``'s code."""
+  from deeprnn_jax import cli
+  return cli.run(importlib.import_module(name).main, list(args), prog=name)
 
 
 def run(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -47,8 +64,11 @@ def value(cell: str) -> float:
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_help(name):
-  out = run(name, "--help").stdout
+def test_help(name, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    run_main(name, "--help")
+  assert exit_.value.code == 0
+  out = capsys.readouterr().out
   assert "--quick" in out and "--results" in out
 
 
@@ -113,8 +133,8 @@ def test_ex4_authors_matrix_and_samples(tmp_path):
     ("ex4_authors", ["--quick", "--chars", "10"], "--chars must be at least 1000"),
     ("ex1_scratch", ["--quick", "--lr", "0"], "must be positive"),
 ])
-def test_bad_input_is_one_line(name, args, message):
-  proc = run(name, *args, check=False)
-  assert proc.returncode == 2
-  assert message in proc.stderr and "Traceback" not in proc.stderr
-  assert len(proc.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_line(name, args, message, capsys):
+  assert run_main(name, *args) == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1
