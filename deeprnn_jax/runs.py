@@ -73,12 +73,15 @@ def device_name(device=None) -> str:
   return "cpu" if device.platform == "cpu" else f"cuda:{device.id}"
 
 
-def default_prefixes(config: TrainConfig, corpus: np.ndarray, vocab: data.Vocab) -> tuple[str, str]:
-  """d2l's ``time traveller`` and ``traveller``; the first two words of any other corpus."""
+def default_prefixes(config: TrainConfig, corpus: np.ndarray | Callable[[], np.ndarray],
+                     vocab: data.Vocab) -> tuple[str, str]:
+  """d2l's ``time traveller`` and ``traveller``; the first two words of any other corpus
+  (``corpus``: its tokens, or a function loading them, called only for such a corpus)."""
   if Path(config.corpus).name == "timemachine.txt" and config.clean == "d2l":
     if config.pipeline == "windows":
       return "it has", "it has"  # d2l 1.0's model.predict('it has', 20, data.vocab)
     return "time traveller", "traveller"
+  corpus = corpus() if callable(corpus) else corpus
   words = "".join(vocab.to_tokens([int(i) for i in corpus[:200]])).split()
   if not words:
     return (vocab.to_tokens(int(corpus[0])),) * 2

@@ -96,6 +96,9 @@ def test_predict_command_continues_a_prefix(tmp_path, capsys):
   assert predict.main(["--checkpoint", str(run), "--prefix", "the time", "--num-preds", "7"]) == 0
   out = capsys.readouterr().out.rstrip("\n")
   assert out.startswith("the time") and len(out) == len("the time") + 7
+  assert predict.main(["--checkpoint", str(run), "--num-preds", "3"]) == 0  # d2l's prefix
+  out = capsys.readouterr().out.rstrip("\n")
+  assert out.startswith("time traveller") and len(out) == len("time traveller") + 3
   assert predict.main(["--checkpoint", str(run), "--prefix", "the", "--num-preds", "30",
                        "--temperature", "1.0", "--seed", "3"]) == 0
   sampled = capsys.readouterr().out.rstrip("\n")

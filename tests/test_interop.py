@@ -566,6 +566,8 @@ def test_d2l_en_checkpoint_converts_both_ways_exactly(tmp_path, capsys, time_mac
   ours = capsys.readouterr().out.rstrip("\n")
   reference = d2l_en_reference.TimeMachine(time_machine_path.read_text(), 1024, 32)
   assert ours == net.predict("it has", 20, reference.vocab)
+  assert predict.main(["--checkpoint", str(run), "--num-preds", "20"]) == 0  # d2l 1.0's prefix
+  assert capsys.readouterr().out.rstrip("\n") == ours
 
   code, out, err = run_convert(capsys, "--to-torch", run, "--out", tmp_path / "b.pt")
   assert (code, err) == (0, ""), err

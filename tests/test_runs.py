@@ -720,3 +720,20 @@ def test_predict_prints_on_an_ascii_only_terminal(tmp_path, capsys):
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith(b"tr\\xe8s")
   assert b"Traceback" not in proc.stderr
+
+
+def test_predict_continues_the_runs_own_prefix_by_default(tmp_path, capsys):
+  corpus = tmp_path / "play.txt"
+  corpus.write_text("my lord, the king is come. " * 60, encoding="utf-8")
+  run = tmp_path / "run"
+  assert in_process(["--corpus", corpus, "--clean", "none", "--max-tokens", 1500, "--num-epochs",
+                     1, "--quiet", "--out", run], capsys)[0] == 0
+  assert predict.main(["--checkpoint", str(run), "--num-preds", "4"]) == 0
+  out = capsys.readouterr().out.rstrip("\n")
+  assert out.startswith("my lord,") and len(out) == len("my lord,") + 4
+  corpus.unlink()  # its first words are the default: without it, --prefix is needed
+  assert predict.main(["--checkpoint", str(run)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no --prefix given" in err[0] and "play.txt" in err[0]
+  assert predict.main(["--checkpoint", str(run), "--prefix", "the", "--num-preds", "2"]) == 0
+  assert capsys.readouterr().out.startswith("the")
