@@ -707,12 +707,17 @@ def test_small_fixes(tmp_path, capsys):
   assert not (tmp_path / "r").exists()
 
 
-def test_predict_prints_on_an_ascii_only_terminal(tmp_path, capsys):
-  corpus = tmp_path / "café.txt"
-  corpus.write_text("le café était très bon, très très bon " * 40, encoding="utf-8")
-  run = tmp_path / "run"
+def one_epoch_on(tmp_path: Path, capsys, name: str, text: str) -> tuple[Path, Path]:
+  """``(corpus, run)``: a run of one epoch on ``text`` (UTF-8, ``--clean none``)."""
+  corpus, run = tmp_path / name, tmp_path / "run"
+  corpus.write_text(text, encoding="utf-8")
   assert in_process(["--corpus", corpus, "--clean", "none", "--max-tokens", 1500, "--num-epochs",
                      1, "--quiet", "--out", run], capsys)[0] == 0
+  return corpus, run
+
+
+def test_predict_prints_on_an_ascii_only_terminal(tmp_path, capsys):
+  _, run = one_epoch_on(tmp_path, capsys, "café.txt", "le café était très bon, très très bon " * 40)
   proc = subprocess.run(
       [sys.executable, "-m", "deeprnn_jax.predict", "--checkpoint", str(run), "--prefix", "très",
        "--num-preds", "5"],
@@ -723,11 +728,7 @@ def test_predict_prints_on_an_ascii_only_terminal(tmp_path, capsys):
 
 
 def test_predict_continues_the_runs_own_prefix_by_default(tmp_path, capsys):
-  corpus = tmp_path / "play.txt"
-  corpus.write_text("my lord, the king is come. " * 60, encoding="utf-8")
-  run = tmp_path / "run"
-  assert in_process(["--corpus", corpus, "--clean", "none", "--max-tokens", 1500, "--num-epochs",
-                     1, "--quiet", "--out", run], capsys)[0] == 0
+  corpus, run = one_epoch_on(tmp_path, capsys, "play.txt", "my lord, the king is come. " * 60)
   assert predict.main(["--checkpoint", str(run), "--num-preds", "4"]) == 0
   out = capsys.readouterr().out.rstrip("\n")
   assert out.startswith("my lord,") and len(out) == len("my lord,") + 4
