@@ -266,8 +266,9 @@ def choose_model(described: list[dict], index: int | None, where) -> int:
     if not 0 <= index < len(described):
       raise UsageError(f"--model {index}: {where} holds models 0 to {len(described) - 1}")
     if described[index].get("diverged_epoch") is not None:
-      _warn(f"model {index} diverged at epoch {described[index]['diverged_epoch']}; its "
-            "parameters are those of the epoch before")
+      epoch = described[index]["diverged_epoch"]
+      _warn(f"model {index} diverged at epoch {epoch}; its parameters are epoch {epoch - 1}'s, "
+            f"or epoch {epoch}'s where only its validation perplexity was not finite")
     return index
 
   def score(d):

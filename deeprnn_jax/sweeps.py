@@ -124,14 +124,21 @@ class EpochTag(NamedTuple):
   num_batches: np.ndarray
 
 
-def sweep_epochs(loaders, max_batches: int, train_keys, first: int, last: int, devices):
-  """The pipeline's items, epochs ``first .. last``: ``(tag, Xs, Ys, (keys, num_batches))``."""
+def sweep_epochs(loaders, max_batches: int, train_keys, first: int, last: int, devices,
+                 diverged: list[int | None]):
+  """The pipeline's items, epochs ``first .. last``: ``(tag, Xs, Ys, (keys, num_batches))``.
+
+  A model the host has found diverged (``diverged[k]`` set: a non-finite validation perplexity,
+  which the device does not see) reads no minibatch from the next epoch it is given: it keeps its
+  state, as a model that diverges on the device does. Each item is read after the host has
+  measured the epoch before it wherever that epoch was validated (its state was kept)."""
   fold = jax.jit(jax.vmap(jax.random.fold_in, (0, None)))
   for epoch in range(first, last + 1):
     b = stack_epochs(loaders, max_batches)
-    tag = EpochTag(epoch, [loader.rng_state for loader in loaders], b.num_batches)
+    num_batches = np.where([d is not None for d in diverged], 0, b.num_batches).astype(np.int32)
+    tag = EpochTag(epoch, [loader.rng_state for loader in loaders], num_batches)
     keys = fold(train_keys, epoch)
-    yield tag, *spread((b.Xs, b.Ys), devices), spread((keys, b.num_batches), devices)
+    yield tag, *spread((b.Xs, b.Ys), devices), spread((keys, num_batches), devices)
 
 
 def compile_models_epoch(model, optimizer, config: TrainConfig, state: training.Models, batches,
@@ -318,7 +325,7 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
         if stop.requested:
           raise stopped(stop, saver, "before the first epoch")
         items = sweep_epochs(loaders, max_batches, jnp.asarray(train_keys), start.epoch + 1,
-                             config.num_epochs, devices)
+                             config.num_epochs, devices, diverged)
         for done in pipeline.run(state, items):
           epoch = done.tag.epoch
           rows, newly = report.measure(done)

@@ -224,6 +224,32 @@ def test_a_sweep_resumes_as_if_never_stopped(tmp_path, capsys):
 
 
 @command
+def test_a_model_whose_validation_is_not_finite_trains_no_more(tmp_path, capsys, monkeypatch):
+  """Only the host sees validation perplexities: a model it finds diverged there (forced here at
+  model 1's epoch 2) reads no more minibatches, so the checkpoint keeps its epoch-2 parameters,
+  and the other model trains on."""
+  args = SMALL + ["--num-seeds", "2", "--log-every", "1"]
+  assert train_main(args + ["--num-epochs", "2", "--out", tmp_path / "two"]) == 0
+  assert train_main(args + ["--num-epochs", "4", "--out", tmp_path / "four"]) == 0
+  real, calls = training.evaluate, []
+
+  def evaluate(*a, **k):  # epoch 1: models 0, 1; epoch 2: models 0, 1 (the fourth call)
+    calls.append(1)
+    return float("inf") if len(calls) == 4 else real(*a, **k)
+
+  monkeypatch.setattr(training, "evaluate", evaluate)
+  run = tmp_path / "run"
+  assert train_main(args + ["--num-epochs", "4", "--out", run]) == EXIT_DIVERGED
+  capsys.readouterr()
+  assert [r["diverged"] for r in rows_of(run, 1)] == [False, True, True, True]
+  for k, same_as in ((1, tmp_path / "two"), (0, tmp_path / "four")):
+    _, got, _ = predict.load_model(run, k)
+    _, want, _ = predict.load_model(same_as, k)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  assert "or epoch 2's where only its validation perplexity" in capsys.readouterr().err
+
+
+@command
 def test_one_diverging_model_leaves_the_others_and_the_exit_code_says_so(tmp_path, capsys):
   run = tmp_path / "run"
   code = train_main(SMALL + ["--num-epochs", "3", "--lr", "1,1e30", "--clip", "1e30",
