@@ -36,10 +36,11 @@ from deeprnn_jax.vocab import Vocab
 FILENAME = "checkpoint.msgpack"
 FORMAT = 1
 _OLDER = re.compile(r"checkpoint-(\d+)\.msgpack")
-# What a resumed run must share with its checkpoint: the model and the data it reads.
+# What a resumed run must share with its checkpoint: the model, the data it reads, and what
+# shapes its optimiser's state.
 RESUME_FIELDS = MODEL_FIELDS + ("corpus", "clean", "max_tokens", "batch_size", "num_steps",
-                                "use_random_iter", "valid_fraction", "optimizer", "pipeline",
-                                "num_train", "num_val")
+                                "use_random_iter", "valid_fraction", "optimizer", "lr_schedule",
+                                "warmup_epochs", "pipeline", "num_train", "num_val")
 
 
 class CheckpointError(UsageError):

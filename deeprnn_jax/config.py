@@ -10,7 +10,8 @@ import dataclasses
 
 from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.validate import Activation, Cell, Cleaning, Impl, Optimizer, Pipeline, Precision
+from deeprnn_jax.validate import (Activation, Cell, Cleaning, Impl, Optimizer, Pipeline, Precision,
+                                  Schedule)
 
 
 def parse_activation(text: str) -> str | tuple[str, ...]:
@@ -36,6 +37,11 @@ class TrainConfig:
   num_steps: int = 35
   lr: float = 2.0
   clip: float = 1.0
+  # The learning rate over the run (training.lr_factor): d2l's is constant; "cosine" decays it
+  # to lr * lr_min_factor at the last epoch. The first warmup_epochs raise it linearly from 0.
+  lr_schedule: Schedule = "constant"
+  warmup_epochs: int = 0
+  lr_min_factor: float = 0.0
   num_epochs: int = 500
   max_tokens: int = 10000
   use_random_iter: bool = False
@@ -61,6 +67,7 @@ class TrainConfig:
     for name in ("batch_size", "num_steps", "num_epochs"):
       validate.positive_int(name.replace("_", " "), getattr(self, name))
     validate.optimizer(self.lr, self.clip, self.optimizer)
+    validate.schedule(self.lr_schedule, self.warmup_epochs, self.lr_min_factor, self.num_epochs)
     if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
       raise UsageError(f"seed must be an integer in [0, 2**32), got {self.seed}")
     if int(self.max_tokens) != self.max_tokens or self.max_tokens == 0 or self.max_tokens < -1:

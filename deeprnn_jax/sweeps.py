@@ -286,7 +286,8 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
     max_batches = max(shape[0] for shape in loaders[0].epoch_shapes())
     devices = model_devices(len(members), options.shards)
     model = models.from_config(config, len(text.vocab))
-    optimizer = training.make_sweep_optimizer(config.optimizer)
+    optimizer = training.make_sweep_optimizer(config.optimizer,
+                                              training.config_lr_factor(config, max_batches))
     init_keys, train_keys = model_keys([m.seed for m in members])
     fresh = training.Models(
         training.init_train_states(model, optimizer, init_keys, [m.lr for m in members],

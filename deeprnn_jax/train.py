@@ -74,6 +74,13 @@ def parser() -> argparse.ArgumentParser:
   o.add_argument("--clip", default=f"{_D.clip:g}",
                  help="global gradient norm; several separated by commas: a model each, crossed "
                       "with the learning rates")
+  o.add_argument("--lr-schedule", default=_D.lr_schedule,
+                 help="constant (d2l) or cosine: the rate falls along half a cosine to lr × "
+                      "--lr-min-factor at the last epoch")
+  o.add_argument("--warmup-epochs", type=int, default=_D.warmup_epochs,
+                 help="raise the rate linearly from 0 over the first N epochs")
+  o.add_argument("--lr-min-factor", type=float, default=_D.lr_min_factor,
+                 help="cosine: the last epoch's rate as a fraction of --lr")
   o.add_argument("--num-epochs", type=int, default=_D.num_epochs)
   o.add_argument("--seed", type=int, default=_D.seed)
   o.add_argument("--num-seeds", type=int, default=1,

@@ -23,29 +23,63 @@ from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 from deeprnn_jax.parallel import BATCH_AXIS, batch_mesh
-from deeprnn_jax.validate import Optimizer
+from deeprnn_jax.validate import Optimizer, Schedule
 
 Array = jax.Array
 
 
-def make_optimizer(lr: float, clip_norm: float,
-                   name: Optimizer = "sgd") -> optax.GradientTransformation:
-  """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam."""
+def lr_factor(schedule: Schedule, num_epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,
+              min_factor: float = 0.0) -> optax.Schedule | None:
+  """The learning rate's multiplier at each optimiser step, or ``None`` for d2l's constant rate.
+
+  The first ``warmup_epochs`` raise it linearly from 0 to 1; then ``"constant"`` keeps it at 1
+  and ``"cosine"`` lowers it along half a cosine to ``min_factor`` at the end of epoch
+  ``num_epochs``, where it stays. An epoch counts ``steps_per_epoch`` steps: its most minibatches
+  (with sequential partitioning an epoch's random offset can leave it one fewer).
+  """
+  validate.schedule(schedule, warmup_epochs, min_factor, num_epochs)
+  validate.positive_int("steps per epoch", steps_per_epoch)
+  if schedule == "constant" and not warmup_epochs:
+    return None
+  warmup, total = warmup_epochs * steps_per_epoch, num_epochs * steps_per_epoch
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, total, end_value=min_factor)
+  return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup),
+                               optax.constant_schedule(1.0)], [warmup])
+
+
+def config_lr_factor(config, steps_per_epoch: int) -> optax.Schedule | None:
+  """:func:`lr_factor` of a :class:`~deeprnn_jax.config.TrainConfig`."""
+  return lr_factor(config.lr_schedule, config.num_epochs, steps_per_epoch, config.warmup_epochs,
+                   config.lr_min_factor)
+
+
+def make_optimizer(lr: float, clip_norm: float, name: Optimizer = "sgd",
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+  """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam, at learning
+  rate ``lr``, times ``schedule(step)`` where there is one (:func:`lr_factor`)."""
   validate.optimizer(lr, clip_norm, name)
-  return _clipped(lr, clip_norm, name)
+  return _clipped(lr, clip_norm, name, schedule)
 
 
-def _clipped(learning_rate, max_norm, name: Optimizer) -> optax.GradientTransformation:
+def _clipped(learning_rate, max_norm, name: Optimizer,
+             schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   opt = optax.sgd(learning_rate) if name == "sgd" else optax.adam(learning_rate)
-  return optax.chain(optax.clip_by_global_norm(max_norm), opt)
+  if schedule is None:
+    return optax.chain(optax.clip_by_global_norm(max_norm), opt)
+  # Both end by scaling with the rate, so scaling after them is the rate times the factor.
+  return optax.chain(optax.clip_by_global_norm(max_norm), opt, optax.scale_by_schedule(schedule))
 
 
-def make_sweep_optimizer(name: Optimizer = "sgd") -> optax.GradientTransformation:
+def make_sweep_optimizer(name: Optimizer = "sgd",
+                         schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   """:func:`make_optimizer`'s transformation reading its learning rate and clip norm from its
   state (``optax.inject_hyperparams``), so that they are data: each of the models trained in one
-  vmapped program has its own (:func:`init_train_states` sets them)."""
+  vmapped program has its own (:func:`init_train_states` sets them). ``schedule`` is the same
+  for all of them, each following it with its own step count."""
   validate.one_of("optimizer", name, validate.OPTIMIZERS)
-  return optax.inject_hyperparams(functools.partial(_clipped, name=name))(
+  inner = functools.partial(_clipped, name=name, schedule=schedule)
+  return optax.inject_hyperparams(inner, static_args=("name", "schedule"))(
       learning_rate=1.0, max_norm=1.0)
 
 

@@ -18,6 +18,7 @@ Activation = Literal["tanh", "relu"]
 Impl = Literal["layerwise", "scan", "wavefront", "cudnn"]
 Precision = Literal["float32", "bfloat16"]
 Optimizer = Literal["sgd", "adam"]
+Schedule = Literal["constant", "cosine"]
 Cleaning = Literal["d2l", "none"]
 Pipeline = Literal["classic", "windows"]
 
@@ -26,6 +27,7 @@ ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 IMPLS: tuple[str, ...] = get_args(Impl)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 CLEANINGS: tuple[str, ...] = get_args(Cleaning)
 PIPELINES: tuple[str, ...] = get_args(Pipeline)
 
@@ -112,6 +114,19 @@ def optimizer(lr: float, clip_norm: float, name: str) -> None:
   positive_finite("learning rate", lr)
   positive_finite("clipping norm", clip_norm)
   one_of("optimizer", name, OPTIMIZERS)
+
+
+def schedule(name: str, warmup_epochs, min_factor, num_epochs: int) -> None:
+  """Raises :class:`UsageError` for a learning-rate schedule no run can have."""
+  one_of("learning-rate schedule", name, SCHEDULES)
+  if (isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, numbers.Integral)
+      or warmup_epochs < 0):
+    raise UsageError(f"warmup epochs must be an integer >= 0, got {warmup_epochs}")
+  if warmup_epochs >= num_epochs:
+    raise UsageError(f"warmup epochs must be fewer than the run's {num_epochs} epochs, got "
+                     f"{warmup_epochs}")
+  if not (isinstance(min_factor, numbers.Real) and 0.0 <= min_factor <= 1.0):
+    raise UsageError(f"lr min factor must be in [0, 1], got {min_factor}")
 
 
 def windows(num_train, num_val, valid_fraction: float, use_random_iter: bool) -> None:

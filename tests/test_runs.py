@@ -150,17 +150,17 @@ def reference(tmp_path_factory):
   return tmp / "run"
 
 
-def assert_same_run(run: Path, reference: Path) -> None:
+def assert_same_run(run: Path, reference: Path, epochs: int = EPOCHS) -> None:
   """Rows 1..N exactly once, the same perplexities and the same final parameters."""
   rows, want = metrics(run), metrics(reference)
-  assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+  assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
   np.testing.assert_allclose([r["train_perplexity"] for r in rows],
                              [r["train_perplexity"] for r in want], rtol=1e-5)
   final, want_final = (strict_json((p / "summary.json").read_text())["train_perplexity"]
                        for p in (run, reference))
   assert final == pytest.approx(want_final, rel=1e-6)
   a, b = checkpoint.load_checkpoint(run), checkpoint.load_checkpoint(reference)
-  assert a.epoch == b.epoch == EPOCHS
+  assert a.epoch == b.epoch == epochs
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                          a.params, b.params)
   assert_strict_json_files(run)
@@ -208,6 +208,33 @@ def test_a_signal_saves_the_newest_epoch_and_resuming_ends_as_an_uninterrupted_r
   resumed = run_train(tmp_path, "resumed", ["--resume", "--out", run, "--num-epochs", EPOCHS])
   assert resumed.proc.returncode == 0, resumed.err
   assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_stopped_and_resumed_keeps_to_its_schedule(reference, tmp_path):
+  """The learning rate's step count lives in the optimiser's state: a run with a cosine schedule
+  and warmup, stopped by SIGTERM past its warmup and resumed bare, ends as one never stopped;
+  and the schedule is not silently changed on resume."""
+  scheduled = TINY + ["--num-epochs", EPOCHS, "--lr-schedule", "cosine", "--warmup-epochs", 20,
+                      "--lr-min-factor", 0.05]
+  straight = run_train(tmp_path, "straight", scheduled + ["--out", tmp_path / "straight"])
+  assert straight.proc.returncode == 0, straight.err
+  run = tmp_path / "run"
+  t = Train(tmp_path, "interrupted", scheduled + ["--out", run])
+  t.wait_for(lambda: complete_rows(run) >= 30, "30 metrics rows")
+  t.signal(signal.SIGTERM)
+  assert t.wait() == 128 + signal.SIGTERM, t.err
+  assert 30 <= checkpoint.load_checkpoint(run).epoch < EPOCHS
+  before = snapshot(run)
+  refused = run_train(tmp_path, "refused", ["--resume", "--out", run, "--lr-schedule", "constant"])
+  assert refused.proc.returncode == 2 and "lr_schedule: checkpoint 'cosine'" in refused.err
+  assert len(refused.err.strip().splitlines()) == 1 and snapshot(run) == before
+  resumed = run_train(tmp_path, "resumed", ["--resume", "--out", run])
+  assert resumed.proc.returncode == 0, resumed.err
+  assert_same_run(run, tmp_path / "straight")
+  # The schedule is felt: the same run at a constant rate ends elsewhere.
+  final = lambda folder: strict_json((folder / "summary.json").read_text())["train_perplexity"]
+  assert final(run) != pytest.approx(final(reference), rel=1e-3)
 
 
 @pytest.mark.slow

@@ -34,12 +34,14 @@ SMALL = ["--cell", "gru", "--num-hiddens", "16", "--max-tokens", "2000", "--batc
 
 def single_epochs(model, corpus, member, epochs):
   """Per-epoch mean losses and the final parameters of one model trained alone."""
-  optimizer = training.make_optimizer(member.lr, member.clip)
+  loader = data.SeqDataLoader(corpus, member.batch_size, member.num_steps,
+                              member.use_random_iter, seed=member.seed)
+  steps_per_epoch = max(shape[0] for shape in loader.epoch_shapes())
+  optimizer = training.make_optimizer(member.lr, member.clip, member.optimizer,
+                                      training.config_lr_factor(member, steps_per_epoch))
   init_key, train_key = jax.random.split(jax.random.PRNGKey(member.seed))
   ts = training.init_train_state(model, optimizer, init_key)
   epoch_fn = training.make_train_epoch(model, optimizer, member.use_random_iter)
-  loader = data.SeqDataLoader(corpus, member.batch_size, member.num_steps,
-                              member.use_random_iter, seed=member.seed)
   means = []
   for epoch in range(1, epochs + 1):
     Xs, Ys = loader.epoch()
@@ -51,16 +53,17 @@ def single_epochs(model, corpus, member, epochs):
 def models_epochs(model, corpus, members, epochs):
   """The same models trained together: per-epoch mean losses ``[epochs, K]``, the final state
   and every epoch's minibatch counts."""
-  optimizer = training.make_sweep_optimizer()
+  loaders = [data.SeqDataLoader(corpus, m.batch_size, m.num_steps, m.use_random_iter,
+                                seed=m.seed) for m in members]
+  max_batches = max(shape[0] for shape in loaders[0].epoch_shapes())
+  optimizer = training.make_sweep_optimizer(
+      members[0].optimizer, training.config_lr_factor(members[0], max_batches))
   init_keys, train_keys = sweeps.model_keys([m.seed for m in members])
   state = training.Models(
       training.init_train_states(model, optimizer, init_keys, [m.lr for m in members],
                                  [m.clip for m in members]),
       jnp.ones(len(members), bool))
   epoch_fn = training.make_models_epoch(model, optimizer, members[0].use_random_iter)
-  loaders = [data.SeqDataLoader(corpus, m.batch_size, m.num_steps, m.use_random_iter,
-                                seed=m.seed) for m in members]
-  max_batches = max(shape[0] for shape in loaders[0].epoch_shapes())
   means, counts, all_losses = [], [], []
   for epoch in range(1, epochs + 1):
     b = sweeps.stack_epochs(loaders, max_batches)
@@ -73,14 +76,18 @@ def models_epochs(model, corpus, members, epochs):
   return np.asarray(means), state, np.asarray(counts), all_losses
 
 
-@pytest.mark.parametrize("random_iter", [False, True])
-def test_k_models_in_one_program_equal_their_single_runs(random_iter):
+@pytest.mark.parametrize("random_iter,schedule", [
+    (False, {}), (True, {}),
+    (False, dict(lr_schedule="cosine", warmup_epochs=1, lr_min_factor=0.1)),
+])
+def test_k_models_in_one_program_equal_their_single_runs(random_iter, schedule):
   # 806 tokens in rows of 4 x 10: an epoch has 20 or 19 minibatches depending on its offset, so
-  # the models' epochs differ in length and the padding is exercised.
+  # the models' epochs differ in length and the padding is exercised (a padded minibatch must
+  # not advance a model's learning-rate schedule either).
   corpus = np.random.default_rng(0).integers(0, 20, 806).astype(np.int32)
   model = models.RNNLM(20, 16, 2, "gru", dropout=0.3)
   base = TrainConfig(cell="gru", num_hiddens=16, batch_size=4, num_steps=10, dropout=0.3,
-                     use_random_iter=random_iter)
+                     use_random_iter=random_iter, num_epochs=3, **schedule)
   members = [TrainConfig(**{**base.to_json(), "seed": s, "lr": lr, "clip": c})
              for s, lr, c in [(0, 1.0, 1.0), (1, 2.0, 0.2), (5, 0.5, 1.0)]]
   means, state, counts, _ = models_epochs(model, corpus, members, epochs=3)

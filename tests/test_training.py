@@ -1,6 +1,7 @@
 """Training library: loss, clipping, the jitted epoch, evaluation and generation."""
 
 import math
+import re
 import types
 
 import chex
@@ -8,6 +9,7 @@ import d2l_reference as d2l
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -70,6 +72,71 @@ def test_clipping_matches_d2l_grad_clipping(norm_scale):
 def test_make_optimizer_rejects_bad_settings(lr, clip, name):
   with pytest.raises(UsageError):
     training.make_optimizer(lr, clip, name)
+
+
+@pytest.mark.parametrize("schedule,warmup,floor", [("cosine", 0, 0.0), ("cosine", 2, 0.1),
+                                                   ("constant", 3, 0.0)])
+def test_lr_factor_warms_up_linearly_then_follows_half_a_cosine(schedule, warmup, floor):
+  epochs, steps = 10, 7
+  factor = training.lr_factor(schedule, epochs, steps, warmup, floor)
+  w, total = warmup * steps, epochs * steps
+
+  def want(count):
+    if count < w:
+      return count / w
+    if schedule == "constant":
+      return 1.0
+    progress = min(count - w, total - w) / (total - w)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+  counts = np.arange(total + 5)
+  np.testing.assert_allclose([factor(c) for c in counts], [want(c) for c in counts], atol=1e-6)
+  assert float(factor(total)) == pytest.approx(1.0 if schedule == "constant" else floor)
+
+
+def test_the_constant_schedule_without_warmup_is_d2ls_optimizer_unchanged():
+  assert training.lr_factor("constant", 500, 8) is None
+  params = {"w": jnp.ones(3)}
+  plain = training.make_optimizer(2.0, 1.0)
+  assert (jax.tree_util.tree_structure(plain.init(params))
+          == jax.tree_util.tree_structure(training.make_optimizer(2.0, 1.0, "sgd", None)
+                                          .init(params)))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_scheduled_optimizer_steps_at_the_rate_times_the_factor(name):
+  lr, clip, steps = 0.3, 1.0, 6
+  factor = training.lr_factor("cosine", 3, 2, warmup_epochs=1, min_factor=0.2)
+  rate = lambda count: lr * factor(count)
+  # optax's own: the optimiser given the scheduled rate itself.
+  want_opt = optax.chain(optax.clip_by_global_norm(clip),
+                         optax.sgd(rate) if name == "sgd" else optax.adam(rate))
+  grads = [{"a": jax.random.normal(jax.random.PRNGKey(i), (4, 3)) * (i + 1)}
+           for i in range(steps)]
+  params = {"a": jnp.zeros((4, 3))}
+  single = training.make_optimizer(lr, clip, name, factor)
+  sweep = training.make_sweep_optimizer(name, factor)
+  sweep_state = sweep.init(params)
+  sweep_state.hyperparams.update(learning_rate=jnp.float32(lr), max_norm=jnp.float32(clip))
+  states = [want_opt.init(params), single.init(params), sweep_state]
+  for g in grads:
+    results = [opt.update(g, state, params) for opt, state in
+               zip((want_opt, single, sweep), states)]
+    states = [state for _, state in results]
+    for updates, _ in results[1:]:
+      chex.assert_trees_all_close(updates, results[0][0], rtol=1e-5, atol=1e-7)
+  assert float(factor(0)) == 0.0  # the warmup's first step does not move: compared above too
+
+
+@pytest.mark.parametrize("schedule,warmup,floor,epochs,message", [
+    ("linear", 0, 0.0, 10, "unknown learning-rate schedule"),
+    ("cosine", 10, 0.0, 10, "fewer than the run's 10 epochs"),
+    ("cosine", -1, 0.0, 10, "warmup epochs must be an integer >= 0"),
+    ("cosine", 0, 1.5, 10, "lr min factor must be in [0, 1]"),
+])
+def test_lr_factor_rejects_impossible_schedules(schedule, warmup, floor, epochs, message):
+  with pytest.raises(UsageError, match=re.escape(message)):
+    training.lr_factor(schedule, epochs, 5, warmup, floor)
 
 
 @pytest.mark.slow
