@@ -10,8 +10,16 @@ import dataclasses
 
 from deeprnn_jax import validate
 from deeprnn_jax.errors import UsageError
-from deeprnn_jax.validate import (Activation, Cell, Cleaning, Impl, Optimizer, Pipeline, Precision,
-                                  Schedule)
+from deeprnn_jax.validate import (
+  Activation,
+  Cell,
+  Cleaning,
+  Impl,
+  Optimizer,
+  Pipeline,
+  Precision,
+  Schedule,
+)
 
 
 def parse_activation(text: str) -> str | tuple[str, ...]:
