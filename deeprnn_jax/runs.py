@@ -185,6 +185,7 @@ def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, fres
           + "; ".join(diffs) + "); put back the run's own checkpoint, or start another --out")
   ckpt.check_compatible(saved.config, config)
   ckpt.check_members(saved.models, members)
+  fresh.notes.extend(schedule_changes(saved.config, config, saved.epoch))
   if saved.vocab.idx_to_token != vocab.idx_to_token:
     raise ckpt.CheckpointError("checkpoint's vocabulary differs from the corpus' vocabulary")
   if saved.epoch >= config.num_epochs:
@@ -192,6 +193,20 @@ def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, fres
   rows, row_notes = folder.read_metrics(saved.epoch)
   return Start(_restored(fresh.state, saved), saved.epoch, rows, saved.data_rng_state,
                saved.epoch, fresh.notes + row_notes, saved.models)
+
+
+def schedule_changes(saved: TrainConfig, config: TrainConfig, epoch: int) -> list[str]:
+  """What a resumed run should be told of its decaying learning rate: the curve spans the run's
+  epochs and ends at its floor, so a new ``--num-epochs`` or ``--lr-min-factor`` re-lays it."""
+  if config.lr_schedule == "constant":
+    return []
+  changed = [f"{name} {getattr(saved, field):g} -> {getattr(config, field):g}"
+             for name, field in (("epochs", "num_epochs"), ("lr min factor", "lr_min_factor"))
+             if getattr(saved, field) != getattr(config, field)]
+  if not changed:
+    return []
+  return [f"the {config.lr_schedule} learning-rate schedule is laid anew ({', '.join(changed)}): "
+          f"from epoch {epoch + 1} the rate follows the new curve, not the one it was on"]
 
 
 def _restored(fresh_state, saved: ckpt.Checkpoint):

@@ -235,6 +235,11 @@ def test_a_scheduled_run_stopped_and_resumed_keeps_to_its_schedule(reference, tm
   # The schedule is felt: the same run at a constant rate ends elsewhere.
   final = lambda folder: strict_json((folder / "summary.json").read_text())["train_perplexity"]
   assert final(run) != pytest.approx(final(reference), rel=1e-3)
+  # Lengthened, the schedule is laid over the new length, and the run says so.
+  longer = run_train(tmp_path, "longer", ["--resume", "--out", run, "--num-epochs", EPOCHS + 2])
+  assert longer.proc.returncode == 0, longer.err
+  assert (f"the cosine learning-rate schedule is laid anew (epochs {EPOCHS} -> {EPOCHS + 2}): "
+          f"from epoch {EPOCHS + 1}") in longer.err
 
 
 @pytest.mark.slow
