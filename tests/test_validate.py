@@ -1,5 +1,6 @@
 """The shared checks: every layer reports a bad setting the same way, before JAX starts."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -46,6 +47,10 @@ def test_one_of_lists_the_choices():
     ("cell", "transformer", "unknown cell"), ("precision", "float16", "unknown precision"),
     ("optimizer", "rmsprop", "unknown optimizer"), ("clean", "strip", "unknown cleaning"),
     ("valid_fraction", 1.0, "valid fraction"), ("batch_size", 0, "batch size"),
+    ("lr_schedule", "step", "unknown learning-rate schedule"),
+    ("warmup_epochs", 500, "fewer than the run's 500 epochs"),
+    ("warmup_epochs", 1.5, "warmup epochs must be an integer"),
+    ("lr_min_factor", -0.1, "lr min factor"),
 ])
 def test_config_refuses_impossible_settings(field, value, message):
   with pytest.raises(UsageError, match=message):
@@ -64,3 +69,13 @@ def test_unroll_reaches_the_model_from_the_command_line():
   assert config.validate().unroll == 4 and models.from_config(config, 28).unroll == 4
   assert TrainConfig.from_json(config.to_json()) == config
   assert models.from_config(TrainConfig(), 28).unroll is None  # the backend's default
+
+
+def test_every_setting_has_a_flag():
+  from deeprnn_jax import train
+  args = train.parser().parse_args([])
+  assert set(train.config_fields(args)) == {f.name for f in dataclasses.fields(TrainConfig)}
+  flags = ["--lr-schedule", "cosine", "--warmup-epochs", "3", "--lr-min-factor", "0.1"]
+  config = TrainConfig(**train.config_fields(train.parser().parse_args(flags))).validate()
+  assert (config.lr_schedule, config.warmup_epochs, config.lr_min_factor) == ("cosine", 3, 0.1)
+  assert TrainConfig.from_json(config.to_json()) == config
