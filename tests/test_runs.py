@@ -150,17 +150,17 @@ def reference(tmp_path_factory):
   return tmp / "run"
 
 
-def assert_same_run(run: Path, reference: Path, epochs: int = EPOCHS) -> None:
+def assert_same_run(run: Path, reference: Path) -> None:
   """Rows 1..N exactly once, the same perplexities and the same final parameters."""
   rows, want = metrics(run), metrics(reference)
-  assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+  assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
   np.testing.assert_allclose([r["train_perplexity"] for r in rows],
                              [r["train_perplexity"] for r in want], rtol=1e-5)
   final, want_final = (strict_json((p / "summary.json").read_text())["train_perplexity"]
                        for p in (run, reference))
   assert final == pytest.approx(want_final, rel=1e-6)
   a, b = checkpoint.load_checkpoint(run), checkpoint.load_checkpoint(reference)
-  assert a.epoch == b.epoch == epochs
+  assert a.epoch == b.epoch == EPOCHS
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                          a.params, b.params)
   assert_strict_json_files(run)
