@@ -210,6 +210,14 @@ class SeededLoader:
   def rng_state(self, state: dict) -> None:
     self.rng.bit_generator.state = state
 
+  def epoch_shapes(self) -> list[tuple[int, int, int]]:
+    raise NotImplementedError
+
+  @property
+  def max_batches(self) -> int:
+    """The most minibatches an epoch can have (an epoch's random offset may leave one fewer)."""
+    return max(shape[0] for shape in self.epoch_shapes())
+
 
 class SeqDataLoader(SeededLoader):
   """Draws a new random offset (and order) every epoch from its own generator.

@@ -456,9 +456,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
               data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
                                  config.use_random_iter, seed=config.seed))
     model = models.from_config(config, len(text.vocab))
-    steps_per_epoch = max(shape[0] for shape in loader.epoch_shapes())
     optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer,
-                                        training.config_lr_factor(config, steps_per_epoch))
+                                        training.config_lr_factor(config, loader.max_batches))
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     if stop.requested:
       raise Interrupted(f"stopped by {stop.name} before the run began; nothing was written",

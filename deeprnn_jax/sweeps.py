@@ -283,7 +283,7 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
     text: Text = load_text(config)
     loaders = [data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
                                   config.use_random_iter, seed=m.seed) for m in members]
-    max_batches = max(shape[0] for shape in loaders[0].epoch_shapes())
+    max_batches = loaders[0].max_batches
     devices = model_devices(len(members), options.shards)
     model = models.from_config(config, len(text.vocab))
     optimizer = training.make_sweep_optimizer(config.optimizer,

@@ -34,8 +34,8 @@ def lr_factor(schedule: Schedule, num_epochs: int, steps_per_epoch: int, warmup_
 
   The first ``warmup_epochs`` raise it linearly from 0 to 1; then ``"constant"`` keeps it at 1
   and ``"cosine"`` lowers it along half a cosine to ``min_factor`` at the end of epoch
-  ``num_epochs``, where it stays. An epoch counts ``steps_per_epoch`` steps: its most minibatches
-  (with sequential partitioning an epoch's random offset can leave it one fewer).
+  ``num_epochs``, where it stays. An epoch counts ``steps_per_epoch`` steps: its loader's
+  ``max_batches``.
   """
   validate.schedule(schedule, warmup_epochs, min_factor, num_epochs)
   validate.positive_int("steps per epoch", steps_per_epoch)

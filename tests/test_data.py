@@ -584,3 +584,4 @@ def test_epoch_shapes_are_exactly_the_shapes_epochs_take(n, batch, steps, use_ra
   loader = data.SeqDataLoader(corpus, batch, steps, use_random_iter, seed=1)
   seen = {loader.epoch()[0].shape for _ in range(40 * steps)}  # every offset, almost surely
   assert seen == set(loader.epoch_shapes())
+  assert loader.max_batches == max(shape[0] for shape in seen)

@@ -36,9 +36,8 @@ def single_epochs(model, corpus, member, epochs):
   """Per-epoch mean losses and the final parameters of one model trained alone."""
   loader = data.SeqDataLoader(corpus, member.batch_size, member.num_steps,
                               member.use_random_iter, seed=member.seed)
-  steps_per_epoch = max(shape[0] for shape in loader.epoch_shapes())
   optimizer = training.make_optimizer(member.lr, member.clip, member.optimizer,
-                                      training.config_lr_factor(member, steps_per_epoch))
+                                      training.config_lr_factor(member, loader.max_batches))
   init_key, train_key = jax.random.split(jax.random.PRNGKey(member.seed))
   ts = training.init_train_state(model, optimizer, init_key)
   epoch_fn = training.make_train_epoch(model, optimizer, member.use_random_iter)
@@ -55,7 +54,7 @@ def models_epochs(model, corpus, members, epochs):
   and every epoch's minibatch counts."""
   loaders = [data.SeqDataLoader(corpus, m.batch_size, m.num_steps, m.use_random_iter,
                                 seed=m.seed) for m in members]
-  max_batches = max(shape[0] for shape in loaders[0].epoch_shapes())
+  max_batches = loaders[0].max_batches
   optimizer = training.make_sweep_optimizer(
       members[0].optimizer, training.config_lr_factor(members[0], max_batches))
   init_keys, train_keys = sweeps.model_keys([m.seed for m in members])
