@@ -95,12 +95,16 @@ def test_lr_factor_warms_up_linearly_then_follows_half_a_cosine(schedule, warmup
 
 
 def test_the_constant_schedule_without_warmup_is_d2ls_optimizer_unchanged():
-  assert training.lr_factor("constant", 500, 8) is None
-  params = {"w": jnp.ones(3)}
-  plain = training.make_optimizer(2.0, 1.0)
-  assert (jax.tree_util.tree_structure(plain.init(params))
-          == jax.tree_util.tree_structure(training.make_optimizer(2.0, 1.0, "sgd", None)
-                                          .init(params)))
+  # No schedule at all: the state (what checkpoints hold) and the step are clipping then SGD's.
+  factor = training.lr_factor("constant", 500, 8)
+  assert factor is None
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.array([3.0, -4.0, 0.0])}
+  ours = training.make_optimizer(2.0, 1.0, "sgd", factor)
+  d2l = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(2.0))
+  assert (jax.tree_util.tree_structure(ours.init(params))
+          == jax.tree_util.tree_structure(d2l.init(params)))
+  chex.assert_trees_all_close(ours.update(grads, ours.init(params))[0],
+                              d2l.update(grads, d2l.init(params))[0])
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
