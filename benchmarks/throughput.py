@@ -93,10 +93,30 @@ def _maxrss_mb() -> float:
 # Workers: one process per framework, driven over stdin/stdout (one JSON object a line).
 
 
+# Named sets of XLA flags that an implementation of ours may be measured under
+# (``layerwise@notriton``): its worker process starts with them in XLA_FLAGS.
+XLA_FLAG_SETS = {
+    # XLA's GEMMs from cuBLAS alone: no Triton GEMM kernels to generate and autotune.
+    "notriton": "--xla_gpu_enable_triton_gemm=false",
+    "autotune0": "--xla_gpu_autotune_level=0",
+    # Loops captured whole in CUDA graphs (conditional nodes), not launched step by step.
+    "graphs": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",
+}
+
+
 def split_impl(impl: str) -> tuple[str, str]:
-  """``"layerwise:bfloat16"`` -> ``("layerwise", "bfloat16")``; no precision: float32."""
-  name, _, precision = impl.partition(":")
+  """``"layerwise:bfloat16@notriton"`` -> ``("layerwise", "bfloat16")``; no precision: float32
+  (the flag set is :func:`xla_flags`')."""
+  name, _, precision = impl.partition("@")[0].partition(":")
   return name, precision or "float32"
+
+
+def xla_flags(impl: str) -> str | None:
+  """The XLA flags that ``impl``'s ``@name`` asks for (``None``: none named)."""
+  name = impl.partition("@")[2]
+  if name and name not in XLA_FLAG_SETS:
+    raise ValueError(f"unknown XLA flag set {name!r}; choose from {list(XLA_FLAG_SETS)}")
+  return XLA_FLAG_SETS[name] if name else None
 
 
 class JaxRunner:
@@ -276,6 +296,9 @@ class Worker:
 
   def __init__(self, framework, config, device, impl="layerwise"):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    flags = xla_flags(impl) if framework == "jax" else None
+    if flags:
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
     self.p = subprocess.Popen(
         [sys.executable, __file__, "--worker", framework, "--configs", config, "--device", device,
          "--impl", impl],
@@ -331,9 +354,16 @@ def bench_config(name, device, repeats, epochs, impls=("layerwise",)) -> list[di
     for impl in impls:
       workers[impl] = start(Worker("jax", name, device, impl))
     workers["torch"] = start(Worker("torch", name, device))
-    for w in workers.values():
+    for key, w in list(workers.items()):
       if w.ready is None:
-        w.wait_ready()
+        try:
+          w.wait_ready()
+        except RuntimeError as e:  # one of ours that cannot start (a flag this XLA lacks)
+          if key == "torch":
+            raise
+          print(f"{name} ({key}): {e}", file=sys.stderr, flush=True)
+          del workers[key]
+    impls = [impl for impl in impls if impl in workers]
     runs = {key: [] for key in workers}
     for _ in range(repeats):
       for key, w in workers.items():  # interleaved: ours, torch, ours, torch...
@@ -503,8 +533,9 @@ def parser() -> argparse.ArgumentParser:
                  help="the train CLI's --precision in the full run (PyTorch's stays float32)")
   p.add_argument("--impl", default="layerwise",
                  help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn, "
-                      "each with an optional :precision (layerwise:bfloat16); one that a config "
-                      "cannot run, cudnn for a GRU say, is skipped for it")
+                      "each with an optional :precision (layerwise:bfloat16) and @flags, a named "
+                      f"set of XLA flags ({', '.join(XLA_FLAG_SETS)}); one that a config cannot "
+                      "run, cudnn for a GRU say, is skipped for it")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return p
 
@@ -527,6 +558,10 @@ def main(argv=None) -> int:
   bad = [i for i in impls if split_impl(i)[1] not in PRECISIONS]
   if bad:
     p.error(f"unknown precision in {bad}; write layerwise:bfloat16")
+  try:
+    [xla_flags(i) for i in impls]
+  except ValueError as e:
+    p.error(str(e))
   measurements = measurement_names(args)
   if not measurements:
     p.error("nothing to measure: --repeats 0 without --generation or --full-run")

@@ -5,6 +5,8 @@ has its results file, named after the device."""
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from deeprnn_jax import recurrence
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.runs import RunOptions
@@ -34,6 +36,16 @@ def test_an_implementation_may_name_its_precision():
   assert tb.runnable("seed", "layerwise:bfloat16") and tb.runnable("seed", "wavefront:bfloat16")
   assert not tb.runnable("seed", "scan:bfloat16")  # the reference runs float32 only
   assert not tb.runnable("seed", "layerwise:float16")
+
+
+def test_an_implementation_may_name_a_set_of_xla_flags():
+  tb = _throughput()
+  assert tb.split_impl("layerwise:bfloat16@notriton") == ("layerwise", "bfloat16")
+  assert tb.split_impl("cudnn@graphs") == ("cudnn", "float32")
+  assert tb.xla_flags("layerwise@notriton") == "--xla_gpu_enable_triton_gemm=false"
+  assert tb.xla_flags("layerwise:bfloat16") is None
+  with pytest.raises(ValueError, match="unknown XLA flag set 'fast'"):
+    tb.xla_flags("layerwise@fast")
 
 
 def test_each_measurement_has_its_results_file():
