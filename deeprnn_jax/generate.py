@@ -82,10 +82,23 @@ def predict(prefix: str, num_preds: int, params, model: RNNLM, vocab: Vocab,
     raise UsageError(f"temperature must be >= 0, got {temperature}")
   if num_preds == 0:
     return prefix
-  tokens = vocab[list(prefix)]
-  padded = np.zeros(_bucket(len(tokens)), np.int32)
-  padded[:len(tokens)] = tokens
-  out = generate_tokens(model, params, padded, num_preds, np.float32(temperature), key,
-                        np.int32(len(tokens)))
+  padded, temperature, length = _inputs(vocab[list(prefix)], temperature)
+  out = generate_tokens(model, params, padded, num_preds, temperature, key, length)
   # One transfer: iterating over a device array fetches element by element.
   return prefix + "".join(vocab.to_tokens(np.asarray(out).tolist()))
+
+
+def compile_predict(model: RNNLM, params, prefix_length: int, num_preds: int) -> None:
+  """Compiles the loop that :func:`predict` runs for a greedy prediction of ``num_preds``
+  characters after a prefix of ``prefix_length``, without running it: the first such prediction
+  then finds it compiled. ``params``: the model's parameters, or only their shapes
+  (``jax.ShapeDtypeStruct``)."""
+  padded, temperature, length = _inputs(np.zeros(prefix_length, np.int32), 0.0)
+  generate_tokens.lower(model, params, padded, num_preds, temperature, None, length).compile()
+
+
+def _inputs(tokens, temperature: float) -> tuple[np.ndarray, np.float32, np.int32]:
+  """:func:`generate_tokens`' prefix (padded to its bucket), temperature and prefix length."""
+  padded = np.zeros(_bucket(len(tokens)), np.int32)
+  padded[:len(tokens)] = tokens
+  return padded, np.float32(temperature), np.int32(len(tokens))

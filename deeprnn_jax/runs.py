@@ -163,19 +163,44 @@ def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, fres
   where anything is wrong. A folder with no checkpoint (its run stopped before the first) resumes
   from epoch 0.
   """
-  fresh = Start(fresh_state)
+  return check_start(folder, config, vocab, resume, members).start(fresh_state)
+
+
+@dataclasses.dataclass
+class Checked:
+  """What :func:`check_start` found: the checkpoint to restore (``None``: a fresh start), with
+  the metrics rows it keeps and the notes for stderr."""
+
+  saved: ckpt.Checkpoint | None
+  rows: list
+  notes: list
+
+  def start(self, fresh_state) -> Start:
+    """Where the run starts, from ``fresh_state`` (:func:`restore_or_init`'s)."""
+    if self.saved is None:
+      return Start(fresh_state, notes=self.notes)
+    saved = self.saved
+    return Start(_restored(fresh_state, saved), saved.epoch, self.rows, saved.data_rng_state,
+                 saved.epoch, self.notes, saved.models)
+
+
+def check_start(folder: RunDir, config: TrainConfig, vocab: data.Vocab, resume: bool,
+                members: list[dict] | None = None) -> Checked:
+  """:func:`restore_or_init`'s checks, before there is a state to start from: every way the
+  folder can be wrong for what is asked is found here."""
+  notes = []
   if not resume:
     if folder.holds_run():
       hint = ("" if ckpt.checkpoint_files(folder.path) else
               " (it has no checkpoint yet: --resume starts it again from epoch 0)")
       raise UsageError(f"{folder.path} already holds a run; pass --resume to continue it{hint}, "
                        "or choose another --out")
-    return fresh
+    return Checked(None, [], notes)
   saved_json = folder.read_config()
   if not ckpt.checkpoint_files(folder.path):
-    fresh.notes.append(f"{folder.path} holds no checkpoint yet: its run starts again from epoch 0")
-    return fresh
-  saved = _load_newest(folder, warn=fresh.notes.append)
+    notes.append(f"{folder.path} holds no checkpoint yet: its run starts again from epoch 0")
+    return Checked(None, [], notes)
+  saved = _load_newest(folder, warn=notes.append)
   if saved_json is not None:
     diffs = ckpt.config_differences(saved.config, TrainConfig.from_json(saved_json),
                                     "checkpoint", "config.json")
@@ -185,14 +210,13 @@ def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, fres
           + "; ".join(diffs) + "); put back the run's own checkpoint, or start another --out")
   ckpt.check_compatible(saved.config, config)
   ckpt.check_members(saved.models, members)
-  fresh.notes.extend(schedule_changes(saved.config, config, saved.epoch))
+  notes.extend(schedule_changes(saved.config, config, saved.epoch))
   if saved.vocab.idx_to_token != vocab.idx_to_token:
     raise ckpt.CheckpointError("checkpoint's vocabulary differs from the corpus' vocabulary")
   if saved.epoch >= config.num_epochs:
     raise UsageError(f"checkpoint is at epoch {saved.epoch}; ask for more with --num-epochs")
   rows, row_notes = folder.read_metrics(saved.epoch)
-  return Start(_restored(fresh.state, saved), saved.epoch, rows, saved.data_rng_state,
-               saved.epoch, fresh.notes + row_notes, saved.models)
+  return Checked(saved, rows, notes + row_notes)
 
 
 def schedule_changes(saved: TrainConfig, config: TrainConfig, epoch: int) -> list[str]:
@@ -224,20 +248,74 @@ def _restored(fresh_state, saved: ckpt.Checkpoint):
 
 def compile_epochs(model, optimizer, config: TrainConfig, loader: data.SeqDataLoader, devices,
                    state, key) -> tuple[Callable, float]:
-  """The jitted epoch, compiled now for every epoch shape (not while an epoch runs: the pipeline
-  reads ahead), in a helper thread so that a signal is handled at once; and the seconds it took."""
+  """The jitted epoch, compiled for every epoch shape (not while an epoch runs: the pipeline reads
+  ahead) from the shapes of ``state`` and ``key``; and the seconds it took."""
   masked = config.pipeline == "windows"  # every minibatch from zeros, the last one padded
   epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter or masked,
                                        devices, masked=masked)
   t = time.perf_counter()
-
-  def compile_all():
-    shapes = [jax.ShapeDtypeStruct(shape, jnp.int32) for shape in loader.epoch_shapes()]
-    return {X.shape: epoch_fn.lower(state, X, X, key).compile() for X in shapes}
-
-  compiled = stopping.responsive(compile_all)
+  shapes = [jax.ShapeDtypeStruct(shape, jnp.int32) for shape in loader.epoch_shapes()]
+  compiled = {X.shape: epoch_fn.lower(state, X, X, key).compile() for X in shapes}
   return ((lambda s, Xs, Ys, k: compiled[Xs.shape](s, *parallel.epoch_inputs(devices, Xs, Ys, k))),
           time.perf_counter() - t)
+
+
+class Programs:
+  """The run's programs compiling in helper threads (:func:`compile_ahead`). As a context, it
+  waits for them on the way out of an error, so that no thread is cut off inside XLA when the
+  process exits."""
+
+  def __init__(self, epoch: stopping.Background, others: list[stopping.Background]):
+    self._epoch, self._others = epoch, others
+
+  def result(self) -> tuple[Callable, float]:
+    """Waits for them all (in short slices, so that a signal is handled at once), and returns
+    :func:`compile_epochs`' epoch function and seconds."""
+    for program in self._others:
+      program.result()
+    return self._epoch.result()
+
+  def __enter__(self) -> "Programs":
+    return self
+
+  def __exit__(self, kind, error, trace) -> None:
+    if error is not None:
+      for program in (*self._others, self._epoch):
+        with contextlib.suppress(BaseException):
+          program.result()
+
+
+def compile_ahead(model, optimizer, config: TrainConfig, text: Text, loader: data.SeqDataLoader,
+                  devices, init_key, train_key) -> Programs:
+  """Starts compiling the run's programs from their shapes alone, each in a helper thread: the
+  epoch, and what a logged epoch runs (a prediction; an evaluation where there is validation
+  text). They compile beside one another and beside the initialisation, as XLA lets go of the
+  GIL while it compiles: on a GPU the epoch's products alone are autotuned for seconds."""
+  state = jax.eval_shape(lambda k: training.init_train_state(model, optimizer, k), init_key)
+  epoch = stopping.Background(lambda: compile_epochs(model, optimizer, config, loader, devices,
+                                                     state, train_key))
+  # A logged epoch's parameters, as Report.measure places them: on the first device.
+  first = jax.sharding.SingleDeviceSharding(devices[0])
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=first),
+                        state.params)
+  prefix = default_prefixes(config, text.corpus, text.vocab)[0]
+  others = [stopping.Background(lambda: generate.compile_predict(
+      model, params, len(prefix), prediction_length(config))),
+            stopping.Background(lambda: jax.random.fold_in(train_key, 0))]  # epochs' keys
+  if len(text.valid) > 0 and config.pipeline != "windows":
+    others.append(stopping.Background(lambda: training.compile_evaluate(
+        model, params, len(text.valid), evaluation_rows(text))))
+  return Programs(epoch, others)
+
+
+def prediction_length(config: TrainConfig) -> int:
+  """The characters a logged epoch predicts: d2l's 50, d2l 1.0's 20."""
+  return 20 if config.pipeline == "windows" else 50
+
+
+def evaluation_rows(text: Text) -> int:
+  """Rows of >= 10k validation tokens, read in parallel."""
+  return max(1, len(text.valid) // 10_000)
 
 
 class EpochTag(NamedTuple):
@@ -262,7 +340,7 @@ class Report:
     self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
     self.prefix, self.short_prefix = default_prefixes(config, text.corpus, text.vocab)
     self.windows = config.pipeline == "windows"  # d2l 1.0: validation every epoch, 20 predictions
-    self.eval_rows = max(1, len(text.valid) // 10_000)  # rows of >= 10k tokens read in parallel
+    self.eval_rows = evaluation_rows(text)
     self.tokens = self.seconds = self.slowest = 0.0
     self.ppl = self.valid_ppl = math.nan
     self.params = None  # the newest logged epoch's, on one device
@@ -334,7 +412,7 @@ class Report:
     return losses.size * self.config.batch_size * self.config.num_steps
 
   def predict(self, prefix: str) -> str:
-    return generate.predict(prefix, 20 if self.windows else 50, self.params, self.model,
+    return generate.predict(prefix, prediction_length(self.config), self.params, self.model,
                             self.text.vocab)
 
   def say(self, line: str) -> None:
@@ -464,17 +542,19 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
                         stop.signum)
 
     with folder.locked():
-      # Restore or initialise: every check first, then the first write.
-      start = restore_or_init(folder, config, text.vocab,
-                              training.init_train_state(model, optimizer, init_key), resume)
-      for note in start.notes:
-        print(f"note: {note}", file=err)
-      folder.begin(config.to_json(), start.rows)
-      if start.data_rng_state is not None:
-        loader.rng_state = start.data_rng_state
-      state = parallel.replicate(start.state, devices)
-      epoch_fn, compile_seconds = compile_epochs(model, optimizer, config, loader, devices,
-                                                 state, train_key)
+      # Every check first; then the programs compile while the model initialises or restores;
+      # then the first write.
+      checked = check_start(folder, config, text.vocab, resume)
+      with compile_ahead(model, optimizer, config, text, loader, devices, init_key,
+                         train_key) as programs:
+        start = checked.start(training.init_train_state(model, optimizer, init_key))
+        for note in start.notes:
+          print(f"note: {note}", file=err)
+        folder.begin(config.to_json(), start.rows)
+        if start.data_rng_state is not None:
+          loader.rng_state = start.data_rng_state
+        state = parallel.replicate(start.state, devices)
+        epoch_fn, compile_seconds = programs.result()
 
       report = Report(config, options, model, text, devices, folder, start.epoch, out, err)
       saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)

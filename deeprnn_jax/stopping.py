@@ -112,24 +112,34 @@ def watch(prog: str = "deeprnn_jax", second: str = "previous") -> Iterator[StopR
       signal.signal(s, handler)
 
 
-def responsive(fn: Callable[[], T]) -> T:
-  """``fn()`` run in a helper thread while this one waits in short slices.
+class Background:
+  """``fn()`` started now in a helper thread; :meth:`result` waits for it in short slices.
 
   A signal's Python handler only runs when the main thread is back in Python: a long call into C
   (XLA compiling a program) would hold it, and a second Ctrl-C with it, until the call returns.
+  XLA releases the GIL while it compiles, so the main thread goes on meanwhile.
   """
-  result: dict = {}
 
-  def target():
-    try:
-      result["value"] = fn()
-    except BaseException as e:  # handed to the caller below
-      result["error"] = e
+  def __init__(self, fn: Callable[[], T]):
+    self._result: dict = {}
 
-  thread = threading.Thread(target=target, name="deeprnn_jax-responsive", daemon=True)
-  thread.start()
-  while thread.is_alive():
-    thread.join(0.05)
-  if "error" in result:
-    raise result["error"]
-  return result["value"]
+    def target():
+      try:
+        self._result["value"] = fn()
+      except BaseException as e:  # handed to the caller by result()
+        self._result["error"] = e
+
+    self._thread = threading.Thread(target=target, name="deeprnn_jax-background", daemon=True)
+    self._thread.start()
+
+  def result(self) -> T:
+    while self._thread.is_alive():
+      self._thread.join(0.05)
+    if "error" in self._result:
+      raise self._result["error"]
+    return self._result["value"]
+
+
+def responsive(fn: Callable[[], T]) -> T:
+  """``fn()`` run in a helper thread while this one waits in short slices (:class:`Background`)."""
+  return Background(fn).result()

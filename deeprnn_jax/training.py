@@ -333,8 +333,21 @@ def evaluate(model: RNNLM, params, corpus, num_rows: int = 1) -> float:
   corpus = np.asarray(corpus, dtype=np.int32)
   if corpus.size < 2:
     raise UsageError(f"evaluation needs at least 2 tokens, got {corpus.size}")
-  num_rows = max(1, min(num_rows, corpus.size - 1))
-  n = (corpus.size - 1) // num_rows * num_rows
+  num_rows, n = _evaluation_rows(corpus.size, num_rows)
   X = corpus[:n].reshape(num_rows, -1)
   Y = corpus[1 : n + 1].reshape(num_rows, -1)
   return perplexity(_mean_loss(model, params, X, Y))
+
+
+def compile_evaluate(model: RNNLM, params, num_tokens: int, num_rows: int = 1) -> None:
+  """Compiles what :func:`evaluate` runs on a corpus of ``num_tokens`` (>= 2), without running
+  it. ``params``: the model's parameters, or only their shapes (``jax.ShapeDtypeStruct``)."""
+  num_rows, n = _evaluation_rows(num_tokens, num_rows)
+  rows = jax.ShapeDtypeStruct((num_rows, n // num_rows), jnp.int32)
+  _mean_loss.lower(model, params, rows, rows).compile()
+
+
+def _evaluation_rows(num_tokens: int, num_rows: int) -> tuple[int, int]:
+  """The rows an evaluation reads, and the tokens they hold in all."""
+  num_rows = max(1, min(num_rows, num_tokens - 1))
+  return num_rows, (num_tokens - 1) // num_rows * num_rows
