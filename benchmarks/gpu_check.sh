@@ -11,16 +11,17 @@
 #                     implementation in IMPLS (with @flags: under a named set of XLA flags)
 #   full-run          the chapter's run as a user starts it (no cache) against d2l's in PyTorch
 #   sweep             K = 8 models in one program against 8 runs one after the other, and K = 64
-#   startup-<flags>   the cold run under each named set of XLA flags in STARTUP_FLAGS, and with
-#                     bfloat16 products
+#   startup-<flags>   the cold run under each named set of XLA flags in STARTUP_FLAGS, with
+#                     bfloat16 products, and with the train flags of each STARTUP_VARIANTS entry
+#                     ("unroll4=--unroll 4;wavefront=--impl wavefront")
 #   tests-*           the fast paths against the nn.scan reference, at full float32 precision
 # Every stage has its own `timeout`, and the whole script a deadline (DEADLINE seconds, default
 # 400): a stage that would start too late is skipped, a failing stage does not stop the others,
 # and every stage's exit code is reported at the end. ONLY="a b" runs just the stages named.
 # Output goes under $OUT (default ./gpu_check_out): gpu_check.log (everything printed) and
 # results.tgz, refreshed after every stage, with results/<device>/*.json (the measurements, as
-# benchmarks/results/ keeps them: copy the folder there and run benchmarks/report.py),
-# results/startup-*.json (the timelines) and the training runs' files.
+# benchmarks/results/ keeps them: copy the folder there and run benchmarks/report.py; the
+# timelines are startup.json's entries) and the training runs' files.
 # DEVICE=cpu runs the same stages on the CPU: a dry run of this script, not a measurement, with
 # FULL_RUN_ARGS="--num-epochs 5", IMPLS=layerwise, EPOCHS=1, R=1 and SWEEP_ARGS to keep it short.
 set -u
@@ -68,7 +69,7 @@ startup() {
   local name="$1" cache="$2"; shift 2
   local t0; t0=$(date +%s%N)
   DEEPRNN_JAX_CACHE="$cache" python benchmarks/timeline.py --out "$WORK/run-$name" \
-    --json "$RESULTS/startup-$name.json" ${FULL_RUN_ARGS:-} "$@"
+    --name "$name" --results-dir "$RESULTS" ${FULL_RUN_ARGS:-} "$@"
   local rc=$?
   echo "startup $name: wall $(( ($(date +%s%N) - t0) / 1000000 )) ms (process start to exit)," \
     "rc $rc, XLA_FLAGS='${XLA_FLAGS:-}'"
@@ -109,10 +110,15 @@ for f in ${STARTUP_FLAGS:-notriton graphs}; do
   stage "startup-$f" 40 env XLA_FLAGS="$(flags_of "$f")" bash -c "startup $f none"
 done
 stage startup-bfloat16 40 bash -c "startup bfloat16 none --precision bfloat16"
+# STARTUP_VARIANTS="unroll4=--unroll 4;wavefront=--impl wavefront": more cold runs, NAME=flags.
+IFS=';' read -ra VARIANTS <<< "${STARTUP_VARIANTS:-}"
+for v in "${VARIANTS[@]}"; do
+  stage "startup-${v%%=*}" 40 bash -c "startup ${v%%=*} none ${v#*=}"
+done
 HI="env JAX_DEFAULT_MATMUL_PRECISION=highest"
-stage tests-implementations 90 $HI python -m pytest -q -p no:cacheprovider $XDIST \
+stage tests-implementations 90 $HI python -m pytest -q -p no:cacheprovider -o addopts="" $XDIST \
   tests/test_implementations.py
-stage tests 90 $HI python -m pytest -q -p no:cacheprovider $XDIST tests/test_cells.py \
+stage tests 90 $HI python -m pytest -q -p no:cacheprovider -o addopts="" $XDIST tests/test_cells.py \
   tests/test_models.py tests/test_training.py tests/test_precision.py
 
 echo "=== summary (${SECONDS}s)" | tee -a "$LOG"

@@ -6,8 +6,9 @@
 BENCHMARKS.md is ``benchmarks/BENCHMARKS.template.md`` (the prose, written by hand) with every
 line ``<!-- render KIND -->`` replaced by the tables of that kind, one per device and measurement,
 from ``benchmarks/results/<device>/<measurement>.json``: ``machines``, ``throughput``,
-``full_run``, ``generation``, ``variants``, ``sweep``. A results file of a kind the template does
-not render is an error, so that no measurement is left out silently. In README.md, the text between
+``full_run``, ``startup``, ``generation``, ``variants``, ``sweep``. A results file of a kind the
+template does not render is an error, so that no measurement is left out silently. In README.md,
+the text between
 ``<!-- report NAME key=value... -->`` and ``<!-- /report -->`` is replaced (``chapter-run``: the
 chapter's run as printed, ``performance``: the short table). Nothing here measures anything.
 """
@@ -29,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 TEMPLATE = ROOT / "benchmarks" / "BENCHMARKS.template.md"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 README = ROOT / "README.md"
-KINDS = ("machines", "throughput", "full_run", "generation", "variants", "sweep")
+KINDS = ("machines", "throughput", "full_run", "startup", "generation", "variants", "sweep")
 GENERATED = ("<!-- Rendered by `python benchmarks/report.py` from "
              "benchmarks/BENCHMARKS.template.md and benchmarks/results/: edit those, not this "
              "file. -->")
@@ -280,16 +281,63 @@ def render_sweep(docs: list[dict]) -> list[str]:
     memory = [[str(m["num_models"]), f"{m['peak_rss_mib']:,.0f} MiB",
                "—" if m["device_peak_mib"] is None else f"{m['device_peak_mib']:,.0f} MiB"]
               for m in results["memory"]]
+    more = [[str(m["num_models"]), _n(m["tokens_per_s"]), _x(m.get("ratio_tokens_per_s")),
+             _s(m["wall_s"]),
+             "—" if m.get("device_peak_mib") is None else f"{m['device_peak_mib']:,.0f} MiB"]
+            for m in results.get("more", [])]
     out += [f"### `{doc['device']}`", ""]
     if rows:
-      out += [f"{k} models of {settings['config']}, {settings['epochs']} epochs each:", "",
+      cache = (" Each side has a compilation cache of its own, as the train command keeps by "
+               "default, so the runs one after another compile once." if settings.get("cache")
+               else "")
+      out += [f"{k} models of {settings['config']}, {settings['epochs']} epochs each.{cache}", "",
               *table(["repeat", f"`--num-seeds {k}` tokens/s", f"{k} runs tokens/s", "ratio",
                       f"`--num-seeds {k}` process", f"{k} processes", "ratio",
                       "devices the models are spread over"], rows, "lrrrrrrr"), ""]
+    if more:
+      out += [*table(["`--num-seeds`", "tokens/s", "vs the runs one after another", "process",
+                      "peak device memory"], more, "lrrrr"), ""]
     if memory:
       out += [*table(["models", "peak resident memory", "peak device memory"], memory, "lrr"),
               ""]
     out += [*command_block(doc["command"]), "", source_line(doc), ""]
+  return out
+
+
+# The run's steps as benchmarks/timeline.py names them, in the table's order and words.
+STARTUP_PHASES = [
+    ("imports (jax, the library)", "imports"),
+    ("backend start (jax.devices)", "backend"),
+    ("initialise the model", "initialise"),
+    ("wait for the compiled programs", "wait for compiling"),
+    ("epochs (metrics.jsonl's seconds)", "epochs"),
+    ("predict (generation)", "predictions"),
+]
+
+
+def render_startup(docs: list[dict]) -> list[str]:
+  out = []
+  for doc in docs:
+    rows = []
+    for name, r in doc["results"].items():
+      phases = {k: v["seconds"] for k, v in r["phases"].items()}
+      shown = sum(phases.get(k, 0.0) for k, _ in STARTUP_PHASES)
+      what = " ".join(f"`{f}`" for f in [" ".join(r["flags"])] if f) or "(defaults)"
+      if r["xla_flags"]:
+        what += f", `XLA_FLAGS={r['xla_flags']}`"
+      summary = r.get("summary") or {}
+      epoch = r["programs"].get("epoch", {})
+      rows.append([name, what, "cold" if r["cache"] == "none" else "its cache",
+                   _s(r["process_s"]),
+                   *(_s(phases.get(k)) for k, _ in STARTUP_PHASES),
+                   _s(max(r["script_s"] - shown, 0.0)), _s(epoch.get("compile")),
+                   _n(summary.get("tokens_per_sec")),
+                   f"{summary['train_perplexity']:.4f}" if summary else "—"])
+    out += [f"### `{doc['device']}`", "",
+            *table(["run", "train flags", "compilation cache", "process",
+                    *(label for _, label in STARTUP_PHASES), "the rest", "epoch compile",
+                    "tokens/s", "final perplexity"], rows, "lllrrrrrrrrrrr"),
+            "", source_line(doc), ""]
   return out
 
 
@@ -300,7 +348,8 @@ def render_kind(kind: str, docs: list[dict]) -> list[str]:
   if kind == "throughput":
     return [line for d in mine for line in render_throughput(d)]
   return {"full_run": render_full_run, "generation": render_generation,
-          "variants": render_variants, "sweep": render_sweep}[kind](mine)
+          "variants": render_variants, "sweep": render_sweep,
+          "startup": render_startup}[kind](mine)
 
 
 def render_benchmarks(docs: list[dict], template: str) -> str:
