@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax import validate
@@ -163,6 +163,15 @@ def epoch_inputs(devices: Sequence[jax.Device], Xs, Ys, key) -> tuple:
 
 def _global(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def on_first_shapes(tree: Any, devices: Sequence[jax.Device]) -> Any:
+  """The shapes of what :func:`on_first` makes of ``tree`` (an epoch's output, or its shapes),
+  placement included, to compile ahead what will be called with it: with one device the epoch's
+  own arrays, which JAX has not committed to a device; with several, copies committed to the
+  first."""
+  sharding = SingleDeviceSharding(devices[0]) if len(devices) > 1 else None
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 def on_first(tree: Any, devices: Sequence[jax.Device]) -> Any:

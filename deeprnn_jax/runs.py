@@ -294,10 +294,7 @@ def compile_ahead(model, optimizer, config: TrainConfig, text: Text, loader: dat
   state = jax.eval_shape(lambda k: training.init_train_state(model, optimizer, k), init_key)
   epoch = stopping.Background(lambda: compile_epochs(model, optimizer, config, loader, devices,
                                                      state, train_key))
-  # A logged epoch's parameters, as Report.measure places them: on the first device.
-  first = jax.sharding.SingleDeviceSharding(devices[0])
-  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=first),
-                        state.params)
+  params = parallel.on_first_shapes(state.params, devices)  # as Report.measure places them
   prefix = default_prefixes(config, text.corpus, text.vocab)[0]
   others = [stopping.Background(lambda: generate.compile_predict(
       model, params, len(prefix), prediction_length(config))),

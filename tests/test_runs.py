@@ -9,6 +9,7 @@ model and corpus (99 minibatches of 4 x 5 tokens, ~10 ms an epoch).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -770,3 +771,52 @@ def test_predict_continues_the_runs_own_prefix_by_default(tmp_path, capsys):
   assert len(err) == 1 and "no --prefix given" in err[0] and "play.txt" in err[0]
   assert predict.main(["--checkpoint", str(run), "--prefix", "the", "--num-preds", "2"]) == 0
   assert capsys.readouterr().out.startswith("the")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [4, 16])  # one device; rows split over two
+def test_a_run_compiles_its_prediction_and_evaluation_before_its_first_epoch(tmp_path,
+                                                                             batch_size):
+  """The epoch, a prediction and an evaluation compile ahead (runs.compile_ahead), each once:
+  a logged epoch then compiles nothing, and the run's own predictions and evaluations are the
+  programs compiled ahead, not new ones."""
+  from jax import monitoring
+
+  from deeprnn_jax import config, runs
+  compiled = []
+  monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kw: compiled.append((kw.get("fun_name"), time.monotonic()))
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+  first_epoch = []
+  measure = runs.Report.measure
+  cfg = config.TrainConfig(num_hiddens=16, max_tokens=2000, batch_size=batch_size, num_steps=5,
+                           num_epochs=3, valid_fraction=0.2)
+
+  def measured(self, done):
+    first_epoch.append(time.monotonic())
+    return measure(self, done)
+
+  runs.Report.measure = measured
+  try:
+    summary = runs.train_run(cfg, tmp_path / "run", options=runs.RunOptions(log_every=1),
+                             out=open(os.devnull, "w"))
+  finally:
+    runs.Report.measure = measure
+  names = [name for name, _ in compiled]
+  assert names.count("jit(generate_tokens)") == 1 and names.count("jit(_mean_loss)") == 1
+  assert names.count("jit(epoch)") == 1
+  late = [name for name, t in compiled if t > first_epoch[0] and "threefry" not in name]
+  assert all(name not in ("jit(generate_tokens)", "jit(_mean_loss)", "jit(epoch)")
+             for name in late), late
+  assert math.isfinite(summary["valid_perplexity"])
+  assert summary["shards"] == (2 if batch_size == 16 else 1)
+
+
+def test_a_background_call_returns_its_value_or_raises_its_error():
+  assert stopping.Background(lambda: 41 + 1).result() == 42
+
+  def fails():
+    raise ValueError("in the helper thread")
+
+  with pytest.raises(ValueError, match="in the helper thread"):
+    stopping.Background(fails).result()
