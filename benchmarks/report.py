@@ -327,7 +327,9 @@ def render_startup(docs: list[dict]) -> list[str]:
         what += f", `XLA_FLAGS={r['xla_flags']}`"
       summary = r.get("summary") or {}
       epoch = r["programs"].get("epoch", {})
-      rows.append([name, what, "cold" if r["cache"] == "none" else "its cache",
+      cache = ("none" if r["cache"] == "none" else
+               f"{len(r['cache_reads'])} programs read" if r["cache_reads"] else "empty")
+      rows.append([name, what, cache,
                    _s(r["process_s"]),
                    *(_s(phases.get(k)) for k, _ in STARTUP_PHASES),
                    _s(max(r["script_s"] - shown, 0.0)), _s(epoch.get("compile")),
