@@ -32,6 +32,7 @@ from deeprnn_jax import (
   models,
   parallel,
   plots,
+  sinks,
   stopping,
   training,
   validate,
@@ -54,6 +55,7 @@ class RunOptions:
   progress: bool | None = None  # None: a bar on stderr when it is a terminal.
   shards: int | str | None = None  # --devices: N, "all" or None (parallel.batch_devices' rule)
   keep_checkpoints: int = 1  # the newest K checkpoints stay in the folder
+  tensorboard: bool = False  # also TensorBoard's event files (sinks.TensorBoard)
   # After a stop signal, how long the epoch in progress is waited for before it is abandoned
   # (an epoch known to take longer, the slowest so far, gets twice its time).
   stop_wait: float = 30.0
@@ -62,6 +64,8 @@ class RunOptions:
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
       validate.positive_int("--" + name.replace("_", "-"), getattr(self, name))
     parallel.parse_devices(self.shards)
+    if self.tensorboard:
+      sinks.require_tensorboard()
     if not self.stop_wait >= 0:
       raise UsageError(f"stop_wait must be >= 0 seconds, got {self.stop_wait}")
     return self
@@ -315,6 +319,16 @@ def evaluation_rows(text: Text) -> int:
   return max(1, len(text.valid) // 10_000)
 
 
+def run_sinks(folder: RunDir, config: TrainConfig, options: RunOptions, steps_per_epoch: int,
+              members: list[dict] | None = None) -> list[sinks.Sink]:
+  """Where the run's metrics rows go (:func:`deeprnn_jax.sinks.open_sinks`); over several
+  processes, process 0 alone writes TensorBoard's files."""
+  rate = sinks.learning_rates(config.lr, training.config_lr_factor(config, steps_per_epoch),
+                              steps_per_epoch)
+  return sinks.open_sinks(folder, config.to_json(), options.tensorboard, rate, members,
+                          writes=jax.process_index() == 0)
+
+
 class EpochTag(NamedTuple):
   epoch: int
   data_rng_state: dict  # the loader's, after this epoch's minibatches: what resumes after it
@@ -332,9 +346,11 @@ class Report:
   with a prediction, and the throughput of the run's final line."""
 
   def __init__(self, config: TrainConfig, options: RunOptions, model, text: Text, devices,
-               folder: RunDir, start_epoch: int, out: TextIO, err: TextIO):
+               folder: RunDir, start_epoch: int, out: TextIO, err: TextIO,
+               metric_sinks: list[sinks.Sink] | None = None):
     self.config, self.options, self.model, self.text = config, options, model, text
     self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
+    self.sinks = metric_sinks if metric_sinks is not None else [sinks.MetricsFile(folder)]
     self.prefix, self.short_prefix = default_prefixes(config, text.corpus, text.vocab)
     self.windows = config.pipeline == "windows"  # d2l 1.0: validation every epoch, 20 predictions
     self.eval_rows = evaluation_rows(text)
@@ -386,7 +402,7 @@ class Report:
   def record(self, row: dict, done: FinishedEpoch) -> None:
     """The epoch's metrics row, and its share of the run's throughput."""
     epoch = row["epoch"]
-    self.folder.append_row(row)
+    self.write(row)
     if epoch > self.start_epoch + 1 or epoch == self.config.num_epochs:  # the first: warm-up
       self.tokens += self._tokens(done.losses)
       self.seconds += done.seconds
@@ -430,11 +446,18 @@ class Report:
         raise
       self.out = self.bar = None
 
+  def write(self, row: dict) -> None:
+    """One metrics row, to every sink."""
+    for sink in self.sinks:
+      sink.write(row)
+
   def close(self) -> None:
     with self._terminal():
       if self.bar is not None:
         self.bar.close()
     self.bar = None
+    for sink in self.sinks:
+      sink.close()
 
 
 class Saver:
@@ -553,7 +576,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
         state = parallel.replicate(start.state, devices)
         epoch_fn, compile_seconds = programs.result()
 
-      report = Report(config, options, model, text, devices, folder, start.epoch, out, err)
+      report = Report(config, options, model, text, devices, folder, start.epoch, out, err,
+                      run_sinks(folder, config, options, loader.max_batches))
       saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
       pipeline, due = run_pipeline(epoch_fn, config, options, report, stop)
       try:

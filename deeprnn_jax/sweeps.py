@@ -45,6 +45,7 @@ from deeprnn_jax.runs import (
   load_text,
   restore_or_init,
   run_pipeline,
+  run_sinks,
   stopped,
 )
 
@@ -214,7 +215,7 @@ class SweepReport(Report):
 
   def record_rows(self, rows: list[dict], done: FinishedEpoch) -> None:
     for row in rows:
-      self.folder.append_row(row)
+      self.write(row)
     epoch = done.tag.epoch
     if epoch > self.start_epoch + 1 or epoch == self.config.num_epochs:  # the first: warm-up
       self.tokens += self._epoch_tokens
@@ -317,7 +318,8 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
           spread((jnp.asarray(train_keys), np.full(len(members), max_batches, np.int32)), devices))
 
       report = SweepReport(members, diverged, config, options, model, text, devices, folder,
-                           start.epoch, out, err)
+                           start.epoch, out, err,
+                           run_sinks(folder, config, options, max_batches, describe(members)))
       saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
       save = lambda done: saver.save(done.tag.epoch, done.state.train_state,
                                      done.tag.data_rng_state, report.descriptions())

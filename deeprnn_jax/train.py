@@ -95,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
                       "where the newest is unreadable)")
   r.add_argument("--log-every", type=int, default=RunOptions.log_every)
   r.add_argument("--quiet", action="store_true", help="print only the final lines")
+  r.add_argument("--tensorboard", action="store_true",
+                 help="also write TensorBoard's event files into <out>/tensorboard (one run per "
+                      "model; needs the extra deeprnn-jax[tensorboard]); view them with "
+                      "tensorboard --logdir runs/")
   r.add_argument("--devices", "--shards", dest="devices", default=None,
                  help="devices a minibatch's rows are split over: N or all (1: no split; default: "
                       "on a CPU, its cores where that was measured to pay, see "
@@ -112,7 +116,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 _RUN_FLAGS = {"out", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "quiet",
-              "devices", "coordinator", "num_processes", "process_id", "num_seeds", "preset"}
+              "tensorboard", "devices", "coordinator", "num_processes", "process_id", "num_seeds",
+              "preset"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
@@ -180,7 +185,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
   out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
   options = RunOptions(args.log_every, args.checkpoint_every, args.quiet,
                        shards=parallel.parse_devices(args.devices),
-                       keep_checkpoints=args.keep_checkpoints)
+                       keep_checkpoints=args.keep_checkpoints, tensorboard=args.tensorboard)
   if not sweep.single:
     if jax.process_count() > 1:
       raise UsageError("several models train in one process (spread over its devices with "
