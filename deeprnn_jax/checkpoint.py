@@ -153,7 +153,7 @@ def _all_finite(tree) -> bool:
 
 def read_checkpoint_file(path: str | os.PathLike) -> Checkpoint:
   """One checkpoint file, with one clear :class:`CheckpointError` for anything wrong with it,
-  non-finite parameters included (a run that diverged before they were checked)."""
+  non-finite parameters included (a run never saves them; a file from elsewhere may)."""
   path = Path(path)
   if not path.is_file():
     raise CheckpointError(f"no checkpoint at {path}")

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from deeprnn_jax import checkpoint, cli, files, interop, presets, runs, training
+from deeprnn_jax import checkpoint, cli, files, interop, presets, texts, training
 from deeprnn_jax.config import TrainConfig, parse_activation
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.rundir import RunDir
@@ -113,7 +113,7 @@ def from_torch(args: argparse.Namespace) -> int:
   num_hiddens, vocab_size = params["W_hq"].shape
   cfg = dataclasses.replace(cfg, num_hiddens=num_hiddens)
   # The vocabulary exactly as training builds it: indices must mean the same characters.
-  vocab = runs.load_text(cfg).vocab
+  vocab = texts.load_text(cfg).vocab
   if len(vocab) != vocab_size:
     raise UsageError(f"the model's input width is {vocab_size} but corpus {cfg.corpus} "
                      f"(--clean {cfg.clean}) has {len(vocab)} tokens; pass the corpus and "

@@ -1,7 +1,10 @@
 """A whole training run and its folder: d2l's ``train_ch8`` with everything a run should keep.
 
 :func:`train_run` reads top to bottom: load the text, lock the folder, restore or initialise,
-compile, then the epoch loop (check, report, save, stop on a signal), then the summary. What it
+compile, then the epoch loop (:func:`run_epochs`, which a run of several models,
+:func:`deeprnn_jax.sweeps.sweep_run`, shares: measure, record, save, show, stop on a signal), then
+the summary. The text and its prefixes are :mod:`deeprnn_jax.texts`'; what each epoch shows and
+records, :mod:`deeprnn_jax.reporting`'s. What it
 guarantees (docs/runs.md): Ctrl-C, SIGTERM and SIGHUP save the newest finished epoch and say how
 to resume; a diverged epoch (a non-finite loss, perplexity or parameter) is never saved; one
 process writes a folder at a time; a resumed run changes nothing in its folder before every check
@@ -12,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import math
 import shlex
 import sys
 import time
@@ -22,10 +23,9 @@ from typing import Callable, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from deeprnn_jax import checkpoint as ckpt
 from deeprnn_jax import (
-  board,
   cudnn,
   data,
   generate,
@@ -38,11 +38,18 @@ from deeprnn_jax import (
   validate,
   windows,
 )
-from deeprnn_jax import checkpoint as ckpt
 from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import Diverged, Interrupted, UsageError
-from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline, FinishedEpoch
+from deeprnn_jax.errors import Interrupted, UsageError
+from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline
+from deeprnn_jax.reporting import Report, device_name
 from deeprnn_jax.rundir import RunDir
+from deeprnn_jax.texts import (
+  Text,
+  default_prefixes,
+  evaluation_rows,
+  load_text,
+  prediction_length,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,28 +76,6 @@ class RunOptions:
     if not self.stop_wait >= 0:
       raise UsageError(f"stop_wait must be >= 0 seconds, got {self.stop_wait}")
     return self
-
-
-def device_name(device=None) -> str:
-  """``cpu`` or ``cuda:0``, as PyTorch names devices (and d2l prints them)."""
-  device = device or jax.devices()[0]
-  return "cpu" if device.platform == "cpu" else f"cuda:{device.id}"
-
-
-def default_prefixes(config: TrainConfig, corpus: np.ndarray | Callable[[], np.ndarray],
-                     vocab: data.Vocab) -> tuple[str, str]:
-  """d2l's ``time traveller`` and ``traveller``; the first two words of any other corpus
-  (``corpus``: its tokens, or a function loading them, called only for such a corpus)."""
-  if Path(config.corpus).name == "timemachine.txt" and config.clean == "d2l":
-    if config.pipeline == "windows":
-      return "it has", "it has"  # d2l 1.0's model.predict('it has', 20, data.vocab)
-    return "time traveller", "traveller"
-  corpus = corpus() if callable(corpus) else corpus
-  words = "".join(vocab.to_tokens([int(i) for i in corpus[:200]])).split()
-  if not words:
-    return (vocab.to_tokens(int(corpus[0])),) * 2
-  first = " ".join(words[:2])
-  return first, words[1] if len(words) > 1 else words[0]
 
 
 def resume_command(run_dir) -> str:
@@ -122,26 +107,6 @@ def _load_newest(folder: RunDir, warn) -> ckpt.Checkpoint:
 
 # ----------------------------------------------------------------------------------------------
 # The steps of a run.
-
-
-class Text(NamedTuple):
-  corpus: np.ndarray
-  vocab: data.Vocab
-  train: np.ndarray
-  valid: np.ndarray
-
-
-def load_text(config: TrainConfig) -> Text:
-  if config.pipeline == "windows":  # train and valid: windows <int32>[n, num_steps + 1]
-    corpus, vocab = windows.load_corpus(config.corpus, config.clean, config.max_tokens)
-    return Text(corpus, vocab, *windows.split(corpus, config.num_steps, config.num_train,
-                                              config.num_val))
-  corpus, vocab = data.load_corpus(config.corpus, clean=config.clean, max_tokens=config.max_tokens)
-  train, valid = data.split_corpus(corpus, config.valid_fraction)
-  if config.valid_fraction > 0 and len(valid) < 2:
-    raise UsageError(f"valid fraction {config.valid_fraction} leaves fewer than 2 tokens "
-                     f"of {len(corpus)} for validation")
-  return Text(corpus, vocab, train, valid)
 
 
 @dataclasses.dataclass
@@ -309,16 +274,6 @@ def compile_ahead(model, optimizer, config: TrainConfig, text: Text, loader: dat
   return Programs(epoch, others)
 
 
-def prediction_length(config: TrainConfig) -> int:
-  """The characters a logged epoch predicts: d2l's 50, d2l 1.0's 20."""
-  return 20 if config.pipeline == "windows" else 50
-
-
-def evaluation_rows(text: Text) -> int:
-  """Rows of >= 10k validation tokens, read in parallel."""
-  return max(1, len(text.valid) // 10_000)
-
-
 def run_sinks(folder: RunDir, config: TrainConfig, options: RunOptions, steps_per_epoch: int,
               members: list[dict] | None = None) -> list[sinks.Sink]:
   """Where the run's metrics rows go (:func:`deeprnn_jax.sinks.open_sinks`); over several
@@ -339,125 +294,6 @@ def epochs(loader: data.SeqDataLoader, train_key, first: int, last: int):
   for epoch in range(first, last + 1):
     Xs, Ys = loader.epoch()
     yield EpochTag(epoch, loader.rng_state), Xs, Ys, jax.random.fold_in(train_key, epoch)
-
-
-class Report:
-  """What a run shows and records of each epoch: the metrics row, the progress bar, d2l's lines
-  with a prediction, and the throughput of the run's final line."""
-
-  def __init__(self, config: TrainConfig, options: RunOptions, model, text: Text, devices,
-               folder: RunDir, start_epoch: int, out: TextIO, err: TextIO,
-               metric_sinks: list[sinks.Sink] | None = None):
-    self.config, self.options, self.model, self.text = config, options, model, text
-    self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
-    self.sinks = metric_sinks if metric_sinks is not None else [sinks.MetricsFile(folder)]
-    self.prefix, self.short_prefix = default_prefixes(config, text.corpus, text.vocab)
-    self.windows = config.pipeline == "windows"  # d2l 1.0: validation every epoch, 20 predictions
-    self.eval_rows = evaluation_rows(text)
-    self.tokens = self.seconds = self.slowest = 0.0
-    self.ppl = self.valid_ppl = math.nan
-    self.params = None  # the newest logged epoch's, on one device
-    self.bar = None
-    show_bar = options.progress if options.progress is not None else err.isatty()
-    if show_bar and not options.quiet:
-      from tqdm.auto import tqdm
-      self.bar = tqdm(total=config.num_epochs, initial=start_epoch, file=err, unit="epoch",
-                      dynamic_ncols=True)
-
-  def logged(self, epoch: int) -> bool:
-    return epoch % self.options.log_every == 0 or epoch == self.config.num_epochs
-
-  def validated(self, epoch: int) -> bool:
-    return len(self.text.valid) > 0 and (self.logged(epoch) or self.windows)
-
-  def reads_state(self, epoch: int) -> bool:
-    """Whether reporting ``epoch`` reads its parameters (evaluation, a prediction)."""
-    return (self.logged(epoch) and not self.options.quiet or self.validated(epoch)
-            or epoch == self.config.num_epochs)
-
-  def measure(self, done: FinishedEpoch) -> tuple[dict, str | None]:
-    """The epoch's metrics row, and what diverged (``None`` where nothing did)."""
-    epoch, losses = done.tag.epoch, done.losses
-    self.ppl = (board.mean_perplexity(losses) if self.windows
-                else training.perplexity(losses.mean()))
-    self.params = (parallel.on_first(done.state.params, self.devices)
-                   if (self.logged(epoch) or self.validated(epoch)) and done.state is not None
-                   else None)
-    self.valid_ppl = None
-    if self.validated(epoch) and self.params is not None:
-      self.valid_ppl = (
-          board.evaluate(self.model, self.params, self.text.valid, self.config.batch_size)
-          if self.windows else
-          training.evaluate(self.model, self.params, self.text.valid, self.eval_rows))
-    row = {"epoch": epoch, "train_perplexity": self.ppl, "valid_perplexity": self.valid_ppl,
-           "tokens_per_sec": self._tokens(losses) / done.seconds, "seconds": done.seconds}
-    if training.diverged(losses):
-      if np.all(np.isfinite(losses)):
-        return row, f"perplexity overflows at epoch {epoch} (mean loss {losses.mean():.3g})"
-      return row, f"non-finite loss at epoch {epoch}"
-    if self.valid_ppl is not None and not math.isfinite(self.valid_ppl):
-      return row, f"non-finite validation perplexity at epoch {epoch}"
-    return row, None
-
-  def record(self, row: dict, done: FinishedEpoch) -> None:
-    """The epoch's metrics row, and its share of the run's throughput."""
-    epoch = row["epoch"]
-    self.write(row)
-    if epoch > self.start_epoch + 1 or epoch == self.config.num_epochs:  # the first: warm-up
-      self.tokens += self._tokens(done.losses)
-      self.seconds += done.seconds
-    self.slowest = max(self.slowest, done.seconds)
-
-  def show(self, row: dict) -> None:
-    """The progress bar, and d2l's line with a prediction where the epoch is logged."""
-    epoch = row["epoch"]
-    with self._terminal():
-      if self.bar is not None:
-        self.bar.update(1)
-        self.bar.set_postfix(perplexity=f"{self.ppl:.2f}")
-      if self.logged(epoch) and not self.options.quiet:
-        valid = f", valid perplexity {self.valid_ppl:.1f}" if self.valid_ppl is not None else ""
-        self.say(f"epoch {epoch}, perplexity {self.ppl:.1f}{valid}: {self.predict(self.prefix)}")
-
-  def _tokens(self, losses) -> int:
-    if self.windows:  # the last minibatch's padding left out
-      return len(self.text.train) * self.config.num_steps
-    return losses.size * self.config.batch_size * self.config.num_steps
-
-  def predict(self, prefix: str) -> str:
-    return generate.predict(prefix, prediction_length(self.config), self.params, self.model,
-                            self.text.vocab)
-
-  def say(self, line: str) -> None:
-    with self._terminal():
-      if self.bar is not None:
-        self.bar.write(line, file=self.out)
-      elif self.out is not None:
-        print(line, file=self.out, flush=True)
-
-  @contextlib.contextmanager
-  def _terminal(self):
-    """Output that stops, not the run, where the terminal is gone (it hung up: EIO); the run
-    folder is the record."""
-    try:
-      yield
-    except OSError as e:
-      if e.errno != errno.EIO:
-        raise
-      self.out = self.bar = None
-
-  def write(self, row: dict) -> None:
-    """One metrics row, to every sink."""
-    for sink in self.sinks:
-      sink.write(row)
-
-  def close(self) -> None:
-    with self._terminal():
-      if self.bar is not None:
-        self.bar.close()
-    self.bar = None
-    for sink in self.sinks:
-      sink.close()
 
 
 class Saver:
@@ -482,12 +318,6 @@ class Saver:
       return (f"no checkpoint had been saved ({resume_command(self.folder.path)} starts it again "
               "from epoch 0)")
     return f"the checkpoint of epoch {self.last} is kept in {self.folder.path}"
-
-
-def divergence(problem: str, config: TrainConfig, saver: Saver) -> Diverged:
-  return Diverged(f"{problem}: the run diverged (try a lower --lr than {config.lr:g}, or a lower "
-                  f"--clip than {config.clip:g}); {saver.kept()}; metrics of the epochs before "
-                  f"are in {saver.folder.metrics_path}")
 
 
 def stopped(stop: stopping.StopRequest, saver: Saver, when: str) -> Interrupted:
@@ -517,6 +347,34 @@ def abandoned(stop: stopping.StopRequest, saver: Saver, options: RunOptions,
   return stopped(stop, saver, f"(the epoch in progress did not finish within "
                               f"{max(options.stop_wait, 2 * report.slowest):.0f} s and was "
                               "abandoned)")
+
+
+def run_epochs(epoch_fn: Callable, state, items, config: TrainConfig, options: RunOptions,
+               report: Report, saver: Saver, stop: stopping.StopRequest) -> None:
+  """The epoch loop of a run, of one model or of several (its ``report`` says which): each
+  finished epoch is measured, recorded, saved where a checkpoint is due and shown. A divergence
+  that ends the run raises the report's error; a stop signal saves the newest epoch and raises
+  :class:`Interrupted`. The report is closed however the loop ends."""
+  pipeline, due = run_pipeline(epoch_fn, config, options, report, stop)
+  try:
+    if stop.requested:
+      raise stopped(stop, saver, "before the first epoch")
+    for done in pipeline.run(state, items):
+      measured = report.measure(done)
+      report.record(measured, done)
+      if measured.problem:
+        raise report.failure(measured, saver)
+      epoch = measured.epoch
+      if done.state is not None and (due(epoch) or stop.requested):
+        report.save(saver, done)
+      report.show(measured)
+      if stop.requested and done.state is not None and epoch < config.num_epochs:
+        report.save(saver, done)  # if the stop came since
+        raise stopped(stop, saver, f"after epoch {epoch}")
+  except EpochAbandoned:
+    raise abandoned(stop, saver, options, report) from None
+  finally:
+    report.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,27 +437,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
       report = Report(config, options, model, text, devices, folder, start.epoch, out, err,
                       run_sinks(folder, config, options, loader.max_batches))
       saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
-      pipeline, due = run_pipeline(epoch_fn, config, options, report, stop)
-      try:
-        if stop.requested:
-          raise stopped(stop, saver, "before the first epoch")
-        for done in pipeline.run(state, epochs(loader, train_key, start.epoch + 1,
-                                               config.num_epochs)):
-          epoch = done.tag.epoch
-          row, problem = report.measure(done)
-          if problem:
-            raise divergence(problem, config, saver)
-          report.record(row, done)
-          if done.state is not None and (due(epoch) or stop.requested):
-            saver.save(epoch, done.state, done.tag.data_rng_state)
-          report.show(row)
-          if stop.requested and done.state is not None and epoch < config.num_epochs:
-            saver.save(epoch, done.state, done.tag.data_rng_state)  # if the stop came since
-            raise stopped(stop, saver, f"after epoch {epoch}")
-      except EpochAbandoned:
-        raise abandoned(stop, saver, options, report) from None
-      finally:
-        report.close()
+      run_epochs(epoch_fn, state, epochs(loader, train_key, start.epoch + 1, config.num_epochs),
+                 config, options, report, saver, stop)
 
       speed = report.tokens / report.seconds if report.seconds else 0.0
       summary = {

@@ -33,21 +33,11 @@ from deeprnn_jax import checkpoint as ckpt
 from deeprnn_jax import cudnn, data, files, models, plots, stopping, training
 from deeprnn_jax.config import Sweep, TrainConfig
 from deeprnn_jax.errors import Diverged, Interrupted, UsageError
-from deeprnn_jax.pipeline import EpochAbandoned, FinishedEpoch
+from deeprnn_jax.pipeline import FinishedEpoch
+from deeprnn_jax.reporting import Measured, Report, device_name
 from deeprnn_jax.rundir import RunDir
-from deeprnn_jax.runs import (
-  Report,
-  RunOptions,
-  Saver,
-  Text,
-  abandoned,
-  device_name,
-  load_text,
-  restore_or_init,
-  run_pipeline,
-  run_sinks,
-  stopped,
-)
+from deeprnn_jax.runs import RunOptions, Saver, restore_or_init, run_epochs, run_sinks
+from deeprnn_jax.texts import Text, load_text
 
 SWEEP = "sweep.json"
 MODELS_AXIS = "models"  # the mesh axis the models are spread over
@@ -173,8 +163,9 @@ class SweepReport(Report):
   def alive(self) -> list[int]:
     return [k for k, d in enumerate(self.diverged) if d is None]
 
-  def measure(self, done: FinishedEpoch) -> tuple[list[dict], list[int]]:
-    """The epoch's rows, one per model, and the models that diverged in it."""
+  def measure(self, done: FinishedEpoch) -> Measured:
+    """The epoch's rows, one per model, and the models that diverged in it; a problem where no
+    model is left."""
     epoch, tag = done.tag.epoch, done.tag
     state = done.state.train_state if done.state is not None and self.logged(epoch) else None
     newly = []
@@ -211,22 +202,28 @@ class SweepReport(Report):
                    "valid_perplexity": None if gone else self.valid_ppls[k],
                    "diverged": gone, "tokens_per_sec": tokens / seconds, "seconds": seconds})
     self._epoch_tokens = tokens
-    return rows, newly
+    return Measured(epoch, rows, None if self.alive() else "every model diverged", tuple(newly))
 
-  def record_rows(self, rows: list[dict], done: FinishedEpoch) -> None:
-    for row in rows:
+  def record(self, measured: Measured, done: FinishedEpoch) -> None:
+    for row in measured.rows:
       self.write(row)
-    epoch = done.tag.epoch
-    if epoch > self.start_epoch + 1 or epoch == self.config.num_epochs:  # the first: warm-up
-      self.tokens += self._epoch_tokens
-      self.seconds += done.seconds
-    self.slowest = max(self.slowest, done.seconds)
+    self.count(measured.epoch, self._epoch_tokens, done.seconds)
+
+  def failure(self, measured: Measured, saver: Saver) -> Exception:
+    self.show(measured)
+    return Diverged(f"every model diverged ({_divergence_note(self)}); {saver.kept()}; metrics "
+                    f"are in {self.folder.metrics_path}")
+
+  def save(self, saver: Saver, done: FinishedEpoch) -> None:
+    saver.save(done.tag.epoch, done.state.train_state, done.tag.data_rng_state,
+               self.descriptions())
 
   def spread_text(self, values) -> str:
     mean, std = _mean_std(values[k] for k in self.alive())
     return "nan" if mean is None else f"{mean:.1f} ± {std:.1f}"
 
-  def show_epoch(self, epoch: int, newly: list[int]) -> None:
+  def show(self, measured: Measured) -> None:
+    epoch, newly = measured.epoch, measured.newly_diverged
     with self._terminal():
       if self.bar is not None:
         self.bar.update(1)
@@ -321,32 +318,9 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
                            start.epoch, out, err,
                            run_sinks(folder, config, options, max_batches, describe(members)))
       saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
-      save = lambda done: saver.save(done.tag.epoch, done.state.train_state,
-                                     done.tag.data_rng_state, report.descriptions())
-      pipeline, due = run_pipeline(epoch_fn, config, options, report, stop)
-      try:
-        if stop.requested:
-          raise stopped(stop, saver, "before the first epoch")
-        items = sweep_epochs(loaders, max_batches, jnp.asarray(train_keys), start.epoch + 1,
-                             config.num_epochs, devices, diverged)
-        for done in pipeline.run(state, items):
-          epoch = done.tag.epoch
-          rows, newly = report.measure(done)
-          report.record_rows(rows, done)
-          if not report.alive():
-            report.show_epoch(epoch, newly)
-            raise Diverged(f"every model diverged ({_divergence_note(report)}); "
-                           f"{saver.kept()}; metrics are in {folder.metrics_path}")
-          if done.state is not None and (due(epoch) or stop.requested):
-            save(done)
-          report.show_epoch(epoch, newly)
-          if stop.requested and done.state is not None and epoch < config.num_epochs:
-            save(done)
-            raise stopped(stop, saver, f"after epoch {epoch}")
-      except EpochAbandoned:
-        raise abandoned(stop, saver, options, report) from None
-      finally:
-        report.close()
+      items = sweep_epochs(loaders, max_batches, jnp.asarray(train_keys), start.epoch + 1,
+                           config.num_epochs, devices, diverged)
+      run_epochs(epoch_fn, state, items, config, options, report, saver, stop)
 
       summary = _summary(report, config, compile_seconds, time.perf_counter() - t_start, devices)
       folder.write_summary(summary)

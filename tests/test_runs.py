@@ -781,14 +781,22 @@ def test_a_run_compiles_its_prediction_and_evaluation_before_its_first_epoch(tmp
   a logged epoch then compiles nothing, and the run's own predictions and evaluations are the
   programs compiled ahead, not new ones."""
   from jax import monitoring
+  from jax._src import monitoring as jax_monitoring  # unregistering has no public name
 
-  from deeprnn_jax import config, runs
+  from deeprnn_jax import config, reporting, runs
+  # Compiled anew in this process: nothing from earlier tests, nor from the persistent cache.
+  jax.clear_caches()
+  cache_was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
   compiled = []
-  monitoring.register_event_duration_secs_listener(
-      lambda event, seconds, **kw: compiled.append((kw.get("fun_name"), time.monotonic()))
-      if event == "/jax/core/compile/backend_compile_duration" else None)
+
+  def listen(event, seconds, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append((kw.get("fun_name"), time.monotonic()))
+
+  monitoring.register_event_duration_secs_listener(listen)
   first_epoch = []
-  measure = runs.Report.measure
+  measure = reporting.Report.measure
   cfg = config.TrainConfig(num_hiddens=16, max_tokens=2000, batch_size=batch_size, num_steps=5,
                            num_epochs=3, valid_fraction=0.2)
 
@@ -796,12 +804,14 @@ def test_a_run_compiles_its_prediction_and_evaluation_before_its_first_epoch(tmp
     first_epoch.append(time.monotonic())
     return measure(self, done)
 
-  runs.Report.measure = measured
+  reporting.Report.measure = measured
   try:
     summary = runs.train_run(cfg, tmp_path / "run", options=runs.RunOptions(log_every=1),
                              out=open(os.devnull, "w"))
   finally:
-    runs.Report.measure = measure
+    reporting.Report.measure = measure
+    jax.config.update("jax_enable_compilation_cache", cache_was)
+    jax_monitoring.unregister_event_duration_listener(listen)
   names = [name for name, _ in compiled]
   assert names.count("jit(generate_tokens)") == 1 and names.count("jit(_mean_loss)") == 1
   assert names.count("jit(epoch)") == 1

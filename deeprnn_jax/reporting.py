@@ -1,0 +1,180 @@
+"""What a run shows and records of each epoch, for one model (:class:`Report`) and, through the
+same methods, for several (:class:`deeprnn_jax.sweeps.SweepReport`).
+
+The run loop (:func:`deeprnn_jax.runs.run_epochs`) asks a report, for each finished epoch, to
+``measure`` it (its metrics rows, and a divergence that ends the run), ``record`` it (the rows to
+the metric sinks, its share of the throughput), ``save`` it where a checkpoint is due, and
+``show`` it (the progress bar, d2l's line with a prediction); ``failure`` is the error a
+divergence raises, and ``close`` ends the bar and the sinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+from typing import TYPE_CHECKING, NamedTuple, TextIO
+
+import jax
+import numpy as np
+
+from deeprnn_jax import board, generate, parallel, sinks, training
+from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.errors import Diverged
+from deeprnn_jax.pipeline import FinishedEpoch
+from deeprnn_jax.rundir import RunDir
+from deeprnn_jax.texts import Text, default_prefixes, evaluation_rows, prediction_length
+
+if TYPE_CHECKING:
+  from deeprnn_jax.runs import RunOptions, Saver
+
+
+class Measured(NamedTuple):
+  """One epoch as a report measured it."""
+
+  epoch: int
+  rows: list[dict]  # metrics.jsonl's rows: one, or one per model
+  problem: str | None = None  # a divergence that ends the run
+  newly_diverged: tuple[int, ...] = ()  # models that stopped at this epoch (several models)
+
+
+def device_name(device=None) -> str:
+  """``cpu`` or ``cuda:0``, as PyTorch names devices (and d2l prints them)."""
+  device = device or jax.devices()[0]
+  return "cpu" if device.platform == "cpu" else f"cuda:{device.id}"
+
+
+class Report:
+  """What a run shows and records of each epoch: the metrics row, the progress bar, d2l's lines
+  with a prediction, and the throughput of the run's final line."""
+
+  def __init__(self, config: TrainConfig, options: RunOptions, model, text: Text, devices,
+               folder: RunDir, start_epoch: int, out: TextIO, err: TextIO,
+               metric_sinks: list[sinks.Sink] | None = None):
+    self.config, self.options, self.model, self.text = config, options, model, text
+    self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
+    self.sinks = metric_sinks if metric_sinks is not None else [sinks.MetricsFile(folder)]
+    self.prefix, self.short_prefix = default_prefixes(config, text.corpus, text.vocab)
+    self.windows = config.pipeline == "windows"  # d2l 1.0: validation every epoch, 20 predictions
+    self.eval_rows = evaluation_rows(text)
+    self.tokens = self.seconds = self.slowest = 0.0
+    self.ppl = self.valid_ppl = math.nan
+    self.params = None  # the newest logged epoch's, on one device
+    self.bar = None
+    show_bar = options.progress if options.progress is not None else err.isatty()
+    if show_bar and not options.quiet:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=config.num_epochs, initial=start_epoch, file=err, unit="epoch",
+                      dynamic_ncols=True)
+
+  def logged(self, epoch: int) -> bool:
+    return epoch % self.options.log_every == 0 or epoch == self.config.num_epochs
+
+  def validated(self, epoch: int) -> bool:
+    return len(self.text.valid) > 0 and (self.logged(epoch) or self.windows)
+
+  def reads_state(self, epoch: int) -> bool:
+    """Whether reporting ``epoch`` reads its parameters (evaluation, a prediction)."""
+    return (self.logged(epoch) and not self.options.quiet or self.validated(epoch)
+            or epoch == self.config.num_epochs)
+
+  def measure(self, done: FinishedEpoch) -> Measured:
+    """The epoch's metrics row, or none where it diverged (the problem says what)."""
+    epoch, losses = done.tag.epoch, done.losses
+    self.ppl = (board.mean_perplexity(losses) if self.windows
+                else training.perplexity(losses.mean()))
+    self.params = (parallel.on_first(done.state.params, self.devices)
+                   if (self.logged(epoch) or self.validated(epoch)) and done.state is not None
+                   else None)
+    self.valid_ppl = None
+    if self.validated(epoch) and self.params is not None:
+      self.valid_ppl = (
+          board.evaluate(self.model, self.params, self.text.valid, self.config.batch_size)
+          if self.windows else
+          training.evaluate(self.model, self.params, self.text.valid, self.eval_rows))
+    row = {"epoch": epoch, "train_perplexity": self.ppl, "valid_perplexity": self.valid_ppl,
+           "tokens_per_sec": self._tokens(losses) / done.seconds, "seconds": done.seconds}
+    if training.diverged(losses):
+      if np.all(np.isfinite(losses)):
+        return Measured(epoch, [], f"perplexity overflows at epoch {epoch} (mean loss "
+                                   f"{losses.mean():.3g})")
+      return Measured(epoch, [], f"non-finite loss at epoch {epoch}")
+    if self.valid_ppl is not None and not math.isfinite(self.valid_ppl):
+      return Measured(epoch, [], f"non-finite validation perplexity at epoch {epoch}")
+    return Measured(epoch, [row])
+
+  def record(self, measured: Measured, done: FinishedEpoch) -> None:
+    """The epoch's metrics rows, to every sink, and its share of the run's throughput."""
+    for row in measured.rows:
+      self.write(row)
+    self.count(measured.epoch, self._tokens(done.losses), done.seconds)
+
+  def count(self, epoch: int, tokens: int, seconds: float) -> None:
+    """An epoch's share of the run's throughput (the first epoch of a run warms up: left out,
+    unless it is the only one)."""
+    if epoch > self.start_epoch + 1 or epoch == self.config.num_epochs:
+      self.tokens += tokens
+      self.seconds += seconds
+    self.slowest = max(self.slowest, seconds)
+
+  def failure(self, measured: Measured, saver: Saver) -> Exception:
+    """The error that a divergence (``measured.problem``) ends the run with."""
+    return Diverged(f"{measured.problem}: the run diverged (try a lower --lr than "
+                    f"{self.config.lr:g}, or a lower --clip than {self.config.clip:g}); "
+                    f"{saver.kept()}; metrics of the epochs before are in "
+                    f"{saver.folder.metrics_path}")
+
+  def save(self, saver: Saver, done: FinishedEpoch) -> None:
+    """The epoch's checkpoint."""
+    saver.save(done.tag.epoch, done.state, done.tag.data_rng_state)
+
+  def show(self, measured: Measured) -> None:
+    """The progress bar, and d2l's line with a prediction where the epoch is logged."""
+    epoch = measured.epoch
+    with self._terminal():
+      if self.bar is not None:
+        self.bar.update(1)
+        self.bar.set_postfix(perplexity=f"{self.ppl:.2f}")
+      if self.logged(epoch) and not self.options.quiet:
+        valid = f", valid perplexity {self.valid_ppl:.1f}" if self.valid_ppl is not None else ""
+        self.say(f"epoch {epoch}, perplexity {self.ppl:.1f}{valid}: {self.predict(self.prefix)}")
+
+  def _tokens(self, losses) -> int:
+    if self.windows:  # the last minibatch's padding left out
+      return len(self.text.train) * self.config.num_steps
+    return losses.size * self.config.batch_size * self.config.num_steps
+
+  def predict(self, prefix: str) -> str:
+    return generate.predict(prefix, prediction_length(self.config), self.params, self.model,
+                            self.text.vocab)
+
+  def say(self, line: str) -> None:
+    with self._terminal():
+      if self.bar is not None:
+        self.bar.write(line, file=self.out)
+      elif self.out is not None:
+        print(line, file=self.out, flush=True)
+
+  @contextlib.contextmanager
+  def _terminal(self):
+    """Output that stops, not the run, where the terminal is gone (it hung up: EIO); the run
+    folder is the record."""
+    try:
+      yield
+    except OSError as e:
+      if e.errno != errno.EIO:
+        raise
+      self.out = self.bar = None
+
+  def write(self, row: dict) -> None:
+    """One metrics row, to every sink."""
+    for sink in self.sinks:
+      sink.write(row)
+
+  def close(self) -> None:
+    with self._terminal():
+      if self.bar is not None:
+        self.bar.close()
+    self.bar = None
+    for sink in self.sinks:
+      sink.close()
