@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from deeprnn_jax import checkpoint, cli, files, interop, presets, texts, training
+from deeprnn_jax import checkpoint, cli, editions, files, interop, presets, training
 from deeprnn_jax.config import TrainConfig, parse_activation
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.rundir import RunDir
@@ -100,20 +100,12 @@ def from_torch(args: argparse.Namespace) -> int:
   out = Path(args.out)
   _check_out(out, args.force, is_dir=True)
   state_dict = load_torch_state_dict(args.from_torch)
-  windows = cfg.pipeline == "windows"
-  if interop.is_d2l_en(state_dict) != windows:
-    raise UsageError(
-        f"{args.from_torch} is d2l 1.0's RNNLM (rnn.rnn.* keys), whose vocabulary is sorted: "
-        "pass --preset d2l-en" if not windows else
-        f"{args.from_torch} is the classic edition's RNNModel (rnn.* keys), not d2l 1.0's "
-        "RNNLM: the windows pipeline (--preset d2l-en) reads d2l 1.0's")
-  if windows:
-    state_dict = interop.from_d2l_en(state_dict)
+  state_dict = editions.edition(cfg).from_torch(state_dict, args.from_torch)
   params = interop.params_from_torch(state_dict, cfg.cell, cfg.num_layers)
   num_hiddens, vocab_size = params["W_hq"].shape
   cfg = dataclasses.replace(cfg, num_hiddens=num_hiddens)
   # The vocabulary exactly as training builds it: indices must mean the same characters.
-  vocab = texts.load_text(cfg).vocab
+  vocab = editions.load_text(cfg).vocab
   if len(vocab) != vocab_size:
     raise UsageError(f"the model's input width is {vocab_size} but corpus {cfg.corpus} "
                      f"(--clean {cfg.clean}) has {len(vocab)} tokens; pass the corpus and "
@@ -137,9 +129,8 @@ def to_torch(args: argparse.Namespace) -> int:
   if cfg.cell == "rnn" and not isinstance(cfg.activation, str) and len(set(cfg.activation)) > 1:
     raise UsageError(f"nn.RNN has one nonlinearity for all layers; this run uses "
                      f"{', '.join(cfg.activation)}")
-  state_dict = interop.params_to_torch(params, cfg.cell, cfg.num_layers)
-  if cfg.pipeline == "windows":
-    state_dict = interop.to_d2l_en(state_dict)
+  book = editions.edition(cfg)
+  state_dict = book.to_torch(interop.params_to_torch(params, cfg.cell, cfg.num_layers))
   buffer = io.BytesIO()
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, buffer)
   files.atomic_write_bytes(out, buffer.getvalue())
@@ -150,11 +141,7 @@ def to_torch(args: argparse.Namespace) -> int:
     act = cfg.activation if isinstance(cfg.activation, str) else cfg.activation[0]
     extra = f", nonlinearity={act!r}"
   layer = f"{layer}({vocab_size}, {cfg.num_hiddens}, num_layers={cfg.num_layers}{extra})"
-  if cfg.pipeline == "windows":
-    print(f"wrote {out}: load it into d2l 1.0's RNNLM(rnn, vocab_size={vocab_size}) whose rnn.rnn "
-          f"is {layer}: d2l.GRU({vocab_size}, {cfg.num_hiddens}, {cfg.num_layers}) for a GRU")
-  else:
-    print(f"wrote {out}: load it into RNNModel({layer}, vocab_size={vocab_size})")
+  print(f"wrote {out}: load it into {book.torch_model(layer, vocab_size, cfg)}")
   return 0
 
 

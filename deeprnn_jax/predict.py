@@ -8,7 +8,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import checkpoint, cli, generate, models, texts
+from deeprnn_jax import checkpoint, cli, editions, generate, models
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import DataError, UsageError
 
@@ -29,10 +29,10 @@ def model_of(saved: checkpoint.Checkpoint, index: int | None, run_dir):
 
 
 def run_prefix(config: TrainConfig, vocab) -> str:
-  """The prefix a run's own lines continue (:func:`texts.default_prefixes`): d2l's ``time
+  """The prefix a run's own lines continue (:func:`editions.default_prefixes`): d2l's ``time
   traveller`` (``it has`` for d2l 1.0's pipeline), else the first two words of its corpus."""
   try:
-    return texts.default_prefixes(config, lambda: texts.load_text(config).corpus, vocab)[0]
+    return editions.default_prefixes(config, lambda: editions.load_text(config).corpus, vocab)[0]
   except DataError as e:
     raise UsageError(f"no --prefix given, and the run's corpus, whose first words would be the "
                      f"default, cannot be read: {e}") from None

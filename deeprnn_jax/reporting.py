@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, NamedTuple, TextIO
 import jax
 import numpy as np
 
-from deeprnn_jax import board, generate, parallel, sinks, training
+from deeprnn_jax import editions, generate, parallel, sinks, training
 from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.editions import Text
 from deeprnn_jax.errors import Diverged
 from deeprnn_jax.pipeline import FinishedEpoch
 from deeprnn_jax.rundir import RunDir
-from deeprnn_jax.texts import Text, default_prefixes, evaluation_rows, prediction_length
 
 if TYPE_CHECKING:
   from deeprnn_jax.runs import RunOptions, Saver
@@ -54,9 +54,8 @@ class Report:
     self.config, self.options, self.model, self.text = config, options, model, text
     self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
     self.sinks = metric_sinks if metric_sinks is not None else [sinks.MetricsFile(folder)]
-    self.prefix, self.short_prefix = default_prefixes(config, text.corpus, text.vocab)
-    self.windows = config.pipeline == "windows"  # d2l 1.0: validation every epoch, 20 predictions
-    self.eval_rows = evaluation_rows(text)
+    self.edition = editions.edition(config)
+    self.prefix, self.short_prefix = self.edition.prefixes(config, text.corpus, text.vocab)
     self.tokens = self.seconds = self.slowest = 0.0
     self.ppl = self.valid_ppl = math.nan
     self.params = None  # the newest logged epoch's, on one device
@@ -71,7 +70,7 @@ class Report:
     return epoch % self.options.log_every == 0 or epoch == self.config.num_epochs
 
   def validated(self, epoch: int) -> bool:
-    return len(self.text.valid) > 0 and (self.logged(epoch) or self.windows)
+    return len(self.text.valid) > 0 and (self.logged(epoch) or self.edition.validates_every_epoch)
 
   def reads_state(self, epoch: int) -> bool:
     """Whether reporting ``epoch`` reads its parameters (evaluation, a prediction)."""
@@ -81,17 +80,13 @@ class Report:
   def measure(self, done: FinishedEpoch) -> Measured:
     """The epoch's metrics row, or none where it diverged (the problem says what)."""
     epoch, losses = done.tag.epoch, done.losses
-    self.ppl = (board.mean_perplexity(losses) if self.windows
-                else training.perplexity(losses.mean()))
+    self.ppl = self.edition.perplexity(losses)
     self.params = (parallel.on_first(done.state.params, self.devices)
                    if (self.logged(epoch) or self.validated(epoch)) and done.state is not None
                    else None)
     self.valid_ppl = None
     if self.validated(epoch) and self.params is not None:
-      self.valid_ppl = (
-          board.evaluate(self.model, self.params, self.text.valid, self.config.batch_size)
-          if self.windows else
-          training.evaluate(self.model, self.params, self.text.valid, self.eval_rows))
+      self.valid_ppl = self.edition.evaluate(self.model, self.params, self.text, self.config)
     row = {"epoch": epoch, "train_perplexity": self.ppl, "valid_perplexity": self.valid_ppl,
            "tokens_per_sec": self._tokens(losses) / done.seconds, "seconds": done.seconds}
     if training.diverged(losses):
@@ -140,13 +135,16 @@ class Report:
         self.say(f"epoch {epoch}, perplexity {self.ppl:.1f}{valid}: {self.predict(self.prefix)}")
 
   def _tokens(self, losses) -> int:
-    if self.windows:  # the last minibatch's padding left out
-      return len(self.text.train) * self.config.num_steps
-    return losses.size * self.config.batch_size * self.config.num_steps
+    return self.edition.tokens(losses, self.text, self.config)
 
   def predict(self, prefix: str) -> str:
-    return generate.predict(prefix, prediction_length(self.config), self.params, self.model,
+    return generate.predict(prefix, self.edition.prediction_length, self.params, self.model,
                             self.text.vocab)
+
+  def final_lines(self) -> list[str]:
+    """The predictions a run ends with, as its edition's ``train`` prints them."""
+    prefixes = (self.prefix, self.short_prefix)[:self.edition.final_predictions]
+    return [self.predict(prefix) for prefix in prefixes]
 
   def say(self, line: str) -> None:
     with self._terminal():

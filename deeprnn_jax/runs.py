@@ -2,13 +2,13 @@
 
 :func:`train_run` reads top to bottom: load the text, lock the folder, restore or initialise,
 compile, then the epoch loop (:func:`run_epochs`, which a run of several models,
-:func:`deeprnn_jax.sweeps.sweep_run`, shares: measure, record, save, show, stop on a signal), then
-the summary. The text and its prefixes are :mod:`deeprnn_jax.texts`'; what each epoch shows and
-records, :mod:`deeprnn_jax.reporting`'s. What it
-guarantees (docs/runs.md): Ctrl-C, SIGTERM and SIGHUP save the newest finished epoch and say how
-to resume; a diverged epoch (a non-finite loss, perplexity or parameter) is never saved; one
-process writes a folder at a time; a resumed run changes nothing in its folder before every check
-has passed; every JSON file is strict JSON.
+:func:`deeprnn_jax.sweeps.sweep_run`, shares: measure, record, save, show, stop on a signal),
+then the summary. What the two d2l editions do differently is asked of
+:mod:`deeprnn_jax.editions`; what each epoch shows and records, of :mod:`deeprnn_jax.reporting`.
+What it guarantees (docs/runs.md): Ctrl-C, SIGTERM and SIGHUP save the newest finished epoch and
+say how to resume; a diverged epoch (a non-finite loss, perplexity or parameter) is never saved;
+one process writes a folder at a time; a resumed run changes nothing in its folder before every
+check has passed; every JSON file is strict JSON.
 """
 
 from __future__ import annotations
@@ -36,20 +36,13 @@ from deeprnn_jax import (
   stopping,
   training,
   validate,
-  windows,
 )
 from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.editions import Text, edition, load_text
 from deeprnn_jax.errors import Interrupted, UsageError
 from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline
 from deeprnn_jax.reporting import Report, device_name
 from deeprnn_jax.rundir import RunDir
-from deeprnn_jax.texts import (
-  Text,
-  default_prefixes,
-  evaluation_rows,
-  load_text,
-  prediction_length,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +212,7 @@ def compile_epochs(model, optimizer, config: TrainConfig, loader: data.SeqDataLo
                    state, key) -> tuple[Callable, float]:
   """The jitted epoch, compiled for every epoch shape (not while an epoch runs: the pipeline reads
   ahead) from the shapes of ``state`` and ``key``; and the seconds it took."""
-  masked = config.pipeline == "windows"  # every minibatch from zeros, the last one padded
+  masked = edition(config).masked  # every minibatch from zeros, padding labels left out
   epoch_fn = training.make_train_epoch(model, optimizer, config.use_random_iter or masked,
                                        devices, masked=masked)
   t = time.perf_counter()
@@ -264,13 +257,14 @@ def compile_ahead(model, optimizer, config: TrainConfig, text: Text, loader: dat
   epoch = stopping.Background(lambda: compile_epochs(model, optimizer, config, loader, devices,
                                                      state, train_key))
   params = parallel.on_first_shapes(state.params, devices)  # as Report.measure places them
-  prefix = default_prefixes(config, text.corpus, text.vocab)[0]
+  book = edition(config)
+  prefix = book.prefixes(config, text.corpus, text.vocab)[0]
   others = [stopping.Background(lambda: generate.compile_predict(
-      model, params, len(prefix), prediction_length(config))),
+      model, params, len(prefix), book.prediction_length)),
             stopping.Background(lambda: jax.random.fold_in(train_key, 0))]  # epochs' keys
-  if len(text.valid) > 0 and config.pipeline != "windows":
-    others.append(stopping.Background(lambda: training.compile_evaluate(
-        model, params, len(text.valid), evaluation_rows(text))))
+  if len(text.valid) > 0:
+    others.append(stopping.Background(lambda: book.compile_evaluate(model, params, text,
+                                                                    config)))
   return Programs(epoch, others)
 
 
@@ -407,10 +401,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
     # The text, the model, the optimiser: everything that can be wrong with the settings.
     devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
     text = load_text(config)
-    loader = (windows.WindowLoader(text.train, config.batch_size, seed=config.seed)
-              if config.pipeline == "windows" else
-              data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
-                                 config.use_random_iter, seed=config.seed))
+    loader = edition(config).loader(text, config)
     model = models.from_config(config, len(text.vocab))
     optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer,
                                         training.config_lr_factor(config, loader.max_batches))
@@ -460,7 +451,6 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   products = "" if config.precision == "float32" else f" ({config.precision} products)"
   device = summary["device"]
   report.say(f"perplexity {report.ppl:.1f}, {speed:.1f} tokens/sec on {device}{products}")
-  report.say(report.predict(report.prefix))  # the last epoch's: always logged, its state kept
-  if not report.windows:  # d2l 1.0 prints one prediction
-    report.say(report.predict(report.short_prefix))
+  for line in report.final_lines():  # the last epoch's: always logged, its state kept
+    report.say(line)
   return summary

@@ -32,12 +32,12 @@ from jax.sharding import PartitionSpec as P
 from deeprnn_jax import checkpoint as ckpt
 from deeprnn_jax import cudnn, data, files, models, plots, stopping, training
 from deeprnn_jax.config import Sweep, TrainConfig
+from deeprnn_jax.editions import Text, load_text
 from deeprnn_jax.errors import Diverged, Interrupted, UsageError
 from deeprnn_jax.pipeline import FinishedEpoch
 from deeprnn_jax.reporting import Measured, Report, device_name
 from deeprnn_jax.rundir import RunDir
 from deeprnn_jax.runs import RunOptions, Saver, restore_or_init, run_epochs, run_sinks
-from deeprnn_jax.texts import Text, load_text
 
 SWEEP = "sweep.json"
 MODELS_AXIS = "models"  # the mesh axis the models are spread over
@@ -378,5 +378,5 @@ def _say_end(report: SweepReport, summary: dict, compile_seconds: float) -> None
   report.say(f"perplexity {report.spread_text(report.ppls)} over {len(report.alive())} models, "
              f"{summary['tokens_per_sec']:.1f} tokens/sec on {summary['device']}{products}")
   report.say(f"best: model {report.best} ({report.name(report.best)})")
-  report.say(report.predict(report.prefix))
-  report.say(report.predict(report.short_prefix))
+  for line in report.final_lines():
+    report.say(line)

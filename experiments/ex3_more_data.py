@@ -107,9 +107,9 @@ def main(argv=None) -> int:
 
   rows, goals = [], []
   for r in results:
-    from deeprnn_jax import texts
+    from deeprnn_jax import editions
 
-    text = texts.load_text(r["config"])
+    text = editions.load_text(r["config"])
     nats = math.log(r["best_valid"])
     rows.append([r["name"], f"{len(text.train):,}", f"{len(text.valid):,}", len(text.vocab),
                  f"{r['train_perplexity']:.2f}", f"{r['best_valid']:.2f} ({r['best_epoch']})",

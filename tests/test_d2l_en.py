@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from deeprnn_jax import (
-  board,
   checkpoint,
   corpora,
+  editions,
   generate,
   interop,
   models,
@@ -172,7 +172,7 @@ def test_validation_perplexity_is_the_mean_over_minibatches():
   logits, _ = jax.jit(model.apply)({"params": params}, rows[:, :-1])  # each row from zeros
   nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), rows[:, 1:, None], -1)
   per_batch = [nll[i:i + 4].mean() for i in (0, 4, 8)]
-  np.testing.assert_allclose(board.evaluate(model, params, rows, 4),
+  np.testing.assert_allclose(editions.evaluate_windows(model, params, rows, 4),
                              np.mean(np.exp(per_batch)), rtol=1e-6)
 
 
