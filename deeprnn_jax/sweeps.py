@@ -178,7 +178,7 @@ class SweepReport(Report):
         newly.append(k)
       elif state is not None and len(self.text.valid):
         params = jax.tree_util.tree_map(lambda a: a[k], state.params)
-        self.valid_ppls[k] = training.evaluate(self.model, params, self.text.valid, self.eval_rows)
+        self.valid_ppls[k] = self.edition.evaluate(self.model, params, self.text, self.config)
         if not math.isfinite(self.valid_ppls[k]):
           self.diverged[k] = epoch
           newly.append(k)
