@@ -298,7 +298,7 @@ def test_gradients_finite_and_equal_across_impls(cell, activation):
     (c, a, 1) for c, a in CELLS] + [("lstm", "tanh", 3), ("gru", "tanh", 100)])
 def test_layer_scan_custom_vjp_matches_autodiff(cell, activation, unroll):
   """The kernel alone on dense gates; unroll 3 leaves a remainder of 7 steps, 100 exceeds them."""
-  steps, batch, G = 7, 3, cells.NUM_GATES[cell]
+  steps, batch, G = 7, 3, cells.CELLS[cell].num_gates
   k = jax.random.split(jax.random.PRNGKey(2), 6)
   W_hh = 0.5 * jax.random.normal(k[0], (HIDDENS, G * HIDDENS))
   b_hh = jax.random.normal(k[1], (G * HIDDENS,))
