@@ -211,6 +211,14 @@ class CellSpec:
     adds_input: the step uses ``gx`` only through ``gx + H_{t-1} W_hh + b_hh`` (RNN, LSTM), so
       ``gx``'s gradient is the gate gradient and the wavefront adds ``W_xh``'s product into the
       recurrent one. Not the GRU: its ``N_t`` puts ``R_t ⊙ (·)`` between the two parts.
+    fits_kernels: the step keeps the rule the fast kernels (``recurrence``; every impl but
+      ``"scan"``) are built on. They compute ``H_{t-1} W_hh`` themselves, once per step, hand
+      the step a stand-in for ``W_hh`` whose ``h @ W`` is that product, and read the gate
+      gradient off as ``b_hh``'s gradient, from which they form ``W_hh``'s. So the step must
+      (1) compute ``h @ params["W_hh"]`` exactly once, with ``h = hidden(carry)``; (2) use
+      ``W_hh`` and ``b_hh`` only through ``h @ W_hh + b_hh``; (3) read no other parameter
+      (``W_xh`` and ``b_xh`` reach it in ``gx``). A cell that breaks the rule says ``False``:
+      it runs under impl ``"scan"`` only (``validate.fast_kernels`` refuses the others).
     torch_module: PyTorch's layer of the same equations (``"nn.LSTM"``), whose state dict
       converts to and from the parameters (``interop``); ``None``: the cell does not convert.
     torch_gates: the gates in PyTorch's order where it is not :attr:`gates`' (``interop``
@@ -224,6 +232,7 @@ class CellSpec:
   pair: bool = False
   takes_activation: bool = False
   adds_input: bool = True
+  fits_kernels: bool = True
   torch_module: str | None = None
   torch_gates: tuple[str, ...] | None = None
   cudnn: bool = False

@@ -186,7 +186,8 @@ class RNNLM(nn.Module):
     dropout: drop probability between recurrent layers (training only).
     impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation),
       ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
-      dropout, one cuDNN call; JAX's reference of it off the GPU).
+      dropout, one cuDNN call; JAX's reference of it off the GPU). A cell that does not fit the
+      fast kernels (``cells.CellSpec.fits_kernels``) runs under ``"scan"`` only.
     precision: ``"float32"`` (default) or ``"bfloat16"``: the recurrent layers' products take
       bfloat16 operands and accumulate in float32 (``layerwise`` and ``wavefront`` only; the
       head, the state, the nonlinearities and the parameters stay float32).

@@ -31,6 +31,10 @@ projection with the same treatment of its backward products.
 recurrence whose hidden state is all layers' ``H`` side by side and whose ``W`` is block
 bidiagonal (for the GRU, with its input blocks in extra columns), ``steps + L - 1`` sequential
 steps instead of ``L * steps``. Measurements: BENCHMARKS.md.
+
+Both run a cell only if its step keeps the rule they are built on (``cells.CellSpec.fits_kernels``:
+it computes ``H_{t-1} W_hh`` once and uses ``W_hh`` and ``b_hh`` only through ``H_{t-1} W_hh +
+b_hh``); another cell is refused with a ``UsageError`` (``validate.fast_kernels``).
 """
 
 from __future__ import annotations
@@ -220,12 +224,19 @@ def _recurrent_scan_bwd(step, unroll, precision, res, cotangents):
 _recurrent_scan.defvjp(_recurrent_scan_fwd, _recurrent_scan_bwd)
 
 
+def _kernel_spec(cell: str, impl: str) -> cells.CellSpec:
+  """The spec of ``cell``; a ``UsageError`` if it does not fit the kernels ``impl`` runs."""
+  validate.fast_kernels(cell, impl)
+  return cells.cell_spec(cell)
+
+
 def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array, carry,
                gx: Array, precision: str = "float32"):
   """One layer's recurrence over time.
 
   Args:
-    cell: a name in ``cells.CELLS`` (``"rnn"``, ``"gru"``, ``"lstm"``).
+    cell: a name in ``cells.CELLS`` whose spec :attr:`~deeprnn_jax.cells.CellSpec.fits_kernels`
+      (``"rnn"``, ``"gru"``, ``"lstm"``).
     activation: φ for the RNN (``"tanh"`` or ``"relu"``); ignored by GRU and LSTM.
     unroll: ``lax.scan`` unroll factor (:func:`default_unroll` for the backend's measured best).
     W_hh: ``<float32>[H, G*H]``.
@@ -237,8 +248,8 @@ def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array
   Returns:
     ``(carry_T, hs <float32>[steps, batch, H])``, as ``lax.scan`` over ``cells.step``.
   """
-  return _recurrent_scan(_LayerStep(cells.cell_spec(cell), activation), unroll, precision, W_hh,
-                         b_hh, carry, gx)
+  step = _LayerStep(_kernel_spec(cell, "layerwise"), activation)
+  return _recurrent_scan(step, unroll, precision, W_hh, b_hh, carry, gx)
 
 
 def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list[dict],
@@ -258,7 +269,7 @@ def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list
     ``(carries_T, hs <float32>[steps, batch, H])`` with ``hs`` the last layer's outputs: the
     same as :func:`layer_scan` layer after layer.
   """
-  spec = cells.cell_spec(cell)
+  spec = _kernel_spec(cell, "wavefront")
   L, (steps, _, width) = len(layers), gx0.shape
   H = layers[0]["W_hh"].shape[0]
   zeros = jnp.zeros((H, width), gx0.dtype)
@@ -345,5 +356,5 @@ def layer_scan_autodiff(cell: str, activation: str, unroll: int, W_hh: Array, b_
 
   The same function; kept as the baseline the custom backward pass is measured against.
   """
-  return _forward(_LayerStep(cells.cell_spec(cell), activation), unroll, "float32", W_hh, b_hh,
-                  carry, gx)
+  step = _LayerStep(_kernel_spec(cell, "layerwise"), activation)
+  return _forward(step, unroll, "float32", W_hh, b_hh, carry, gx)

@@ -65,6 +65,18 @@ def cell(value) -> str:
   return one_of("cell", value, tuple(_cells()))
 
 
+KERNEL_RULE = ("its step must compute H_{t-1} W_hh once and use W_hh and b_hh only through "
+               "H_{t-1} W_hh + b_hh: cells.CellSpec.fits_kernels")
+
+
+def fast_kernels(cell_name: str, impl: str) -> None:
+  """Raises :class:`UsageError` where ``impl`` is a fast one (every impl but ``"scan"``) and the
+  cell breaks the rule the fast kernels are built on (``cells.CellSpec.fits_kernels``)."""
+  if impl != "scan" and not _cells()[cell(cell_name)].fits_kernels:
+    raise UsageError(f"cell {cell_name!r} does not fit the fast kernels of impl {impl!r} "
+                     f"({KERNEL_RULE}); use impl 'scan'")
+
+
 FLOAT32_MAX = 3.4028234663852886e38  # the parameters' type: a larger number is inf there
 
 
@@ -107,6 +119,7 @@ def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, ac
                      f"nonlinearities (got {activation!r})")
   fraction("dropout", dropout)
   one_of("impl", impl, IMPLS)
+  fast_kernels(cell_name, impl)
   dropped = dropout > 0.0 and num_layers > 1  # one layer has nowhere to drop
   if impl == "cudnn" and (not spec.cudnn or dropped):
     kinds = " or ".join(f"{name.upper()}s" for name, s in _cells().items() if s.cudnn)
