@@ -14,6 +14,8 @@ Parameters follow the chapter's names, with gates fused along the last axis in P
     b_hh <float32>[G * num_hiddens]               (PyTorch's bias_hh)
 
 with G = 1 for the RNN, 3 for the GRU (gates r, z, n) and 4 for the LSTM (gates i, f, g, o).
+Each cell is declared once, as a :class:`CellSpec` in :data:`CELLS`: its gates, its carry, its
+step and what the rest of the project asks of it (PyTorch's module, the fast kernels, cuDNN).
 The LSTM's and GRU's gate nonlinearities (:func:`lstm_gates`, :func:`gru_gates`) carry their
 derivatives written out (``jax.custom_vjp``); tests/test_cells.py checks them against automatic
 differentiation of the equations as written (:func:`lstm_gates_textbook`,
@@ -24,7 +26,8 @@ convert both ways exactly and the GRU's ``b_hn`` can sit inside ``r ⊙ (·)`` a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,14 +35,12 @@ import jax.numpy as jnp
 
 from deeprnn_jax import validate
 from deeprnn_jax.validate import Activation
-from deeprnn_jax.validate import Cell as CellName
 
 Array = jax.Array
 Carry = Any  # <float32>[batch, hiddens] for RNN and GRU, a pair (H, C) of those for LSTM.
 
-NUM_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
-assert tuple(NUM_GATES) == validate.CELLS and tuple(ACTIVATIONS) == validate.ACTIVATIONS
+assert tuple(ACTIVATIONS) == validate.ACTIVATIONS
 
 
 def torch_uniform(num_hiddens: int) -> Callable[[Array, tuple[int, ...]], Array]:
@@ -186,14 +187,108 @@ def gru_gates_textbook(gx: Array, gh: Array, h: Array) -> Array:
   return (1.0 - z) * jnp.tanh(xn + r * hn) + z * h
 
 
+@dataclasses.dataclass(frozen=True)
+class CellSpec:
+  """A cell, declared once: what the models, the kernels, the checks and PyTorch conversion ask
+  of it. :data:`CELLS` holds one per cell.
+
+  Every cell has the four parameters :class:`Cell` declares (``W_xh``, ``W_hh``, ``b_xh``,
+  ``b_hh``, each ``G * H`` wide) and is split into the input part ``gx = X_t W_xh + b_xh`` and a
+  step.
+
+  Attributes:
+    name: what a run calls it (``--cell``).
+    gates: the names of the ``G`` blocks fused along the parameters' last axis, in the order
+      they sit there (the RNN's one block is ``H_t``'s pre-activation).
+    step: one time step, ``step(params, carry, gx <float32>[batch, G*H]) -> (carry,
+      H_t <float32>[batch, H])``, with φ's name as a fourth argument where
+      :attr:`takes_activation`. ``params`` holds ``W_hh`` and ``b_hh``.
+    pair: the carry is the pair ``(H, C)`` (the LSTM's), each ``<float32>[batch, H]``; else
+      ``H`` alone. A model's state stacks the carries over layers: ``[L, batch, H]`` (a pair of
+      those).
+    takes_activation: the step takes φ, ``"tanh"`` or ``"relu"`` per layer (PyTorch's
+      ``nonlinearity``); the other cells have their own nonlinearities and run with ``"tanh"``.
+    adds_input: the step uses ``gx`` only through ``gx + H_{t-1} W_hh + b_hh`` (RNN, LSTM), so
+      ``gx``'s gradient is the gate gradient and the wavefront adds ``W_xh``'s product into the
+      recurrent one. Not the GRU: its ``N_t`` puts ``R_t ⊙ (·)`` between the two parts.
+    fits_kernels: the step keeps the rule the fast kernels (``recurrence``; every impl but
+      ``"scan"``) are built on. They compute ``H_{t-1} W_hh`` themselves, once per step, hand
+      the step a stand-in for ``W_hh`` whose ``h @ W`` is that product, and read the gate
+      gradient off as ``b_hh``'s gradient, from which they form ``W_hh``'s. So the step must
+      (1) compute ``h @ params["W_hh"]`` exactly once, with ``h = hidden(carry)``; (2) use
+      ``W_hh`` and ``b_hh`` only through ``h @ W_hh + b_hh``; (3) read no other parameter
+      (``W_xh`` and ``b_xh`` reach it in ``gx``). A cell that breaks the rule says ``False``:
+      it runs under impl ``"scan"`` only (``validate.fast_kernels`` refuses the others).
+    torch_module: PyTorch's layer of the same equations (``"nn.LSTM"``), whose state dict
+      converts to and from the parameters (``interop``); ``None``: the cell does not convert.
+    torch_gates: the gates in PyTorch's order where it is not :attr:`gates`' (``interop``
+      reorders the blocks); ``None``: PyTorch's order is :attr:`gates`.
+    cudnn: cuDNN has the cell's kernel (``jax.experimental.rnn``'s LSTM), for impl ``"cudnn"``.
+  """
+
+  name: str
+  gates: tuple[str, ...]
+  step: Callable[..., tuple[Carry, Array]]
+  pair: bool = False
+  takes_activation: bool = False
+  adds_input: bool = True
+  fits_kernels: bool = True
+  torch_module: str | None = None
+  torch_gates: tuple[str, ...] | None = None
+  cudnn: bool = False
+
+  @property
+  def num_gates(self) -> int:
+    """``G``: the parameters are ``G * num_hiddens`` wide."""
+    return len(self.gates)
+
+  def __call__(self, params: dict, carry: Carry, gx: Array, activation: str = "tanh"):
+    """One time step: :attr:`step`, given ``activation`` where the cell takes one."""
+    if self.takes_activation:
+      return self.step(params, carry, gx, activation)
+    return self.step(params, carry, gx)
+
+  def hidden(self, carry: Carry) -> Array:
+    """``H <float32>[batch, H]`` of a carry: the next layer's input, the factor of ``W_hh``."""
+    return carry[0] if self.pair else carry
+
+  def zero_state(self, shape: tuple[int, ...]) -> Carry:
+    """Zeros ``<float32>[*shape]`` in the carry's structure (a pair for the LSTM)."""
+    h = jnp.zeros(shape, jnp.float32)
+    return (h, h) if self.pair else h
+
+  def layer_carries(self, state) -> list:
+    """The d2l layout ``[L, batch, H]`` (a pair of those) -> one carry per layer."""
+    if self.pair:
+      h, c = state
+      return [(h[l], c[l]) for l in range(h.shape[0])]
+    return [state[l] for l in range(state.shape[0])]
+
+  def stacked_state(self, carries: Sequence[Carry]):
+    """One carry per layer -> the d2l layout ``[L, batch, H]`` (a pair of those)."""
+    if self.pair:
+      return (jnp.stack([h for h, _ in carries]), jnp.stack([c for _, c in carries]))
+    return jnp.stack(list(carries))
+
+
+# The cells a run can choose (``--cell``, ``validate.CELLS``), in this order. Adding one: its step
+# above, its CellSpec here, its NumPy reference in tests/reference.py (docs/implementations.md).
+CELLS: dict[str, CellSpec] = {spec.name: spec for spec in (
+    CellSpec("rnn", ("h",), rnn_step, takes_activation=True, torch_module="nn.RNN"),
+    CellSpec("gru", ("r", "z", "n"), gru_step, adds_input=False, torch_module="nn.GRU"),
+    CellSpec("lstm", ("i", "f", "g", "o"), lstm_step, pair=True, torch_module="nn.LSTM",
+             cudnn=True),
+)}
+
+
+def cell_spec(name: str) -> CellSpec:
+  """The :class:`CellSpec` of cell ``name``; a ``UsageError`` naming the choices otherwise."""
+  return CELLS[validate.cell(name)]
+
+
 def step(cell: str, params: dict, carry: Carry, gx: Array, activation: str = "tanh"):
   """One time step of ``cell``: ``(carry, gx <float32>[batch, G*hiddens]) -> (carry, H_t)``."""
-  if cell == "rnn":
-    return rnn_step(params, carry, gx, activation)
-  if cell == "gru":
-    return gru_step(params, carry, gx)
-  validate.cell(cell)
-  return lstm_step(params, carry, gx)
+  return cell_spec(cell)(params, carry, gx, activation)
 
 
 class Cell(nn.Module):
@@ -203,19 +298,19 @@ class Cell(nn.Module):
   ``~ U(-1/√num_hiddens, 1/√num_hiddens)``.
 
   Attributes:
-    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    cell: a name in :data:`CELLS` (``"rnn"``, ``"gru"``, ``"lstm"``).
     num_inputs: width of ``X_t`` (the vocabulary size for layer 0 with one-hot inputs).
     num_hiddens: width of ``H_t``.
     activation: φ for the RNN, ``"tanh"`` or ``"relu"``; ignored by GRU and LSTM.
   """
 
-  cell: CellName
+  cell: str
   num_inputs: int
   num_hiddens: int
   activation: Activation = "tanh"
 
   def setup(self):
-    width = NUM_GATES[self.cell] * self.num_hiddens
+    width = cell_spec(self.cell).num_gates * self.num_hiddens
     init = torch_uniform(self.num_hiddens)
     self.W_xh = self.param("W_xh", init, (self.num_inputs, width))
     self.W_hh = self.param("W_hh", init, (self.num_hiddens, width))

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from deeprnn_jax import checkpoint, cli, editions, files, interop, presets, training
+from deeprnn_jax import cells, checkpoint, cli, editions, files, interop, presets, training
 from deeprnn_jax.config import TrainConfig, parse_activation
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.rundir import RunDir
@@ -126,8 +126,10 @@ def to_torch(args: argparse.Namespace) -> int:
   saved = checkpoint.load_checkpoint(args.to_torch)
   params = checkpoint.model_params(saved, args.model, args.to_torch)
   cfg = saved.config
-  if cfg.cell == "rnn" and not isinstance(cfg.activation, str) and len(set(cfg.activation)) > 1:
-    raise UsageError(f"nn.RNN has one nonlinearity for all layers; this run uses "
+  spec = interop.torch_cell(cfg.cell)
+  if (spec.takes_activation and not isinstance(cfg.activation, str)
+      and len(set(cfg.activation)) > 1):
+    raise UsageError(f"{spec.torch_module} has one nonlinearity for all layers; this run uses "
                      f"{', '.join(cfg.activation)}")
   book = editions.edition(cfg)
   state_dict = book.to_torch(interop.params_to_torch(params, cfg.cell, cfg.num_layers))
@@ -135,14 +137,19 @@ def to_torch(args: argparse.Namespace) -> int:
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, buffer)
   files.atomic_write_bytes(out, buffer.getvalue())
   vocab_size = state_dict["linear.bias"].shape[0]
-  layer = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}[cfg.cell]
+  layer = spec.torch_module
   extra = ""
-  if cfg.cell == "rnn":
+  if spec.takes_activation:  # PyTorch's nonlinearity
     act = cfg.activation if isinstance(cfg.activation, str) else cfg.activation[0]
     extra = f", nonlinearity={act!r}"
   layer = f"{layer}({vocab_size}, {cfg.num_hiddens}, num_layers={cfg.num_layers}{extra})"
   print(f"wrote {out}: load it into {book.torch_model(layer, vocab_size, cfg)}")
   return 0
+
+
+def _either(words: Sequence[str]) -> str:
+  """``a, b or c``."""
+  return " or ".join(filter(None, (", ".join(words[:-1]), words[-1])))
 
 
 def parser(preset: str = "classic") -> argparse.ArgumentParser:
@@ -167,8 +174,10 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
                       "(--from-torch; d2l-en: d2l 1.0's RNNLM), the defaults of the flags below")
   m = p.add_argument_group("the PyTorch model (--from-torch)")
   fixed = preset != "classic"  # a preset names the layer; the classic edition's has every kind
+  torch_cells = {name: s.torch_module for name, s in cells.CELLS.items() if s.torch_module}
   m.add_argument("--cell", default=defaults.cell if fixed else None,
-                 help="rnn, gru or lstm: the RNNModel's nn.RNN/GRU/LSTM")
+                 help=f"{_either(list(torch_cells))}: the RNNModel's "
+                      f"{_either(list(torch_cells.values()))}")
   m.add_argument("--num-layers", type=int, default=defaults.num_layers if fixed else None,
                  help="its num_layers")
   m.add_argument("--activation", default=None,

@@ -9,9 +9,11 @@ d2l's ``RNNModel`` (classic edition, ``d2l/torch.py``) holds a recurrent layer `
     rnn.bias_hh_l{k}   <float32>[G*H]               = b_hh
 
 and ``linear.weight <float32>[vocab_size, H]`` (= ``W_hq.T``), ``linear.bias <float32>[vocab_size]``
-(= ``b_q``). The gates already sit in PyTorch's order in :mod:`deeprnn_jax.cells`, so converting is
-transposing, both ways exactly. States need nothing: :class:`~deeprnn_jax.models.RNNLM` takes and
-returns them in PyTorch's ``[num_layers, batch, H]`` layout (LSTM: ``(H, C)``).
+(= ``b_q``). Each cell's spec (``cells.CELLS``) names its PyTorch layer (``torch_module``) and
+PyTorch's gate order; the three cells' gates already sit in that order, so converting them is
+transposing, both ways exactly (a cell whose order differs has its gate blocks reordered too).
+States need nothing: :class:`~deeprnn_jax.models.RNNLM` takes and returns them in PyTorch's
+``[num_layers, batch, H]`` layout (LSTM: ``(H, C)``).
 
 d2l 1.0 (the English edition, ``d2l.RNNLM``) holds its ``nn.GRU`` one module deeper, in
 ``d2l.GRU``'s ``rnn``: its keys are ``rnn.rnn.weight_ih_l{k}`` … (:data:`D2L_EN_RNN_PREFIX`) and the
@@ -98,15 +100,33 @@ def to_numpy(value, key: str = "value") -> np.ndarray:
   return array.astype(np.float32)
 
 
-def _check_cell(cell: str, num_layers) -> int:
+def torch_cell(cell: str) -> cells.CellSpec:
+  """The spec of ``cell``, if it has a PyTorch layer (``CellSpec.torch_module``) to convert."""
+  spec = cells.cell_spec(cell)
+  if spec.torch_module is None:
+    raise UsageError(f"cell {cell!r} has no PyTorch layer to convert to or from")
+  return spec
+
+
+def _check_cell(cell: str, num_layers) -> cells.CellSpec:
   validate.positive_int("number of layers", num_layers)
-  return cells.NUM_GATES[validate.cell(cell)]
+  return torch_cell(cell)
 
 
 def _cell_guess(rows: int, cols: int) -> str:
   """Which cells a ``[rows, cols]`` ``weight_hh`` would fit, for error messages."""
-  fits = [c for c, g in cells.NUM_GATES.items() if rows == g * cols]
+  fits = [name for name, spec in cells.CELLS.items()
+          if spec.torch_module is not None and rows == spec.num_gates * cols]
   return f"it fits {' or '.join(fits)}" if fits else "it fits no cell"
+
+
+def _reorder_gates(array: np.ndarray, order: tuple[str, ...], to: tuple[str, ...]) -> np.ndarray:
+  """``array``'s gate blocks (PyTorch's layout: ``G`` blocks along axis 0, in ``order``) in the
+  order ``to``."""
+  if order == to:
+    return array
+  blocks = np.split(array, len(order), axis=0)
+  return np.concatenate([blocks[order.index(gate)] for gate in to], axis=0)
 
 
 def _check_keys(keys, num_layers: int) -> None:
@@ -150,7 +170,7 @@ def infer_sizes(state_dict: Mapping[str, Any], cell: str, num_layers: int) -> tu
     UsageError: naming the first missing, unexpected or misshapen key, or a gate count that is
       not ``cell``'s (rows of ``weight_ih``/``weight_hh`` must be ``G * H``).
   """
-  num_gates = _check_cell(cell, num_layers)
+  num_gates = _check_cell(cell, num_layers).num_gates
   _check_keys(list(state_dict.keys()), num_layers)
   shape = lambda key: tuple(np.shape(state_dict[key]))
   hh = shape("rnn.weight_hh_l0")
@@ -184,7 +204,8 @@ def params_from_torch(state_dict: Mapping[str, Any], cell: str, num_layers: int)
   Args:
     state_dict: ``rnn.{weight,bias}_{ih,hh}_l{k}``, ``linear.weight`` and ``linear.bias``, as
       torch tensors or NumPy arrays (``model.state_dict()``, or a ``torch.load``-ed file).
-    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``: what the state dict's ``nn.RNN/GRU/LSTM`` was.
+    cell: the cell (``"rnn"``, ``"gru"``, ``"lstm"``) whose ``CellSpec.torch_module`` the state
+      dict's layer is (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``).
     num_layers: its ``num_layers``.
 
   Returns:
@@ -195,12 +216,14 @@ def params_from_torch(state_dict: Mapping[str, Any], cell: str, num_layers: int)
     UsageError: a missing or unexpected key, a wrong shape, or a gate count not ``cell``'s.
   """
   infer_sizes(state_dict, cell, num_layers)
+  spec = cells.cell_spec(cell)
   rnn = {}
   for k in range(num_layers):
     layer = {}
     for torch_name, name, transpose in _LAYER_PARAMS:
       key = f"rnn.{torch_name}_l{k}"
-      array = to_numpy(state_dict[key], key)
+      array = _reorder_gates(to_numpy(state_dict[key], key), spec.torch_gates or spec.gates,
+                             spec.gates)
       layer[name] = np.ascontiguousarray(array.T if transpose else array)
     rnn[f"layer_{k}"] = layer
   return {
@@ -230,7 +253,7 @@ def params_to_torch(params: Mapping[str, Any], cell: str, num_layers: int) -> di
   Raises:
     UsageError: params that are not a ``num_layers``-layer ``cell`` model.
   """
-  _check_cell(cell, num_layers)
+  spec = _check_cell(cell, num_layers)
   try:
     extra = sorted(set(params) - {"rnn", "W_hq", "b_q"})
   except TypeError:
@@ -247,7 +270,9 @@ def params_to_torch(params: Mapping[str, Any], cell: str, num_layers: int) -> di
     for torch_name, name, transpose in _LAYER_PARAMS:
       path = f"rnn/layer_{k}/{name}"
       array = to_numpy(_get(params, path), path)
-      state_dict[f"rnn.{torch_name}_l{k}"] = np.ascontiguousarray(array.T if transpose else array)
+      array = _reorder_gates(array.T if transpose else array, spec.gates,
+                             spec.torch_gates or spec.gates)
+      state_dict[f"rnn.{torch_name}_l{k}"] = np.ascontiguousarray(array)
   state_dict["linear.weight"] = np.ascontiguousarray(to_numpy(_get(params, "W_hq"), "W_hq").T)
   state_dict["linear.bias"] = to_numpy(_get(params, "b_q"), "b_q")
   try:

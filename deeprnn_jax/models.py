@@ -25,8 +25,6 @@ Parameters (``params`` of :class:`RNNLM`)::
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,26 +39,11 @@ def _time_major(inputs: Array) -> Array:
   return inputs.T if inputs.ndim == 2 else jnp.swapaxes(inputs, 0, 1)
 
 
-def state_to_carries(cell: str, state) -> list:
-  """d2l layout ``[L, batch, hiddens]`` (LSTM: a pair) -> one carry per layer."""
-  if cell == "lstm":
-    h, c = state
-    return [(h[l], c[l]) for l in range(h.shape[0])]
-  return [state[l] for l in range(state.shape[0])]
-
-
-def carries_to_state(cell: str, carries: Sequence):
-  """One carry per layer -> d2l layout ``[L, batch, hiddens]`` (LSTM: a pair)."""
-  if cell == "lstm":
-    return (jnp.stack([h for h, _ in carries]), jnp.stack([c for _, c in carries]))
-  return jnp.stack(list(carries))
-
-
 class _Stack(nn.Module):
   """The attributes of L stacked recurrent layers.
 
   Attributes:
-    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    cell: a name in ``cells.CELLS`` (``"rnn"``, ``"gru"``, ``"lstm"``).
     num_inputs: width of ``X_t`` (the vocabulary size for one-hot inputs).
     num_hiddens: width of every layer's hidden state.
     activations: φ_l for each layer (RNN only).
@@ -182,9 +165,10 @@ class CudnnLSTM(_Stack):
     if inputs.ndim == 2:
       inputs = jax.nn.one_hot(inputs, self.num_inputs, dtype=jnp.float32)
     layers = [layer.weights for layer in self.layer_cells()]
-    h0, c0 = carries_to_state("lstm", carries)
+    spec = cells.cell_spec(self.cell)
+    h0, c0 = spec.stacked_state(carries)
     hs, h_n, c_n = cudnn.lstm_stack(layers, inputs, h0, c0)
-    return tuple(state_to_carries("lstm", (h_n, c_n))), hs
+    return tuple(spec.layer_carries((h_n, c_n))), hs
 
 
 class RNNLM(nn.Module):
@@ -197,12 +181,13 @@ class RNNLM(nn.Module):
     vocab_size: number of tokens.
     num_hiddens: hidden units per layer.
     num_layers: L.
-    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    cell: a name in ``cells.CELLS``: ``"rnn"``, ``"gru"`` or ``"lstm"``.
     activation: φ for RNN layers, one name or one per layer.
     dropout: drop probability between recurrent layers (training only).
     impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation),
       ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
-      dropout, one cuDNN call; JAX's reference of it off the GPU).
+      dropout, one cuDNN call; JAX's reference of it off the GPU). A cell that does not fit the
+      fast kernels (``cells.CellSpec.fits_kernels``) runs under ``"scan"`` only.
     precision: ``"float32"`` (default) or ``"bfloat16"``: the recurrent layers' products take
       bfloat16 operands and accumulate in float32 (``layerwise`` and ``wavefront`` only; the
       head, the state, the nonlinearities and the parameters stay float32).
@@ -229,8 +214,7 @@ class RNNLM(nn.Module):
   def begin_state(self, batch_size: int = 1):
     """Zeros in d2l/PyTorch layout: ``<float32>[num_layers, batch, num_hiddens]``
     (LSTM: ``(H, C)``)."""
-    h = jnp.zeros((self.num_layers, batch_size, self.num_hiddens), jnp.float32)
-    return (h, h) if self.cell == "lstm" else h
+    return cells.cell_spec(self.cell).zero_state((self.num_layers, batch_size, self.num_hiddens))
 
   @nn.compact
   def __call__(self, X: Array, state=None, deterministic: bool = True):
@@ -244,6 +228,7 @@ class RNNLM(nn.Module):
     Returns:
       ``(logits <float32>[batch, steps, vocab_size], state)``.
     """
+    spec = cells.cell_spec(self.cell)
     if state is None:
       state = self.begin_state(X.shape[0])
     if self.impl == "scan":
@@ -255,11 +240,11 @@ class RNNLM(nn.Module):
         self.cell, self.vocab_size, self.num_hiddens,
         layer_activations(self.activation, self.num_layers), self.dropout, deterministic,
         self.precision, self.unroll or recurrence.default_unroll(), name="rnn",
-    )(tuple(state_to_carries(self.cell, state)), inputs)
+    )(tuple(spec.layer_carries(state)), inputs)
     init = cells.torch_uniform(self.num_hiddens)
     W_hq = self.param("W_hq", init, (self.num_hiddens, self.vocab_size))
     b_q = self.param("b_q", init, (self.vocab_size,))
-    return hs @ W_hq + b_q, carries_to_state(self.cell, carries)
+    return hs @ W_hq + b_q, spec.stacked_state(carries)
 
 
 def from_config(config: TrainConfig, vocab_size: int) -> RNNLM:

@@ -31,6 +31,10 @@ projection with the same treatment of its backward products.
 recurrence whose hidden state is all layers' ``H`` side by side and whose ``W`` is block
 bidiagonal (for the GRU, with its input blocks in extra columns), ``steps + L - 1`` sequential
 steps instead of ``L * steps``. Measurements: BENCHMARKS.md.
+
+Both run a cell only if its step keeps the rule they are built on (``cells.CellSpec.fits_kernels``:
+it computes ``H_{t-1} W_hh`` once and uses ``W_hh`` and ``b_hh`` only through ``H_{t-1} W_hh +
+b_hh``); another cell is refused with a ``UsageError`` (``validate.fast_kernels``).
 """
 
 from __future__ import annotations
@@ -75,10 +79,6 @@ class _Product:
     return self.product
 
 
-def _hidden(cell: str, carry):
-  return carry[0] if cell == "lstm" else carry
-
-
 def _split(unroll: int, steps: int) -> int:
   # unroll > steps only inflates the program.
   return max(1, min(unroll, steps))
@@ -92,26 +92,25 @@ def _split(unroll: int, steps: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _LayerStep:
-  """One layer: ``cells.step`` with ``W = W_hh``, ``b = b_hh``, ``x = gx_t``."""
+  """One layer: the cell's step with ``W = W_hh``, ``b = b_hh``, ``x = gx_t``."""
 
-  cell: str
+  spec: cells.CellSpec
   activation: str
 
   def hidden(self, carry) -> Array:
-    return _hidden(self.cell, carry)
+    return self.spec.hidden(carry)
 
   @property
   def dx_is_dgates(self) -> bool:
-    """``x`` is added to the gates before any nonlinearity (not the GRU's ``n``)."""
-    return self.cell != "gru"
+    """``x`` is added to the gates before any nonlinearity (``CellSpec.adds_input``)."""
+    return self.spec.adds_input
 
   def dx_from_dgates(self, d_gates: Array, xs):
     """``∂L/∂xs`` from the gate gradient, where :attr:`dx_is_dgates`."""
     return d_gates
 
   def __call__(self, product, b_rows, carry, gx):
-    return cells.step(self.cell, {"W_hh": _Product(product), "b_hh": b_rows}, carry, gx,
-                      self.activation)
+    return self.spec({"W_hh": _Product(product), "b_hh": b_rows}, carry, gx, self.activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,18 +119,19 @@ class _WaveStep:
 
   ``hidden(carry) = [H^(0) … H^(L-1)]`` ``<float32>[batch, L*H]``, so that one product with
   :func:`wave_scan`'s ``W`` gives every layer's ``H_{t-1}^(l) W_hh`` and ``H_t^(l-1) W_xh``:
-  layer ``l-1``'s current carry is the input layer ``l`` needs. RNN and LSTM add the two, so
-  ``W`` is block bidiagonal (``[L*H, L*G*H]``); the GRU keeps ``W_xn`` outside ``R ⊙ (·)``, so
-  its ``W`` has the input blocks in ``L - 1`` more columns. ``x = (gx, valid)``: layer 0's
-  ``X_t W_xh + b_xh`` ``<float32>[batch, G*H]`` and ``valid <float32>[L]``, which keeps a
-  layer's carry unchanged at the wave steps before its first and after its last time step.
+  layer ``l-1``'s current carry is the input layer ``l`` needs. Where the cell adds the two
+  (``CellSpec.adds_input``: RNN, LSTM), ``W`` is block bidiagonal (``[L*H, L*G*H]``); the GRU
+  keeps ``W_xn`` outside ``R ⊙ (·)``, so its ``W`` has the input blocks in ``L - 1`` more
+  columns. ``x = (gx, valid)``: layer 0's ``X_t W_xh + b_xh`` ``<float32>[batch, G*H]`` and
+  ``valid <float32>[L]``, which keeps a layer's carry unchanged at the wave steps before its
+  first and after its last time step.
   """
 
-  cell: str
+  spec: cells.CellSpec
   activations: tuple[str, ...]
 
   def hidden(self, carry) -> Array:
-    return jnp.concatenate([_hidden(self.cell, c) for c in carry], axis=-1)
+    return jnp.concatenate([self.spec.hidden(c) for c in carry], axis=-1)
 
   dx_is_dgates = _LayerStep.dx_is_dgates
 
@@ -148,14 +148,14 @@ class _WaveStep:
     for l, activation in enumerate(self.activations):
       if l == 0:
         gx = gx0
-      elif self.cell == "gru":
+      elif not self.spec.adds_input:
         gx = product[:, block(L + l - 1)] + b_rows[:, block(L + l - 1)]
       else:
         gx = 0.0  # W_xh's product and b_xh are in this layer's block of product and b_rows.
-      c, _ = _LayerStep(self.cell, activation)(product[:, block(l)], b_rows[:, block(l)],
+      c, _ = _LayerStep(self.spec, activation)(product[:, block(l)], b_rows[:, block(l)],
                                                carry[l], gx)
       new.append(jax.tree.map(lambda n, o: jnp.where(valid[l] > 0, n, o), c, carry[l]))
-    return tuple(new), _hidden(self.cell, new[-1])
+    return tuple(new), self.spec.hidden(new[-1])
 
 
 def _forward(step, unroll, precision, W, b, carry, xs, keep=False):
@@ -184,9 +184,9 @@ def _forward(step, unroll, precision, W, b, carry, xs, keep=False):
 def _recurrent_scan(step, unroll: int, precision: str, W: Array, b: Array, carry, xs):
   """``lax.scan`` of ``step`` with the backward pass described in the module docstring.
 
-  Where the step adds ``x`` to the gates before any nonlinearity (RNN, LSTM), the gradient of
-  ``x`` is the gate gradient (``step.dx_from_dgates``): one ``[steps, batch, G*H]`` output
-  buffer less for the backward scan to fill.
+  Where the step adds ``x`` to the gates before any nonlinearity (``CellSpec.adds_input``: RNN,
+  LSTM), the gradient of ``x`` is the gate gradient (``step.dx_from_dgates``): one
+  ``[steps, batch, G*H]`` output buffer less for the backward scan to fill.
   """
   return _forward(step, unroll, precision, W, b, carry, xs)
 
@@ -224,24 +224,32 @@ def _recurrent_scan_bwd(step, unroll, precision, res, cotangents):
 _recurrent_scan.defvjp(_recurrent_scan_fwd, _recurrent_scan_bwd)
 
 
+def _kernel_spec(cell: str, impl: str) -> cells.CellSpec:
+  """The spec of ``cell``; a ``UsageError`` if it does not fit the kernels ``impl`` runs."""
+  validate.fast_kernels(cell, impl)
+  return cells.cell_spec(cell)
+
+
 def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array, carry,
                gx: Array, precision: str = "float32"):
   """One layer's recurrence over time.
 
   Args:
-    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    cell: a name in ``cells.CELLS`` whose spec :attr:`~deeprnn_jax.cells.CellSpec.fits_kernels`
+      (``"rnn"``, ``"gru"``, ``"lstm"``).
     activation: φ for the RNN (``"tanh"`` or ``"relu"``); ignored by GRU and LSTM.
     unroll: ``lax.scan`` unroll factor (:func:`default_unroll` for the backend's measured best).
     W_hh: ``<float32>[H, G*H]``.
     b_hh: ``<float32>[G*H]``.
-    carry: ``H_0 <float32>[batch, H]`` (LSTM: the pair ``(H_0, C_0)``).
+    carry: ``H_0 <float32>[batch, H]`` (LSTM: the pair ``(H_0, C_0)``; ``CellSpec.pair``).
     gx: the input part ``X_t W_xh + b_xh`` of every step, ``<float32>[steps, batch, G*H]``.
     precision: the products' operand type, a key of :data:`PRECISIONS`.
 
   Returns:
     ``(carry_T, hs <float32>[steps, batch, H])``, as ``lax.scan`` over ``cells.step``.
   """
-  return _recurrent_scan(_LayerStep(cell, activation), unroll, precision, W_hh, b_hh, carry, gx)
+  step = _LayerStep(_kernel_spec(cell, "layerwise"), activation)
+  return _recurrent_scan(step, unroll, precision, W_hh, b_hh, carry, gx)
 
 
 def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list[dict],
@@ -261,10 +269,11 @@ def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list
     ``(carries_T, hs <float32>[steps, batch, H])`` with ``hs`` the last layer's outputs: the
     same as :func:`layer_scan` layer after layer.
   """
+  spec = _kernel_spec(cell, "wavefront")
   L, (steps, _, width) = len(layers), gx0.shape
   H = layers[0]["W_hh"].shape[0]
   zeros = jnp.zeros((H, width), gx0.dtype)
-  if cell == "gru":  # [W_hh blocks on the diagonal | W_xh^(k+1) in row k of L-1 more columns]
+  if not spec.adds_input:  # [W_hh blocks on the diagonal | W_xh^(k+1) in row k of L-1 more columns]
     block = lambda k, j: (layers[k]["W_hh"] if j == k else
                           layers[k + 1]["W_xh"] if j == L + k else zeros)
     columns = 2 * L - 1
@@ -280,7 +289,7 @@ def wave_scan(cell: str, activations: tuple[str, ...], unroll: int, layers: list
   s, l = jnp.arange(waves)[:, None], jnp.arange(L)[None, :]
   valid = ((s >= l) & (s < steps + l)).astype(gx0.dtype)  # <float32>[waves, L]
   gx = jnp.pad(gx0, ((0, L - 1), (0, 0), (0, 0)))
-  carries, ys = _recurrent_scan(_WaveStep(cell, tuple(activations)), unroll, precision, W, b,
+  carries, ys = _recurrent_scan(_WaveStep(spec, tuple(activations)), unroll, precision, W, b,
                                 tuple(carries), (gx, valid))
   return carries, ys[L - 1:]
 
@@ -347,4 +356,5 @@ def layer_scan_autodiff(cell: str, activation: str, unroll: int, W_hh: Array, b_
 
   The same function; kept as the baseline the custom backward pass is measured against.
   """
-  return _forward(_LayerStep(cell, activation), unroll, "float32", W_hh, b_hh, carry, gx)
+  step = _LayerStep(_kernel_spec(cell, "layerwise"), activation)
+  return _forward(step, unroll, "float32", W_hh, b_hh, carry, gx)

@@ -1,8 +1,10 @@
 """The names a run can choose from, and the checks every layer of the project shares.
 
-Plain Python, no JAX: a configuration is checked (and its errors reported) before anything heavy
-is imported. Every check raises :class:`~deeprnn_jax.errors.UsageError` with one line that names
-the setting and the value it got.
+Plain Python: importing it imports no JAX, so a configuration is checked (and its errors
+reported) before JAX starts. The cells are the one exception: their names and what each can run
+are declared with their equations (``deeprnn_jax.cells.CELLS``), which a check of a cell imports
+the first time (JAX is imported, not started). Every check raises
+:class:`~deeprnn_jax.errors.UsageError` with one line that names the setting and the value it got.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Literal, Sequence, get_args
 
 from deeprnn_jax.errors import UsageError
 
-Cell = Literal["rnn", "gru", "lstm"]
+Cell = str  # a name in deeprnn_jax.cells.CELLS (CELLS below)
 Activation = Literal["tanh", "relu"]
 Impl = Literal["layerwise", "scan", "wavefront", "cudnn"]
 Precision = Literal["float32", "bfloat16"]
@@ -22,7 +24,6 @@ Schedule = Literal["constant", "cosine"]
 Cleaning = Literal["d2l", "none"]
 Pipeline = Literal["classic", "windows"]
 
-CELLS: tuple[str, ...] = get_args(Cell)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 IMPLS: tuple[str, ...] = get_args(Impl)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -47,9 +48,33 @@ def one_of(name: str, value, choices: Sequence[str]) -> str:
   return value
 
 
+def _cells() -> dict:
+  """``deeprnn_jax.cells.CELLS``, the registry of cells (name -> ``CellSpec``)."""
+  from deeprnn_jax import cells  # JAX code: imported on first use, not with this module
+  return cells.CELLS
+
+
+def __getattr__(name: str):
+  if name == "CELLS":  # the cells' names, read from the registry each time
+    return tuple(_cells())
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def cell(value) -> str:
-  """``value``, if it names a known cell (``rnn``, ``gru``, ``lstm``)."""
-  return one_of("cell", value, CELLS)
+  """``value``, if it names a registered cell (``rnn``, ``gru``, ``lstm``)."""
+  return one_of("cell", value, tuple(_cells()))
+
+
+KERNEL_RULE = ("its step must compute H_{t-1} W_hh once and use W_hh and b_hh only through "
+               "H_{t-1} W_hh + b_hh: cells.CellSpec.fits_kernels")
+
+
+def fast_kernels(cell_name: str, impl: str) -> None:
+  """Raises :class:`UsageError` where ``impl`` is a fast one (every impl but ``"scan"``) and the
+  cell breaks the rule the fast kernels are built on (``cells.CellSpec.fits_kernels``)."""
+  if impl != "scan" and not _cells()[cell(cell_name)].fits_kernels:
+    raise UsageError(f"cell {cell_name!r} does not fit the fast kernels of impl {impl!r} "
+                     f"({KERNEL_RULE}); use impl 'scan'")
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the parameters' type: a larger number is inf there
@@ -84,19 +109,21 @@ def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, ac
           dropout: float, impl: str = "layerwise", precision: str = "float32",
           unroll: int | None = None) -> None:
   """Raises :class:`UsageError` for hyperparameters no model can have."""
-  cell(cell_name)
+  spec = _cells()[cell(cell_name)]
   positive_int("vocabulary size", vocab_size)
   positive_int("number of hidden units", num_hiddens)
   positive_int("number of layers", num_layers)
   names = layer_activations(activation, num_layers)
-  if cell_name != "rnn" and set(names) != {"tanh"}:
+  if not spec.takes_activation and set(names) != {"tanh"}:
     raise UsageError(f"the activation is the RNN's φ; a {cell_name.upper()} has its own gate "
                      f"nonlinearities (got {activation!r})")
   fraction("dropout", dropout)
   one_of("impl", impl, IMPLS)
+  fast_kernels(cell_name, impl)
   dropped = dropout > 0.0 and num_layers > 1  # one layer has nowhere to drop
-  if impl == "cudnn" and (cell_name != "lstm" or dropped):
-    raise UsageError(f"impl 'cudnn' runs LSTMs without dropout (got cell {cell_name!r}, "
+  if impl == "cudnn" and (not spec.cudnn or dropped):
+    kinds = " or ".join(f"{name.upper()}s" for name, s in _cells().items() if s.cudnn)
+    raise UsageError(f"impl 'cudnn' runs {kinds} without dropout (got cell {cell_name!r}, "
                      f"dropout {dropout}); use impl 'layerwise'")
   if impl == "wavefront" and dropped:
     raise UsageError(f"impl 'wavefront' runs without dropout (got {dropout}); use impl "

@@ -22,15 +22,17 @@ Equations, for layer ``l`` at time ``t`` with input ``X`` (``H_t^(l-1)``, or the
         C_t = σ(F) ⊙ C + σ(I) ⊙ tanh(G)
         H_t = σ(O) ⊙ tanh(C_t)
   head: O_t = H_t^(L) W_hq + b_q
+
+Each cell is one entry of :data:`CELLS` (its gate count, its state and its step), as each is one
+``CellSpec`` in ``deeprnn_jax.cells.CELLS``; tests/test_cells.py checks that the two list the same
+cells with the same layout.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
-
-NUM_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -89,6 +91,23 @@ def lstm_cell(p: dict, x: np.ndarray, h: np.ndarray, c: np.ndarray):
   return h, c
 
 
+class RefCell(NamedTuple):
+  """A cell of the reference: ``num_gates`` blocks fused on the parameters' last axis, a state
+  that is ``H`` or the pair ``(H, C)``, and ``step(p, x, state, φ) -> state``."""
+
+  num_gates: int
+  pair: bool
+  step: Callable
+
+
+CELLS = {
+    "rnn": RefCell(1, False, lambda p, x, h, phi: rnn_cell(p, x, h, phi)),
+    "gru": RefCell(3, False, lambda p, x, h, phi: gru_cell(p, x, h)),
+    "lstm": RefCell(4, True, lambda p, x, hc, phi: lstm_cell(p, x, *hc)),
+}
+NUM_GATES = {name: ref.num_gates for name, ref in CELLS.items()}
+
+
 def activations_per_layer(activations: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
   names = (activations,) * num_layers if isinstance(activations, str) else tuple(activations)
   assert len(names) == num_layers, (names, num_layers)
@@ -104,15 +123,16 @@ def reference_rnn(params: dict, X: np.ndarray, state, cell: str,
     X: token indices ``<int>[batch, steps]`` (one-hot encoded here) or inputs
       ``<float>[batch, steps, num_inputs]``.
     state: ``<[L, batch, hiddens]>`` (LSTM: ``(H, C)``), or ``None`` for zeros.
-    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    cell: a name in :data:`CELLS` (``"rnn"``, ``"gru"``, ``"lstm"``).
     activations: φ for every RNN layer, or one per layer.
 
   Returns:
     ``(outputs <float64>[batch, steps, hiddens], state)``: ``H_t^(L)`` for every ``t`` and the
     final state in the layout of ``state``.
   """
-  if cell not in NUM_GATES:
+  if cell not in CELLS:
     raise ValueError(f"unknown cell {cell!r}")
+  ref = CELLS[cell]
   p = _f64(params)
   num_layers = len(p)
   layers = [p[f"layer_{l}"] for l in range(num_layers)]
@@ -126,30 +146,24 @@ def reference_rnn(params: dict, X: np.ndarray, state, cell: str,
 
   if state is None:
     zeros = np.zeros((num_layers, batch, num_hiddens))
-    state = (zeros, zeros.copy()) if cell == "lstm" else zeros
-  if cell == "lstm":
-    H = [np.asarray(state[0], np.float64)[l].copy() for l in range(num_layers)]
-    C = [np.asarray(state[1], np.float64)[l].copy() for l in range(num_layers)]
+    state = (zeros, zeros.copy()) if ref.pair else zeros
+  # One state per layer: H, or the pair (H, C).
+  if ref.pair:
+    S = [tuple(np.asarray(s, np.float64)[l].copy() for s in state) for l in range(num_layers)]
   else:
-    H = [np.asarray(state, np.float64)[l].copy() for l in range(num_layers)]
-    C = None
+    S = [np.asarray(state, np.float64)[l].copy() for l in range(num_layers)]
 
   outputs = np.zeros((batch, steps, num_hiddens))
   for t in range(steps):
     x = X[:, t, :]
     for l in range(num_layers):
-      if cell == "rnn":
-        H[l] = rnn_cell(layers[l], x, H[l], phis[l])
-      elif cell == "gru":
-        H[l] = gru_cell(layers[l], x, H[l])
-      else:
-        H[l], C[l] = lstm_cell(layers[l], x, H[l], C[l])
-      x = H[l]
+      S[l] = ref.step(layers[l], x, S[l], phis[l])
+      x = S[l][0] if ref.pair else S[l]
     outputs[:, t, :] = x
 
-  if cell == "lstm":
-    return outputs, (np.stack(H), np.stack(C))
-  return outputs, np.stack(H)
+  if ref.pair:
+    return outputs, tuple(np.stack(parts) for parts in zip(*S))
+  return outputs, np.stack(S)
 
 
 def reference_forward(params: dict, X: np.ndarray, state, cell: str,
@@ -161,7 +175,7 @@ def reference_forward(params: dict, X: np.ndarray, state, cell: str,
       ``{"params": ...}`` is accepted too.
     X: token indices ``<int>[batch, steps]``.
     state: ``<[L, batch, hiddens]>`` (LSTM: ``(H, C)``), or ``None`` for zeros.
-    cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+    cell: a name in :data:`CELLS` (``"rnn"``, ``"gru"``, ``"lstm"``).
     activations: φ for every RNN layer, or one per layer (ignored by GRU and LSTM).
 
   Returns:

@@ -76,3 +76,12 @@ def test_textbook_gates_equal_the_numpy_reference_cells():
   gh = h @ p["W_hh"] + p["b_hh"]
   np.testing.assert_allclose(gru_textbook(*f32(x[:, :3 * H], gh, h)),
                              reference.gru_cell(p, x[:, :3 * H], h), atol=2e-6)
+
+
+def test_every_cell_has_a_numpy_reference_of_the_same_layout():
+  """Each ``CellSpec`` in ``cells.CELLS`` has its entry in the NumPy reference, in the same
+  order, with the same number of gates and the same state (``H`` or the pair ``(H, C)``)."""
+  assert list(reference.CELLS) == list(cells.CELLS)
+  for name, spec in cells.CELLS.items():
+    assert (reference.CELLS[name].num_gates, reference.CELLS[name].pair) == (spec.num_gates,
+                                                                            spec.pair), name

@@ -25,7 +25,16 @@ import optax
 import pytest
 from jax.experimental import rnn
 from reference import NUM_GATES, reference_forward
-from test_models import assert_state, assert_state_close, layout_params, random_state, random_tokens
+from test_models import (
+  assert_state,
+  assert_state_close,
+  cell_cases,
+  cell_names,
+  impls_for,
+  layout_params,
+  random_state,
+  random_tokens,
+)
 
 from deeprnn_jax import cells, cudnn, generate, recurrence, training
 from deeprnn_jax.errors import UsageError
@@ -35,12 +44,7 @@ IMPLS = ("scan", "layerwise", "wavefront", "cudnn")
 TOL = dict(rtol=1e-5, atol=1e-5)
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 VOCAB, HIDDENS = 7, 5
-CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
-
-
-def impls_for(cell: str) -> tuple[str, ...]:
-  """The implementations that run ``cell`` (cuDNN's kernel is an LSTM's)."""
-  return tuple(i for i in IMPLS if i != "cudnn" or cell == "lstm")
+CELLS = cell_cases(fast=True)  # the cells the fast paths run, with each φ they take
 
 
 def _close(a, b, tol):
@@ -103,13 +107,13 @@ def _check(impl, cell, activation, num_layers, batch, steps, seed=0, unroll=None
 # parameter layout follows.
 
 
-@pytest.mark.parametrize("cell,activation", CELLS)
+@pytest.mark.parametrize("cell,activation", cell_cases(torch=True))
 def test_reference_matches_torch(cell, activation):
   import torch  # A declared test dependency (the "test" extra).
 
   batch, steps, hiddens, vocab, L = 2, 5, 4, 6, 2
   rng = np.random.default_rng(0)
-  G = NUM_GATES[cell]
+  G, spec = NUM_GATES[cell], cells.CELLS[cell]
   params = {"rnn": {}, "W_hq": rng.uniform(-0.5, 0.5, (hiddens, vocab)),
             "b_q": rng.uniform(-0.5, 0.5, vocab)}
   for l in range(L):
@@ -122,12 +126,11 @@ def test_reference_matches_torch(cell, activation):
   X = rng.integers(0, vocab, (batch, steps))
   h0 = rng.normal(size=(L, batch, hiddens))
   c0 = rng.normal(size=(L, batch, hiddens))
-  state = (h0, c0) if cell == "lstm" else h0
+  state = (h0, c0) if spec.pair else h0
 
-  if cell == "rnn":
-    net = torch.nn.RNN(vocab, hiddens, L, nonlinearity=activation, batch_first=True)
-  else:
-    net = getattr(torch.nn, cell.upper())(vocab, hiddens, L, batch_first=True)
+  layer = getattr(torch.nn, spec.torch_module.removeprefix("nn."))
+  nonlinearity = dict(nonlinearity=activation) if spec.takes_activation else {}
+  net = layer(vocab, hiddens, L, batch_first=True, **nonlinearity)
   net = net.double()
   with torch.no_grad():
     for l in range(L):
@@ -137,14 +140,14 @@ def test_reference_matches_torch(cell, activation):
       getattr(net, f"bias_ih_l{l}").copy_(torch.from_numpy(p["b_xh"]))
       getattr(net, f"bias_hh_l{l}").copy_(torch.from_numpy(p["b_hh"]))
     inputs = torch.nn.functional.one_hot(torch.from_numpy(X), vocab).double()
-    torch_state = tuple(torch.from_numpy(s) for s in state) if cell == "lstm" else \
+    torch_state = tuple(torch.from_numpy(s) for s in state) if spec.pair else \
         torch.from_numpy(state)
     out, torch_final = net(inputs, torch_state)
     torch_logits = (out @ torch.from_numpy(params["W_hq"]) + torch.from_numpy(params["b_q"]))
 
   logits, final = reference_forward(params, X, state, cell, activation)
   np.testing.assert_allclose(logits, torch_logits.numpy(), rtol=1e-10, atol=1e-10)
-  torch_final = tuple(s.numpy() for s in torch_final) if cell == "lstm" else torch_final.numpy()
+  torch_final = tuple(s.numpy() for s in torch_final) if spec.pair else torch_final.numpy()
   chex.assert_trees_all_close(final, torch_final, rtol=1e-10, atol=1e-10)
 
 
@@ -154,15 +157,15 @@ def test_reference_matches_torch(cell, activation):
 # (batch, steps, hiddens, vocab): batch 1 and steps 1 included.
 SHAPES = ((1, 1, 4, 5), (2, 5, 3, 7), (3, 4, 8, 6), (1, 6, 5, 4), (4, 1, 6, 9))
 
-# (name, cell, activation per model, layer counts): RNN tanh, relu and mixed per-layer φ_l; GRU;
-# LSTM. (Mixed needs L >= 2; relu at L = 2 is covered by the mixed cases.)
-KINDS = (
-    ("rnn_tanh", "rnn", lambda L: "tanh", (1, 2, 3)),
-    ("rnn_relu", "rnn", lambda L: "relu", (1, 3)),
-    ("rnn_mixed", "rnn", lambda L: ("relu", "tanh", "relu")[:L], (2, 3)),
-    ("gru", "gru", lambda L: "tanh", (1, 2, 3)),
-    ("lstm", "lstm", lambda L: "tanh", (1, 2, 3)),
-)
+# (name, cell, activation per model, layer counts) for every cell: a cell that takes φ (the RNN)
+# with tanh, relu and mixed per-layer φ_l; the others (GRU, LSTM) as they are. (Mixed needs
+# L >= 2; relu at L = 2 is covered by the mixed cases.)
+KINDS = tuple(
+    kind for cell in cell_names() for kind in (
+        ((f"{cell}_tanh", cell, lambda L: "tanh", (1, 2, 3)),
+         (f"{cell}_relu", cell, lambda L: "relu", (1, 3)),
+         (f"{cell}_mixed", cell, lambda L: ("relu", "tanh", "relu")[:L], (2, 3)))
+        if cells.CELLS[cell].takes_activation else ((cell, cell, lambda L: "tanh", (1, 2, 3)),)))
 
 
 def _forward_cases():
@@ -255,8 +258,9 @@ def test_cudnn_matches_scan_and_numpy(num_layers, batch, steps):
   _check("cudnn", "lstm", "tanh", num_layers, batch, steps, seed=num_layers)
 
 
-@pytest.mark.parametrize("cell,activation", [("rnn", ("relu", "tanh")), ("gru", "tanh"),
-                                             ("lstm", "tanh")])
+@pytest.mark.parametrize("cell,activation", [
+    (cell, ("relu", "tanh") if cells.CELLS[cell].takes_activation else "tanh")
+    for cell in cell_names()])
 def test_gradients_finite_and_equal_across_impls(cell, activation):
   """The training loss (mean cross-entropy) and its gradients, one compiled call for every
   implementation of the cell: finite, nonzero for every parameter, equal to impl="scan"'s, and
@@ -298,12 +302,13 @@ def test_gradients_finite_and_equal_across_impls(cell, activation):
     (c, a, 1) for c, a in CELLS] + [("lstm", "tanh", 3), ("gru", "tanh", 100)])
 def test_layer_scan_custom_vjp_matches_autodiff(cell, activation, unroll):
   """The kernel alone on dense gates; unroll 3 leaves a remainder of 7 steps, 100 exceeds them."""
-  steps, batch, G = 7, 3, cells.NUM_GATES[cell]
+  spec = cells.CELLS[cell]
+  steps, batch, G = 7, 3, spec.num_gates
   k = jax.random.split(jax.random.PRNGKey(2), 6)
   W_hh = 0.5 * jax.random.normal(k[0], (HIDDENS, G * HIDDENS))
   b_hh = jax.random.normal(k[1], (G * HIDDENS,))
   h = jax.random.normal(k[2], (batch, HIDDENS))
-  carry = (h, jax.random.normal(k[3], (batch, HIDDENS))) if cell == "lstm" else h
+  carry = (h, jax.random.normal(k[3], (batch, HIDDENS))) if spec.pair else h
   gx = jax.random.normal(k[4], (steps, batch, G * HIDDENS))
   d_hs = jax.random.normal(k[5], (steps, batch, HIDDENS))
 

@@ -22,9 +22,11 @@ import optax
 import pytest
 import torch
 from d2l_reference import RNNModel, predict_ch8, train_ch8
+from test_models import cell_cases, cell_names
 from torch import nn
 
 from deeprnn_jax import (
+  cells,
   checkpoint,
   convert,
   data,
@@ -38,7 +40,8 @@ from deeprnn_jax import (
 from deeprnn_jax.config import TrainConfig
 from deeprnn_jax.errors import UsageError
 
-CASES = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
+# The cells with a PyTorch layer (that the default impl runs), with each φ they take.
+CASES = cell_cases(fast=True, torch=True)
 LAYERS = [1, 2, 3]
 V, H, B, T = 10, 8, 3, 5  # Small, so that every case runs in well under a second.
 
@@ -58,9 +61,10 @@ def one_torch_thread():
 
 
 def torch_layer(cell, activation, vocab_size, num_hiddens, num_layers):
-  if cell == "rnn":
-    return nn.RNN(vocab_size, num_hiddens, num_layers, nonlinearity=activation)
-  return {"gru": nn.GRU, "lstm": nn.LSTM}[cell](vocab_size, num_hiddens, num_layers)
+  spec = cells.CELLS[cell]
+  layer = getattr(nn, spec.torch_module.removeprefix("nn."))
+  nonlinearity = dict(nonlinearity=activation) if spec.takes_activation else {}
+  return layer(vocab_size, num_hiddens, num_layers, **nonlinearity)
 
 
 def d2l_model(cell, activation="tanh", num_layers=2, vocab_size=V, num_hiddens=H, seed=0):
@@ -71,7 +75,7 @@ def d2l_model(cell, activation="tanh", num_layers=2, vocab_size=V, num_hiddens=H
 def random_state(cell, num_layers, seed=1):
   g = torch.Generator().manual_seed(seed)
   make = lambda: 0.5 * torch.randn(num_layers, B, H, generator=g)
-  return (make(), make()) if cell == "lstm" else make()
+  return (make(), make()) if cells.CELLS[cell].pair else make()
 
 
 def to_jax_state(state):
@@ -366,8 +370,9 @@ def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys, time_machine
   assert_trees_close(opt_state, optimizer.init(params), 0.0)  # Adam's zero moments, count 0.
 
 
-@pytest.mark.parametrize("cell,activation,num_layers",
-                         [("rnn", "relu", 1), ("gru", "tanh", 2), ("lstm", "tanh", 3)])
+@pytest.mark.parametrize("cell,activation,num_layers", [  # relu where the cell takes φ
+    (cell, "relu" if cells.CELLS[cell].takes_activation else "tanh", 1 + k % 3)
+    for k, cell in enumerate(cell_names(fast=True, torch=True))])
 def test_our_init_to_torch_loads_into_d2l_model(tmp_path, capsys, tm_vocab, cell, activation,
                                                 num_layers):
   cfg = TrainConfig(cell=cell, num_layers=num_layers, num_hiddens=H, activation=activation)
@@ -379,9 +384,9 @@ def test_our_init_to_torch_loads_into_d2l_model(tmp_path, capsys, tm_vocab, cell
   pt = tmp_path / "model.pt"
   code, out, err = run_convert(capsys, "--to-torch", tmp_path / "run", "--out", pt)
   assert (code, err) == (0, ""), err
-  layer = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}[cell]
-  assert f"{layer}({TM_VOCAB}, {H}, num_layers={num_layers}" in out
-  assert (f"nonlinearity='{activation}'" in out) == (cell == "rnn")
+  spec = cells.CELLS[cell]
+  assert f"{spec.torch_module}({TM_VOCAB}, {H}, num_layers={num_layers}" in out
+  assert (f"nonlinearity='{activation}'" in out) == spec.takes_activation
 
   net = d2l_model(cell, activation, num_layers, TM_VOCAB, H, seed=7)
   result = net.load_state_dict(torch.load(pt, weights_only=True), strict=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from reference import NUM_GATES, reference_forward
 
+from deeprnn_jax import cells, validate
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
@@ -22,11 +23,34 @@ IMPLS = ("scan", "layerwise")  # the implementations that take dropout between l
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+def cell_names(fast: bool = False, torch: bool = False) -> list[str]:
+  """The registered cells (``cells.CELLS``); ``fast``: those the fast kernels run
+  (``CellSpec.fits_kernels``); ``torch``: those with a PyTorch layer (``CellSpec.torch_module``)."""
+  return [name for name, spec in cells.CELLS.items()
+          if (spec.fits_kernels or not fast) and (spec.torch_module or not torch)]
+
+
+def cell_cases(fast: bool = False, torch: bool = False) -> list[tuple[str, str]]:
+  """``(cell, activation)`` for :func:`cell_names`: every φ of a cell that takes one (the RNN's
+  tanh and relu), tanh for the others."""
+  return [(name, activation) for name in cell_names(fast, torch)
+          for activation in (validate.ACTIVATIONS if cells.CELLS[name].takes_activation
+                             else ("tanh",))]
+
+
+def impls_for(cell: str) -> tuple[str, ...]:
+  """The implementations that run ``cell``: ``scan`` always, the fast ones where it fits their
+  kernels, ``cudnn`` where cuDNN has its kernel (the LSTM's)."""
+  spec = cells.CELLS[cell]
+  return ("scan",) + (("layerwise", "wavefront") if spec.fits_kernels else ()) + (
+      ("cudnn",) if spec.fits_kernels and spec.cudnn else ())
+
+
 def random_state(key, cell: str, num_layers: int, batch: int, hiddens: int):
   """A nonzero initial state in d2l layout."""
   kh, kc = jax.random.split(key)
   h = 0.5 * jax.random.normal(kh, (num_layers, batch, hiddens), jnp.float32)
-  if cell == "lstm":
+  if cells.CELLS[cell].pair:
     return h, 0.5 * jax.random.normal(kc, (num_layers, batch, hiddens), jnp.float32)
   return h
 
@@ -36,7 +60,7 @@ def random_tokens(key, batch: int, steps: int, vocab: int):
 
 
 def assert_state(state, cell: str, num_layers: int, batch: int, hiddens: int):
-  if cell == "lstm":
+  if cells.CELLS[cell].pair:
     assert isinstance(state, tuple) and len(state) == 2
     chex.assert_shape(state, (num_layers, batch, hiddens))
   else:
@@ -45,8 +69,9 @@ def assert_state(state, cell: str, num_layers: int, batch: int, hiddens: int):
 
 
 def assert_state_close(state, ref_state, cell: str):
-  chex.assert_trees_all_close(tuple(state) if cell == "lstm" else state,
-                              tuple(ref_state) if cell == "lstm" else ref_state, **TOL)
+  pair = cells.CELLS[cell].pair
+  chex.assert_trees_all_close(tuple(state) if pair else state,
+                              tuple(ref_state) if pair else ref_state, **TOL)
 
 
 def init_params(model: RNNLM, key, batch: int = 2, steps: int = 3):
@@ -78,13 +103,13 @@ def layout_params(seed: int, vocab: int, hiddens: int, num_layers: int, cell: st
 # Parameters: layout and initialisation.
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", cell_names())
 def test_init_same_for_every_impl_layout_and_bounds(cell):
   """``init`` gives the documented layout, the same for every implementation from one key, and
   every parameter (recurrent and head) ``~ U(-1/√hiddens, 1/√hiddens)``."""
   vocab, hiddens, L = 30, 16, 2
   key = jax.random.PRNGKey(14)
-  impls = ("scan", "layerwise", "wavefront") + (("cudnn",) if cell == "lstm" else ())
+  impls = impls_for(cell)
   params = {impl: init_params(RNNLM(vocab, hiddens, L, cell, impl=impl), key) for impl in impls}
   for impl in impls[1:]:
     chex.assert_trees_all_equal(params[impl], params["scan"])
@@ -93,7 +118,7 @@ def test_init_same_for_every_impl_layout_and_bounds(cell):
                                                 layout_params(0, vocab, hiddens, L, cell))
   assert_uniform_init(params["scan"], 1.0 / np.sqrt(hiddens))
   # Different keys give different parameters.
-  other = init_params(RNNLM(vocab, hiddens, L, cell), jax.random.PRNGKey(15))
+  other = init_params(RNNLM(vocab, hiddens, L, cell, impl="scan"), jax.random.PRNGKey(15))
   assert not np.allclose(other["W_hq"], params["scan"]["W_hq"])
 
 
@@ -199,17 +224,18 @@ def test_dropout_masks(impl):
 # begin_state, initialisation, bad hyperparameters.
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", cell_names())
 @pytest.mark.parametrize("num_layers,batch,hiddens", [(1, 1, 3), (3, 4, 7)])
 def test_begin_state(cell, num_layers, batch, hiddens):
-  state = RNNLM(5, hiddens, num_layers, cell).begin_state(batch)
+  model = RNNLM(5, hiddens, num_layers, cell, impl="scan")
+  state = model.begin_state(batch)
   assert_state(state, cell, num_layers, batch, hiddens)
   for leaf in jax.tree_util.tree_leaves(state):
     np.testing.assert_array_equal(leaf, 0.0)
-  if cell != "lstm":
+  if not cells.CELLS[cell].pair:
     assert not isinstance(state, tuple)
   # The default batch size is one.
-  assert_state(RNNLM(5, hiddens, num_layers, cell).begin_state(), cell, num_layers, 1, hiddens)
+  assert_state(model.begin_state(), cell, num_layers, 1, hiddens)
 
 
 @pytest.mark.parametrize("kwargs", [

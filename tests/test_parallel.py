@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_models import cell_names
 
 from deeprnn_jax import parallel, train, training
 from deeprnn_jax.errors import UsageError
@@ -121,7 +122,7 @@ def _epochs(cell, use_random_iter, dropout=0.0, shards=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", cell_names(fast=True))
 @pytest.mark.parametrize("use_random_iter", [False, True])
 def test_a_split_epoch_trains_as_one_device_does(cell, use_random_iter):
   (ts1, losses1), (ts2, losses2) = _epochs(cell, use_random_iter)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_implementations import projected_loss, random_like
+from test_models import cell_names
 
 from deeprnn_jax import data, parallel, recurrence, train, training
 from deeprnn_jax.config import TrainConfig
@@ -41,7 +42,7 @@ def _outputs_and_grads(model, *args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["layerwise", "wavefront"])
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", cell_names(fast=True))
 def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
   k = jax.random.split(jax.random.PRNGKey(3), 5)
   reference = RNNLM(VOCAB, HIDDENS, 2, cell, impl="scan")

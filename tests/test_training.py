@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from test_models import cell_names
 
 from deeprnn_jax import data, generate, pipeline, training
 from deeprnn_jax.errors import UsageError
@@ -311,7 +312,7 @@ def test_perplexity_overflow_is_inf():
   assert training.perplexity(0.0) == 1.0
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", cell_names(fast=True))
 def test_greedy_prediction_matches_d2l_loop_and_is_deterministic(cell):
   vocab = data.Vocab(list("abcdefghij "))
   model = RNNLM(len(vocab), 16, 2, cell)
