@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
                       "(d2l-en: d2l 1.0's deep GRU, docs/presets.md); the flags below override "
                       "it, their defaults shown are the classic edition's")
   m = p.add_argument_group("model")
-  m.add_argument("--cell", default=_D.cell, help=", ".join(validate.cell_names()))
+  m.add_argument("--cell", default=_D.cell, help=", ".join(validate.CELLS))
   m.add_argument("--num-layers", type=int, default=_D.num_layers)
   m.add_argument("--num-hiddens", type=int, default=_D.num_hiddens)
   m.add_argument("--activation", default=_D.activation,
