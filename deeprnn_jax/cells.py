@@ -272,7 +272,8 @@ class CellSpec:
 
 
 # The cells a run can choose (``--cell``, ``validate.CELLS``), in this order. Adding one: its step
-# above, its CellSpec here, its NumPy reference in tests/reference.py (docs/implementations.md).
+# above, its CellSpec here, its NumPy reference in tests/references/numpy_model.py
+# (docs/implementations.md).
 CELLS: dict[str, CellSpec] = {spec.name: spec for spec in (
     CellSpec("rnn", ("h",), rnn_step, takes_activation=True, torch_module="nn.RNN"),
     CellSpec("gru", ("r", "z", "n"), gru_step, adds_input=False, torch_module="nn.GRU"),

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import one_hot, sigmoid
-from test_implementations import projected_loss, random_like
+from helpers import projected_loss, random_like
+from references.numpy_model import one_hot, sigmoid
 
 from deeprnn_jax import cells, interop, recurrence, validate
 from deeprnn_jax.config import TrainConfig

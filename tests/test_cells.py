@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference
+from references import numpy_model as reference
 
 from deeprnn_jax import cells
 

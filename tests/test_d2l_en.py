@@ -1,16 +1,16 @@
 """d2l 1.0's run (``--preset d2l-en``): its pipeline, loss, training loop and figures against
-d2l 1.0's own code (``d2l_en_reference.py``)."""
+d2l 1.0's own code (``d2l_en.py``)."""
 
 from __future__ import annotations
 
 import json
 
-import d2l_en_reference as d2l
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from references import d2l_en as d2l
 
 from deeprnn_jax import (
   checkpoint,

@@ -8,11 +8,11 @@ import re
 import urllib.request
 from pathlib import Path
 
-import d2l_reference as d2l
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from references import d2l
 
 from deeprnn_jax import corpora, data
 from deeprnn_jax.data import DataError

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from cpu_runs import perplexities, train, train_processes
+from helpers import perplexities, train, train_processes
 
 from deeprnn_jax import distributed
 from deeprnn_jax import train as train_command

@@ -6,11 +6,11 @@ per layer, see ``deeprnn_jax.recurrence``), ``"wavefront"`` (all layers advance 
 ``"cudnn"`` (cuDNN's LSTM on a CUDA GPU; elsewhere JAX's reference of that kernel, so the weight
 packing, state layout and gradients through them are checked on every machine).
 
-Each is held to two references: the NumPy model in ``tests/reference.py``, written from the
-equations (itself checked against PyTorch here), and ``impl="scan"``. Forward values (logits and
-final state) agree to 1e-5, gradients to 1e-4. Then the kernels alone (the layer scan's custom VJP,
-the input projection), transformations (``jit``, ``vmap``, ``grad``), the paths taken without
-gradients (generation), one training epoch, and what an implementation refuses.
+Each is held to two references: the NumPy model in ``tests/references/numpy_model.py``, written
+from the equations (itself checked against PyTorch here), and ``impl="scan"``. Forward values
+(logits and final state) agree to 1e-5, gradients to 1e-4. Then the kernels alone (the layer
+scan's custom VJP, the input projection), transformations (``jit``, ``vmap``, ``grad``), the paths
+taken without gradients (generation), one training epoch, and what an implementation refuses.
 """
 
 from __future__ import annotations
@@ -23,18 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental import rnn
-from reference import NUM_GATES, reference_forward
-from test_models import (
+from helpers import (
   assert_state,
   assert_state_close,
   cell_cases,
   cell_names,
   impls_for,
   layout_params,
+  projected_loss,
+  random_like,
   random_state,
   random_tokens,
 )
+from jax.experimental import rnn
+from references.numpy_model import NUM_GATES, reference_forward
 
 from deeprnn_jax import cells, cudnn, generate, recurrence, training
 from deeprnn_jax.errors import UsageError
@@ -51,25 +53,8 @@ def _close(a, b, tol):
   chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
-def random_like(key, tree, scale=1.0):
-  """A tree of normal draws shaped as ``tree``."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
-                            for k, x in zip(keys, leaves)])
 
 
-def projected_loss(model: RNNLM):
-  """``(params, state, X, R, S) -> (loss, (logits, state))``: the logits and the final state
-  projected on random directions ``R`` and ``S``, so that every output's gradient is checked."""
-
-  def loss(params, state, X, R, S):
-    logits, new_state = model.apply({"params": params}, X, state)
-    value = jnp.sum(logits * R) + sum(jnp.sum(a * b) for a, b in
-                                      zip(jax.tree.leaves(new_state), jax.tree.leaves(S)))
-    return value, (logits, new_state)
-
-  return loss
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
 """PyTorch and d2l interoperability: the same weights compute the same things in both.
 
-The PyTorch side is d2l's own code (classic edition, ``d2l/torch.py``), in ``d2l_reference.py``:
+The PyTorch side is d2l's own code (classic edition, ``d2l/torch.py``), in ``references/d2l.py``:
 ``RNNModel``, ``train_ch8`` and ``predict_ch8``.
 """
 
@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import chex
-import d2l_en_reference
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -21,8 +20,9 @@ import numpy as np
 import optax
 import pytest
 import torch
-from d2l_reference import RNNModel, predict_ch8, train_ch8
-from test_models import cell_cases, cell_names
+from helpers import cell_cases, cell_names
+from references import d2l_en
+from references.d2l import RNNModel, predict_ch8, train_ch8
 from torch import nn
 
 from deeprnn_jax import (
@@ -546,7 +546,7 @@ def test_missing_torch_is_a_usage_error(tmp_path, capsys, monkeypatch):
 
 def d2l_en_model(num_hiddens=H, seed=0):
   torch.manual_seed(seed)
-  net = d2l_en_reference.RNNLM(d2l_en_reference.GRU(TM_VOCAB, num_hiddens, 2), TM_VOCAB)
+  net = d2l_en.RNNLM(d2l_en.GRU(TM_VOCAB, num_hiddens, 2), TM_VOCAB)
   net(torch.zeros((1, 1), dtype=torch.int64))  # the LazyLinear takes its shape
   return net
 
@@ -569,7 +569,7 @@ def test_d2l_en_checkpoint_converts_both_ways_exactly(tmp_path, capsys, time_mac
   # The run folder predicts what d2l 1.0's RNNLM.predict predicts with the PyTorch model.
   assert predict.main(["--checkpoint", str(run), "--prefix", "it has", "--num-preds", "20"]) == 0
   ours = capsys.readouterr().out.rstrip("\n")
-  reference = d2l_en_reference.TimeMachine(time_machine_path.read_text(), 1024, 32)
+  reference = d2l_en.TimeMachine(time_machine_path.read_text(), 1024, 32)
   assert ours == net.predict("it has", 20, reference.vocab)
   assert predict.main(["--checkpoint", str(run), "--num-preds", "20"]) == 0  # d2l 1.0's prefix
   assert capsys.readouterr().out.rstrip("\n") == ours
@@ -581,7 +581,7 @@ def test_d2l_en_checkpoint_converts_both_ways_exactly(tmp_path, capsys, time_mac
   assert list(back) == list(sd)
   for key, value in sd.items():
     assert torch.equal(back[key], value), key
-  fresh = d2l_en_reference.RNNLM(d2l_en_reference.GRU(TM_VOCAB, H, 2), TM_VOCAB)
+  fresh = d2l_en.RNNLM(d2l_en.GRU(TM_VOCAB, H, 2), TM_VOCAB)
   assert not fresh.load_state_dict(back, strict=True).missing_keys  # into an unshaped LazyLinear
 
 

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import NUM_GATES, reference_forward
+from helpers import assert_state, cell_names, impls_for, layout_params, random_tokens
+from references.numpy_model import reference_forward
 
-from deeprnn_jax import cells, validate
+from deeprnn_jax import cells
 from deeprnn_jax.errors import UsageError
 from deeprnn_jax.models import RNNLM
 
@@ -23,80 +24,24 @@ IMPLS = ("scan", "layerwise")  # the implementations that take dropout between l
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def cell_names(fast: bool = False, torch: bool = False) -> list[str]:
-  """The registered cells (``cells.CELLS``); ``fast``: those the fast kernels run
-  (``CellSpec.fits_kernels``); ``torch``: those with a PyTorch layer (``CellSpec.torch_module``)."""
-  return [name for name, spec in cells.CELLS.items()
-          if (spec.fits_kernels or not fast) and (spec.torch_module or not torch)]
 
 
-def cell_cases(fast: bool = False, torch: bool = False) -> list[tuple[str, str]]:
-  """``(cell, activation)`` for :func:`cell_names`: every φ of a cell that takes one (the RNN's
-  tanh and relu), tanh for the others."""
-  return [(name, activation) for name in cell_names(fast, torch)
-          for activation in (validate.ACTIVATIONS if cells.CELLS[name].takes_activation
-                             else ("tanh",))]
 
 
-def impls_for(cell: str) -> tuple[str, ...]:
-  """The implementations that run ``cell``: ``scan`` always, the fast ones where it fits their
-  kernels, ``cudnn`` where cuDNN has its kernel (the LSTM's)."""
-  spec = cells.CELLS[cell]
-  return ("scan",) + (("layerwise", "wavefront") if spec.fits_kernels else ()) + (
-      ("cudnn",) if spec.fits_kernels and spec.cudnn else ())
 
 
-def random_state(key, cell: str, num_layers: int, batch: int, hiddens: int):
-  """A nonzero initial state in d2l layout."""
-  kh, kc = jax.random.split(key)
-  h = 0.5 * jax.random.normal(kh, (num_layers, batch, hiddens), jnp.float32)
-  if cells.CELLS[cell].pair:
-    return h, 0.5 * jax.random.normal(kc, (num_layers, batch, hiddens), jnp.float32)
-  return h
 
 
-def random_tokens(key, batch: int, steps: int, vocab: int):
-  return jax.random.randint(key, (batch, steps), 0, vocab, jnp.int32)
 
 
-def assert_state(state, cell: str, num_layers: int, batch: int, hiddens: int):
-  if cells.CELLS[cell].pair:
-    assert isinstance(state, tuple) and len(state) == 2
-    chex.assert_shape(state, (num_layers, batch, hiddens))
-  else:
-    chex.assert_shape(state, (num_layers, batch, hiddens))
-  chex.assert_type(state, jnp.float32)
 
 
-def assert_state_close(state, ref_state, cell: str):
-  pair = cells.CELLS[cell].pair
-  chex.assert_trees_all_close(tuple(state) if pair else state,
-                              tuple(ref_state) if pair else ref_state, **TOL)
 
 
 def init_params(model: RNNLM, key, batch: int = 2, steps: int = 3):
   return model.init(key, jnp.zeros((batch, steps), jnp.int32))["params"]
 
 
-def layout_params(seed: int, vocab: int, hiddens: int, num_layers: int, cell: str,
-                  scale: float = 0.6) -> dict:
-  """Random float32 parameters built from the documented layout alone (no ``init``).
-
-  ``rnn/layer_{l}/{W_xh, W_hh, b_xh, b_hh}`` with G fused gates, ``W_hq``, ``b_q``; uniform on
-  ``[-scale, scale]``, wider than the initialisation so the nonlinearities are exercised.
-  """
-  rng = np.random.default_rng(seed)
-  G = NUM_GATES[cell]
-  u = lambda *shape: rng.uniform(-scale, scale, shape).astype(np.float32)
-  params = {"rnn": {}, "W_hq": u(hiddens, vocab), "b_q": u(vocab)}
-  for l in range(num_layers):
-    params["rnn"][f"layer_{l}"] = {
-        "W_xh": u(vocab if l == 0 else hiddens, G * hiddens),
-        "W_hh": u(hiddens, G * hiddens),
-        "b_xh": u(G * hiddens),
-        "b_hh": u(G * hiddens),
-    }
-  return jax.tree_util.tree_map(jnp.asarray, params)
 
 
 # --------------------------------------------------------------------------------------------

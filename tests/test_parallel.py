@@ -8,14 +8,14 @@ devices runs in a subprocess, which can be given them before its JAX starts.
 import json
 
 import chex
-import cpu_runs
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cell_names
 from hypothesis import given
 from hypothesis import strategies as st
-from test_models import cell_names
 
 from deeprnn_jax import parallel, train, training
 from deeprnn_jax.errors import UsageError
@@ -165,11 +165,11 @@ SMALL = ["--cell", "gru", "--num-hiddens", "16", "--max-tokens", "1000", "--batc
 @pytest.mark.usefixtures("time_machine_path")
 def test_a_run_over_four_cpu_devices_trains_as_one_device_does(tmp_path):
   one, four = tmp_path / "one", tmp_path / "four"
-  proc = cpu_runs.train([SMALL + ["--devices", "1", "--out", one],
+  proc = helpers.train([SMALL + ["--devices", "1", "--out", one],
                          SMALL + ["--devices", "4", "--out", four]], devices=4)
   assert proc.returncode == 0, proc.stderr
   assert json.loads((four / "summary.json").read_text())["shards"] == 4
-  np.testing.assert_allclose(cpu_runs.perplexities(four), cpu_runs.perplexities(one), rtol=1e-4)
+  np.testing.assert_allclose(helpers.perplexities(four), helpers.perplexities(one), rtol=1e-4)
 
 
 @pytest.mark.parametrize("devices,batch,message", [

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_implementations import projected_loss, random_like
-from test_models import cell_names
+from helpers import cell_names, projected_loss, random_like
 
 from deeprnn_jax import data, parallel, recurrence, train, training
 from deeprnn_jax.config import TrainConfig

@@ -8,7 +8,6 @@ model and corpus (99 minibatches of 4 x 5 tokens, ~10 ms an epoch).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,15 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import FOREVER, REPO, TIMEOUT, Train, complete_rows, metrics, snapshot, strict_json
 
 from deeprnn_jax import checkpoint, files, pipeline, plots, predict, stopping, train, training
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num-hiddens", "16", "--max-tokens", "2000", "--batch-size", "4", "--num-steps", "5"]
 BATCHES = 99  # minibatches in each of TINY's epochs
 EPOCHS = 400  # the reference run's length: a few seconds
-FOREVER = 1_000_000  # the length of a run that is to be stopped: it cannot end first
-TIMEOUT = 900  # seconds any one subprocess may take on a loaded machine
 
 
 # Tests that read no corpus; every other one gets The Time Machine through conftest's fixture
@@ -55,24 +52,12 @@ def _corpus(request):
 # Helpers.
 
 
-def _reject(constant):
-  raise ValueError(f"non-standard JSON constant {constant}")
 
 
-def strict_json(text: str):
-  """``json.loads`` as a strict parser reads JSON: no NaN, Infinity or -Infinity."""
-  return json.loads(text, parse_constant=_reject)
 
 
-def metrics(run: Path) -> list[dict]:
-  return [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def complete_rows(run: Path) -> int:
-  try:
-    return (run / "metrics.jsonl").read_bytes().count(b"\n")
-  except FileNotFoundError:
-    return 0
 
 
 def assert_strict_json_files(run: Path) -> None:
@@ -84,50 +69,8 @@ def assert_strict_json_files(run: Path) -> None:
         strict_json(line)
 
 
-def snapshot(run: Path) -> dict:
-  """Every file of a run folder but its lock, by name: what a refused resume must not change."""
-  return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.name != "run.lock"}
 
 
-class Train:
-  """``python -m deeprnn_jax.train`` in a subprocess, its output in files."""
-
-  COMMAND = [sys.executable, "-m", "deeprnn_jax.train"]
-
-  def __init__(self, tmp_path: Path, name: str, args, command=COMMAND):
-    self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-    with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-      self.proc = subprocess.Popen([*command, *map(str, args)], stdout=out, stderr=err, cwd=REPO)
-
-  @property
-  def err(self) -> str:
-    return self.err_path.read_text()
-
-  @property
-  def out(self) -> str:
-    return self.out_path.read_text()
-
-  def wait_for(self, condition, what: str) -> None:
-    """Waits until ``condition()``; fails if the process ends first or it takes TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-      if self.proc.poll() is not None:
-        raise AssertionError(f"the run ended (exit {self.proc.returncode}) before {what}:\n"
-                             f"{self.err}")
-      if time.monotonic() > deadline:
-        self.proc.kill()
-        raise AssertionError(f"timed out waiting for {what}")
-      time.sleep(0.02)
-
-  def signal(self, signum) -> None:
-    self.proc.send_signal(signum)
-
-  def wait(self) -> int:
-    try:
-      return self.proc.wait(TIMEOUT)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      raise
 
 
 def run_train(tmp_path, name, args, **kwargs) -> Train:

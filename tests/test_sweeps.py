@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_runs import FOREVER, Train, complete_rows, metrics, snapshot, strict_json
+from helpers import FOREVER, Train, complete_rows, metrics, snapshot, strict_json
 
 from deeprnn_jax import checkpoint, convert, data, models, predict, sweeps, train, training
 from deeprnn_jax.config import Sweep, TrainConfig

@@ -5,14 +5,14 @@ import re
 import types
 
 import chex
-import d2l_reference as d2l
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
-from test_models import cell_names
+from helpers import cell_names
+from references import d2l
 
 from deeprnn_jax import data, generate, pipeline, training
 from deeprnn_jax.errors import UsageError

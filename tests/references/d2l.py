@@ -3,7 +3,7 @@
 Copied from ``d2l/torch.py`` (classic edition) verbatim up to formatting, except where a function
 says otherwise: where d2l draws from Python's global ``random`` the draw is passed in, a corpus is
 read from a given path instead of ``d2l.download``, and the minibatch iterators yield NumPy arrays
-instead of ``torch.tensor``. ``reference.py`` beside it is the other reference: the model's
+instead of ``torch.tensor``. ``numpy_model.py`` beside it is the other reference: the model's
 equations in NumPy.
 
 * Data: ``read_time_machine``, ``tokenize``, ``count_corpus``, ``Vocab``,
