@@ -34,6 +34,7 @@ class Measured(NamedTuple):
 
   epoch: int
   rows: list[dict]  # metrics.jsonl's rows: one, or one per model
+  tokens: int  # the tokens the epoch trained on (all its models')
   problem: str | None = None  # a divergence that ends the run
   newly_diverged: tuple[int, ...] = ()  # models that stopped at this epoch (several models)
 
@@ -80,6 +81,7 @@ class Report:
   def measure(self, done: FinishedEpoch) -> Measured:
     """The epoch's metrics row, or none where it diverged (the problem says what)."""
     epoch, losses = done.tag.epoch, done.losses
+    tokens = self.edition.tokens(losses, self.text, self.config)
     self.ppl = self.edition.perplexity(losses)
     self.params = (parallel.on_first(done.state.params, self.devices)
                    if (self.logged(epoch) or self.validated(epoch)) and done.state is not None
@@ -88,29 +90,26 @@ class Report:
     if self.validated(epoch) and self.params is not None:
       self.valid_ppl = self.edition.evaluate(self.model, self.params, self.text, self.config)
     row = {"epoch": epoch, "train_perplexity": self.ppl, "valid_perplexity": self.valid_ppl,
-           "tokens_per_sec": self._tokens(losses) / done.seconds, "seconds": done.seconds}
+           "tokens_per_sec": tokens / done.seconds, "seconds": done.seconds}
     if training.diverged(losses):
       if np.all(np.isfinite(losses)):
-        return Measured(epoch, [], f"perplexity overflows at epoch {epoch} (mean loss "
-                                   f"{losses.mean():.3g})")
-      return Measured(epoch, [], f"non-finite loss at epoch {epoch}")
+        return Measured(epoch, [], tokens, f"perplexity overflows at epoch {epoch} (mean loss "
+                                           f"{losses.mean():.3g})")
+      return Measured(epoch, [], tokens, f"non-finite loss at epoch {epoch}")
     if self.valid_ppl is not None and not math.isfinite(self.valid_ppl):
-      return Measured(epoch, [], f"non-finite validation perplexity at epoch {epoch}")
-    return Measured(epoch, [row])
+      return Measured(epoch, [], tokens, f"non-finite validation perplexity at epoch {epoch}")
+    return Measured(epoch, [row], tokens)
 
   def record(self, measured: Measured, done: FinishedEpoch) -> None:
     """The epoch's metrics rows, to every sink, and its share of the run's throughput."""
     for row in measured.rows:
       self.write(row)
-    self.count(measured.epoch, self._tokens(done.losses), done.seconds)
-
-  def count(self, epoch: int, tokens: int, seconds: float) -> None:
-    """An epoch's share of the run's throughput (the first epoch of a run warms up: left out,
-    unless it is the only one)."""
-    if epoch > self.start_epoch + 1 or epoch == self.config.num_epochs:
-      self.tokens += tokens
-      self.seconds += seconds
-    self.slowest = max(self.slowest, seconds)
+    # The epoch's share of the run's throughput (the first epoch of a run warms up: left out,
+    # unless it is the only one).
+    if measured.epoch > self.start_epoch + 1 or measured.epoch == self.config.num_epochs:
+      self.tokens += measured.tokens
+      self.seconds += done.seconds
+    self.slowest = max(self.slowest, done.seconds)
 
   def failure(self, measured: Measured, saver: Saver) -> Exception:
     """The error that a divergence (``measured.problem``) ends the run with."""
@@ -133,9 +132,6 @@ class Report:
       if self.logged(epoch) and not self.options.quiet:
         valid = f", valid perplexity {self.valid_ppl:.1f}" if self.valid_ppl is not None else ""
         self.say(f"epoch {epoch}, perplexity {self.ppl:.1f}{valid}: {self.predict(self.prefix)}")
-
-  def _tokens(self, losses) -> int:
-    return self.edition.tokens(losses, self.text, self.config)
 
   def predict(self, prefix: str) -> str:
     return generate.predict(prefix, self.edition.prediction_length, self.params, self.model,

@@ -11,6 +11,7 @@ TensorFlow). The console's lines and the plot are the run's report, drawn from t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -102,12 +103,11 @@ def learning_rates(lr: float, factor: Callable[[int], float] | None,
   """A row's learning rate: its model's rate (the row's ``lr`` where several train, else ``lr``)
   times the schedule's ``factor`` (:func:`deeprnn_jax.training.lr_factor`; ``None``: constant)
   at the epoch's last step."""
-  def rate(row: dict) -> float:
-    base = row.get("lr", lr)
-    if factor is None:
-      return float(base)
-    return float(base * factor(row["epoch"] * steps_per_epoch - 1))
-  return rate
+  @functools.lru_cache(maxsize=1)  # an epoch's rows (one per model) share its factor
+  def at(epoch: int) -> float:
+    return 1.0 if factor is None else float(factor(epoch * steps_per_epoch - 1))
+
+  return lambda row: float(row.get("lr", lr) * at(row["epoch"]))
 
 
 def open_sinks(folder, settings: dict, tensorboard: bool, learning_rate: Callable[[dict], float],

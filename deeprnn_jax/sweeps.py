@@ -201,13 +201,8 @@ class SweepReport(Report):
                    "train_perplexity": None if gone else self.ppls[k],
                    "valid_perplexity": None if gone else self.valid_ppls[k],
                    "diverged": gone, "tokens_per_sec": tokens / seconds, "seconds": seconds})
-    self._epoch_tokens = tokens
-    return Measured(epoch, rows, None if self.alive() else "every model diverged", tuple(newly))
-
-  def record(self, measured: Measured, done: FinishedEpoch) -> None:
-    for row in measured.rows:
-      self.write(row)
-    self.count(measured.epoch, self._epoch_tokens, done.seconds)
+    return Measured(epoch, rows, tokens, None if self.alive() else "every model diverged",
+                    tuple(newly))
 
   def failure(self, measured: Measured, saver: Saver) -> Exception:
     self.show(measured)
