@@ -162,7 +162,7 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  from deeprnn_jax.files import dumps  # strict JSON: a non-finite number becomes null + a flag
+  from deeprnn_jax.base.files import dumps  # strict JSON: a non-finite number becomes null + a flag
   tmp.write_text(dumps(payload, indent=1) + "\n")
   os.replace(tmp, path)
   return path

@@ -30,8 +30,9 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import CLIP, CONFIGS, LR, _data_env  # noqa: E402
 
-from deeprnn_jax import data, parallel, training  # noqa: E402
-from deeprnn_jax.models import RNNLM  # noqa: E402
+from deeprnn_jax.fit import parallel, training
+from deeprnn_jax.model.models import RNNLM  # noqa: E402
+from deeprnn_jax.text import data  # noqa: E402
 
 
 def main():

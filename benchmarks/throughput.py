@@ -18,7 +18,7 @@ every repeat's), the same per CPU-second, compile time and peak memory, separate
 
 * ours: exactly what the train CLI runs: ``training.make_train_epoch(model, optimizer)`` on
   ``data.sequential_epoch`` arrays of The Time Machine (a new random offset every epoch), run by
-  ``pipeline.EpochPipeline`` (epoch k + 1 dispatched before epoch k's losses are read back; the
+  ``dispatch.EpochPipeline`` (epoch k + 1 dispatched before epoch k's losses are read back; the
   state kept every 10 epochs, where the CLI predicts), each minibatch split over the CPU cores
   where the CLI splits it.
 * torch: d2l's ``train_epoch_ch8``: ``nn.LSTM/GRU/RNN`` on one-hot inputs plus ``nn.Linear``,
@@ -69,7 +69,7 @@ GPU_EPOCHS = {"seed": 20, "gru": 20, "rnn": 20, "deep": 20, "wide": 2, "big-batc
 # PyTorch workers import too) does not import JAX.
 LR, CLIP = 2.0, 1.0
 LOG_EVERY = 10  # the train CLI's --log-every: where it reads the parameters back
-PRECISIONS = ("float32", "bfloat16")  # deeprnn_jax.recurrence.PRECISIONS
+PRECISIONS = ("float32", "bfloat16")  # deeprnn_jax.model.recurrence.PRECISIONS
 
 
 def _data_env():
@@ -127,8 +127,9 @@ class JaxRunner:
       jax.config.update("jax_platforms", "cpu")
     import numpy as np
 
-    from deeprnn_jax import data, parallel, pipeline, training
-    from deeprnn_jax.models import RNNLM
+    from deeprnn_jax.fit import dispatch, parallel, training
+    from deeprnn_jax.model.models import RNNLM
+    from deeprnn_jax.text import data
     parallel.use_cpu_cores()  # as the train CLI does, before JAX starts
     self.jax, self.np = jax, np
     self.rss0 = _rss_mb()
@@ -143,10 +144,10 @@ class JaxRunner:
     self.epoch_fn = training.make_train_epoch(model, opt, use_random_iter=False,
                                               devices=self.devices)
     self.key, self.count = jax.random.PRNGKey(1), 0
-    self.training, self.pipeline, self.batch_tokens = training, pipeline, batch * steps
+    self.training, self.dispatch, self.batch_tokens = training, dispatch, batch * steps
 
   def run(self, epochs: int) -> int:
-    """``epochs`` epochs as the train CLI runs them: through ``pipeline.EpochPipeline``, the
+    """``epochs`` epochs as the train CLI runs them: through ``dispatch.EpochPipeline``, the
     state kept (not dispatched ahead of) every ``LOG_EVERY`` epochs, where the CLI predicts."""
     def items():
       for _ in range(epochs):
@@ -154,7 +155,7 @@ class JaxRunner:
         self.count += 1
         yield self.count, Xs, Ys, self.jax.random.fold_in(self.key, self.count)
 
-    pipeline = self.pipeline.EpochPipeline(self.epoch_fn, lambda n: n % LOG_EVERY == 0)
+    pipeline = self.dispatch.EpochPipeline(self.epoch_fn, lambda n: n % LOG_EVERY == 0)
     tokens = 0
     for done in pipeline.run(self.ts, items()):
       tokens += done.losses.size * self.batch_tokens
@@ -185,7 +186,7 @@ class TorchRunner:
     from torch import nn
     from torch.nn import functional as F
 
-    from deeprnn_jax import data
+    from deeprnn_jax.text import data
     self.torch, self.np, self.F = torch, np, F
     if os.environ.get("TORCH_THREADS"):
       torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
@@ -332,8 +333,8 @@ class Worker:
 
 def runnable(name: str, impl: str) -> bool:
   """Whether ``impl`` can run config ``name`` (``cudnn`` is for LSTMs only, for one)."""
-  from deeprnn_jax import validate
-  from deeprnn_jax.errors import UsageError
+  from deeprnn_jax.base import validate
+  from deeprnn_jax.base.errors import UsageError
   cell, layers, hiddens = CONFIGS[name][:3]
   try:
     validate.model(28, hiddens, layers, cell, "tanh", 0.0, *split_impl(impl))
@@ -400,8 +401,9 @@ def bench_generation(device, num_preds=1000, repeats=3) -> dict:
     jax.config.update("jax_platforms", "cpu")
   import jax.numpy as jnp
 
-  from deeprnn_jax import data, generate
-  from deeprnn_jax.models import RNNLM
+  from deeprnn_jax.model import generate
+  from deeprnn_jax.model.models import RNNLM
+  from deeprnn_jax.text import data
   _, vocab = data.load_data_time_machine(32, 35)
   model = RNNLM(len(vocab), 256, 2, "lstm")
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]

@@ -121,7 +121,10 @@ def main(argv=None) -> int:
   from jax import monitoring
   monitoring.register_event_duration_secs_listener(tl.on_duration)
 
-  from deeprnn_jax import checkpoint, generate, parallel, plots, runs, train, training
+  from deeprnn_jax import train
+  from deeprnn_jax.fit import parallel, training
+  from deeprnn_jax.model import generate
+  from deeprnn_jax.run import checkpoint, plots, runs
   tl.add("imports (jax, the library)", time.time() - t)
   t = time.time()
   parallel.use_cpu_cores()  # as the CLI does, before JAX starts

@@ -53,8 +53,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 from throughput import CLIP, CONFIGS, LR, _data_env  # noqa: E402
 
-from deeprnn_jax import cells, data, parallel, recurrence, training  # noqa: E402
-from deeprnn_jax.models import RNNLM  # noqa: E402
+from deeprnn_jax.fit import parallel, training
+from deeprnn_jax.model import cells, recurrence
+from deeprnn_jax.model.models import RNNLM  # noqa: E402
+from deeprnn_jax.text import data  # noqa: E402
 
 SLICED = {"lstm_gates": cells.lstm_gates_textbook, "gru_gates": cells.gru_gates_textbook}
 SETTINGS = ("CONFIG", "CELL", "H", "L", "B", "MAXTOK", "R", "N")

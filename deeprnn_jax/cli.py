@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from deeprnn_jax import stopping
-from deeprnn_jax.errors import (
+from deeprnn_jax.base.errors import (
   EXIT_DIVERGED,
   EXIT_INTERRUPTED,
   EXIT_USAGE,
@@ -17,6 +16,7 @@ from deeprnn_jax.errors import (
   Interrupted,
   UsageError,
 )
+from deeprnn_jax.run import stopping
 
 CACHE_ENV = "DEEPRNN_JAX_CACHE"
 
@@ -68,7 +68,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
   """Runs ``main(argv)``, turning the project's errors into one stderr line and an exit code.
 
   With ``stop_signals`` (the train command), Ctrl-C, SIGTERM and SIGHUP are requests to stop from
-  the start (:func:`deeprnn_jax.stopping.watch`): a run saves its newest epoch and exits with
+  the start (:func:`deeprnn_jax.run.stopping.watch`): a run saves its newest epoch and exits with
   128 + the signal's number; a second signal ends the process at once. ``cpu_cores``: give JAX
   one CPU device per core first (``parallel.use_cpu_cores``), for the commands that train or
   predict; a command that only converts files leaves JAX as it is.
@@ -77,7 +77,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
   with signals, printable_stdout():
     enable_compile_cache()
     if cpu_cores:
-      from deeprnn_jax import parallel
+      from deeprnn_jax.fit import parallel
       parallel.use_cpu_cores()  # before JAX starts: a CPU run may split its batches over the cores
     try:
       return int(main(argv) or 0)

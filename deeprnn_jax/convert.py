@@ -30,10 +30,15 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from deeprnn_jax import cells, checkpoint, cli, editions, files, interop, presets, training
-from deeprnn_jax.config import TrainConfig, parse_activation
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.rundir import RunDir
+from deeprnn_jax import cli
+from deeprnn_jax.base import files, presets
+from deeprnn_jax.base.config import TrainConfig, parse_activation
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import training
+from deeprnn_jax.model import cells, interop
+from deeprnn_jax.run import checkpoint
+from deeprnn_jax.run.rundir import RunDir
+from deeprnn_jax.text import editions
 
 PROG = "deeprnn_jax.convert"
 _D = TrainConfig()
@@ -153,7 +158,8 @@ def _either(words: Sequence[str]) -> str:
 
 
 def parser(preset: str = "classic") -> argparse.ArgumentParser:
-  """The flags, their defaults the settings of ``preset`` (:data:`deeprnn_jax.presets.PRESETS`)."""
+  """The flags, their defaults the settings of ``preset``
+  (:data:`deeprnn_jax.base.presets.PRESETS`)."""
   defaults = presets.preset(preset)
   p = argparse.ArgumentParser(
       prog=f"python -m {PROG}",

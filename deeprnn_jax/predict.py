@@ -8,9 +8,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import checkpoint, cli, editions, generate, models
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import DataError, UsageError
+from deeprnn_jax import cli
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import DataError, UsageError
+from deeprnn_jax.model import generate, models
+from deeprnn_jax.run import checkpoint
+from deeprnn_jax.text import editions
 
 
 def load_model(run_dir, index: int | None = None):

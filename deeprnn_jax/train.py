@@ -1,7 +1,7 @@
 """``python -m deeprnn_jax.train``: the chapter's run (a 2-layer LSTM on The Time Machine).
 
 Every flag defaults to d2l's setting, so the bare command reproduces the chapter. See
-``--help``; the library behind it is :func:`deeprnn_jax.runs.train_run`.
+``--help``; the library behind it is :func:`deeprnn_jax.run.runs.train_run`.
 
 Only light modules are imported before :func:`main` has Ctrl-C, SIGTERM and SIGHUP handled
 (:func:`deeprnn_jax.cli.run`): JAX and the rest are imported inside, so that a signal during the
@@ -16,14 +16,14 @@ import datetime
 from typing import Sequence
 
 from deeprnn_jax import cli
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base.errors import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
-  from deeprnn_jax import validate
-  from deeprnn_jax.config import TrainConfig
-  from deeprnn_jax.presets import PRESETS
-  from deeprnn_jax.runs import RunOptions
+  from deeprnn_jax.base import validate
+  from deeprnn_jax.base.config import TrainConfig
+  from deeprnn_jax.base.presets import PRESETS
+  from deeprnn_jax.run.runs import RunOptions
   _D = TrainConfig()
   p = argparse.ArgumentParser(
       prog="python -m deeprnn_jax.train",
@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
   r.add_argument("--devices", "--shards", dest="devices", default=None,
                  help="devices a minibatch's rows are split over: N or all (1: no split; default: "
                       "on a CPU, its cores where that was measured to pay, see "
-                      "deeprnn_jax/parallel.py; on a GPU, one; over several processes, all); "
+                      "deeprnn_jax/fit/parallel.py; on a GPU, one; over several processes, all); "
                       "with several models, the devices they are spread over (default: the most "
                       "that divide them evenly)")
   h = p.add_argument_group("several processes (docs/performance.md)")
@@ -124,7 +124,7 @@ _RENAMED = {"random_iter": "use_random_iter"}
 
 def config_fields(args: argparse.Namespace) -> dict:
   """The :class:`TrainConfig` fields among parsed flags (those present in ``args``)."""
-  from deeprnn_jax.config import parse_activation
+  from deeprnn_jax.base.config import parse_activation
   fields = {_RENAMED.get(k, k): v for k, v in vars(args).items() if k not in _RUN_FLAGS}
   if "activation" in fields:
     fields["activation"] = parse_activation(fields["activation"])
@@ -136,14 +136,14 @@ def config_fields(args: argparse.Namespace) -> dict:
 
 def sweep_values(args: argparse.Namespace, name: str) -> tuple[float, ...]:
   """``--lr`` or ``--clip``'s values (numbers separated by commas); ``()`` where absent."""
-  from deeprnn_jax.config import parse_floats
+  from deeprnn_jax.base.config import parse_floats
   text = getattr(args, name, None)
   return () if text is None else parse_floats(f"--{name}", str(text))
 
 
 def sweep_of(args: argparse.Namespace):
   """The models the flags in ``args`` ask for (those present)."""
-  from deeprnn_jax.config import Sweep
+  from deeprnn_jax.base.config import Sweep
   several = lambda values: values if len(values) > 1 else ()
   return Sweep(getattr(args, "num_seeds", 1), several(sweep_values(args, "lr")),
                several(sweep_values(args, "clip")))
@@ -160,10 +160,11 @@ def _explicit_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _main(argv: Sequence[str] | None = None) -> int:
   import jax
 
-  from deeprnn_jax import distributed, parallel
-  from deeprnn_jax.presets import preset
-  from deeprnn_jax.runs import RunOptions, saved_config, train_run
-  from deeprnn_jax.sweeps import saved_sweep, sweep_run
+  from deeprnn_jax.base.presets import preset
+  from deeprnn_jax.fit import parallel
+  from deeprnn_jax.run import distributed
+  from deeprnn_jax.run.runs import RunOptions, saved_config, train_run
+  from deeprnn_jax.run.sweeps import saved_sweep, sweep_run
   args = parser().parse_args(argv)
   if distributed.requested(args.coordinator, args.num_processes, args.process_id):
     distributed.join(args.coordinator, args.num_processes, args.process_id)

@@ -27,9 +27,10 @@ if str(ROOT) not in sys.path:  # benchmarks/machine.py names the machine; it is 
   sys.path.insert(0, str(ROOT))
 
 from benchmarks import machine  # noqa: E402
-from deeprnn_jax import cli, runs  # noqa: E402
-from deeprnn_jax.config import TrainConfig  # noqa: E402
-from deeprnn_jax.errors import UsageError  # noqa: E402
+from deeprnn_jax import cli  # noqa: E402
+from deeprnn_jax.base.config import TrainConfig  # noqa: E402
+from deeprnn_jax.base.errors import UsageError  # noqa: E402
+from deeprnn_jax.run import runs  # noqa: E402
 
 
 def parser(doc: str, seeds: bool = True, run_folders: bool = True) -> argparse.ArgumentParser:

@@ -24,9 +24,10 @@ import _common
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import data, training
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import training
+from deeprnn_jax.model.models import RNNLM
+from deeprnn_jax.text import data
 
 # ---------------------------------------------------------------------------------------------
 # The model: parameters, forward pass, loss.

@@ -25,8 +25,8 @@ import _common
 import jax
 import numpy as np
 
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.models import from_config
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.model.models import from_config
 
 CELLS = {"RNN (tanh)": dict(cell="rnn", activation="tanh"),
          "RNN (relu)": dict(cell="rnn", activation="relu"),

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import _common
 
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import UsageError
 
 GOALS = {"timemachine-full": ("valid perplexity", 4.0),
          "tinyshakespeare": ("valid nats/char", 1.47)}
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
 
   rows, goals = [], []
   for r in results:
-    from deeprnn_jax import editions
+    from deeprnn_jax.text import editions
 
     text = editions.load_text(r["config"])
     nats = math.log(r["best_valid"])

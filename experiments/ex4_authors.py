@@ -21,9 +21,12 @@ from pathlib import Path
 import _common
 import jax
 
-from deeprnn_jax import checkpoint, data, generate, models, training
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import training
+from deeprnn_jax.model import generate, models
+from deeprnn_jax.run import checkpoint
+from deeprnn_jax.text import data
 
 AUTHORS = {"Wells": "timemachine.txt", "Shakespeare": "tinyshakespeare.txt"}
 PREFIXES = {"Wells": "the time traveller", "Shakespeare": "my lord ", "mixed": "the king "}
@@ -36,7 +39,7 @@ def slug(name: str) -> str:
 def cleaned(corpus: str, chars: int) -> str:
   """The first ``chars`` characters of a corpus after d2l's cleaning (lines joined as d2l does:
   with nothing in between)."""
-  from deeprnn_jax.corpora import resolve_corpus
+  from deeprnn_jax.text.corpora import resolve_corpus
 
   text = "".join(data.read_lines(resolve_corpus(corpus), clean="d2l"))
   if len(text) < chars:

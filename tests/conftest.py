@@ -9,8 +9,8 @@ at its end), never the user's: the first test to compile a program fills it, lat
 A test that reads a corpus asks for it through a fixture (``time_machine_path``,
 ``time_machine_corpus`` or ``data_dir``; a test that only runs a command reading it uses
 ``@pytest.mark.usefixtures("time_machine_path")``). The fixture finds it once per session with
-``deeprnn_jax.corpora.resolve_corpus``, as a user's run does: ``$DEEPRNN_JAX_DATA/<name>`` when the
-variable is set (a relative value is taken against the directory pytest starts in), else
+``deeprnn_jax.text.corpora.resolve_corpus``, as a user's run does: ``$DEEPRNN_JAX_DATA/<name>``
+when the variable is set (a relative value is taken against the directory pytest starts in), else
 ``data/<name>`` under that directory, else a download into ``data/`` checked against its SHA-1.
 Then ``$DEEPRNN_JAX_DATA`` names the folder it was found in, so that tests which change directory,
 and the processes they start, find it too.
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn_jax import cli, corpora, data, parallel
-from deeprnn_jax.errors import DataError
+from deeprnn_jax import cli
+from deeprnn_jax.base.errors import DataError
+from deeprnn_jax.fit import parallel
+from deeprnn_jax.text import corpora, data
 
 DATA_ENV = corpora.DATA_ENV
 # Before JAX compiles anything: a cache set later is not read.

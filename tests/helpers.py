@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from references.numpy_model import NUM_GATES
 
-from deeprnn_jax import cells, validate
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax.base import validate
+from deeprnn_jax.model import cells
+from deeprnn_jax.model.models import RNNLM
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 agreement of two computations of the same numbers
 CPU_RUN_TIMEOUT = 300  # seconds for one command (or a group of them) of cpu_env's processes

@@ -29,10 +29,11 @@ import torch
 from helpers import projected_loss, random_like
 from references.numpy_model import one_hot, sigmoid
 
-from deeprnn_jax import cells, interop, recurrence, validate
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.model import cells, interop, recurrence
+from deeprnn_jax.model.models import RNNLM
 
 VOCAB, HIDDENS, LAYERS, BATCH, STEPS = 6, 4, 3, 2, 5
 TOL = 1e-5

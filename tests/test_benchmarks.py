@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn_jax import recurrence
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.runs import RunOptions
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.model import recurrence
+from deeprnn_jax.run.runs import RunOptions
 
 
 def _throughput():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from references import numpy_model as reference
 
-from deeprnn_jax import cells
+from deeprnn_jax.model import cells
 
 lstm_textbook, gru_textbook = cells.lstm_gates_textbook, cells.gru_gates_textbook
 

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from deeprnn_jax import checkpoint, predict, train
+from deeprnn_jax import predict, train
+from deeprnn_jax.run import checkpoint
 
 SMALL = ["--num-hiddens", "16", "--num-layers", "2", "--max-tokens", "3000", "--batch-size", "8",
          "--num-steps", "10"]
@@ -195,7 +196,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys, request):
 
 
 def test_cudnn_impl_without_gpu_or_for_gru_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
-  from deeprnn_jax import cudnn
+  from deeprnn_jax.model import cudnn
   monkeypatch.setattr(cudnn, "has_gpu", lambda: False)  # as on a machine without CUDA
   code, _, err = run_train(["--impl", "cudnn", "--out", str(tmp_path / "a")], capsys)
   assert code == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
@@ -263,7 +264,7 @@ def test_a_run_split_over_two_cpu_devices_trains_as_one_device_does(tmp_path, ca
 @pytest.mark.usefixtures("time_machine_path")
 def test_the_cli_gives_jax_a_device_per_core_and_splits_by_the_rule(tmp_path):
   """A fresh process: the command, not conftest, sets the CPU devices up."""
-  from deeprnn_jax import parallel
+  from deeprnn_jax.fit import parallel
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
   args = ["--num-hiddens", "16", "--batch-size", "16", "--num-steps", "10", "--max-tokens", "2000"]
   proc = subprocess.run(
@@ -368,12 +369,12 @@ def test_run_files_get_ordinary_permissions(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.usefixtures("time_machine_path")
 def test_interrupt_before_anything_finished_saves_nothing(tmp_path, monkeypatch, capsys):
-  from deeprnn_jax import pipeline
+  from deeprnn_jax.fit import dispatch
 
   def interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(pipeline.EpochPipeline, "run", interrupt)
+  monkeypatch.setattr(dispatch.EpochPipeline, "run", interrupt)
   code = train.main(SMALL + ["--num-epochs", "3", "--quiet", "--out", str(tmp_path / "run")])
   assert code == 130
   assert not (tmp_path / "run" / "checkpoint.msgpack").exists()

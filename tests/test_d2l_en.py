@@ -12,21 +12,15 @@ import pytest
 import torch
 from references import d2l_en as d2l
 
-from deeprnn_jax import (
-  checkpoint,
-  corpora,
-  editions,
-  generate,
-  interop,
-  models,
-  presets,
-  train,
-  training,
-  windows,
-)
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import DataError
-from deeprnn_jax.vocab import Vocab
+from deeprnn_jax import train
+from deeprnn_jax.base import presets
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import DataError
+from deeprnn_jax.fit import training
+from deeprnn_jax.model import generate, interop, models
+from deeprnn_jax.run import checkpoint
+from deeprnn_jax.text import corpora, editions, windows
+from deeprnn_jax.text.vocab import Vocab
 
 
 @pytest.fixture(scope="module")

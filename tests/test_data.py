@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from references import d2l
 
-from deeprnn_jax import corpora, data
-from deeprnn_jax.data import DataError
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.text import corpora, data
+from deeprnn_jax.text.data import DataError
 
 TM = "timemachine.txt"
 

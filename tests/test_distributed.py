@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from helpers import perplexities, train, train_processes
 
-from deeprnn_jax import distributed
 from deeprnn_jax import train as train_command
+from deeprnn_jax.run import distributed
 
 SMALL = ["--cell", "rnn", "--num-hiddens", "16", "--max-tokens", "1000", "--batch-size", "8",
          "--num-steps", "5", "--valid-fraction", "0.2", "--log-every", "1", "--quiet"]

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 import deeprnn_jax
-from deeprnn_jax import editions, validate
-from deeprnn_jax.config import TrainConfig
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.text import editions
 
 PACKAGE = Path(deeprnn_jax.__file__).parent
 
@@ -53,6 +54,6 @@ def _compares_the_edition(tree: ast.AST) -> bool:
 
 
 def test_only_the_editions_and_the_settings_checks_compare_the_editions_name():
-  comparing = {p.stem for p in PACKAGE.glob("*.py") if _compares_the_edition(ast.parse(
+  comparing = {p.stem for p in PACKAGE.rglob("*.py") if _compares_the_edition(ast.parse(
       p.read_text()))}
   assert comparing == {"config"}  # TrainConfig.validate: the windows pipeline's own settings

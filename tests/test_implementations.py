@@ -2,8 +2,8 @@
 
 ``RNNLM(impl=...)`` has four implementations of the recurrent stack: ``"scan"`` (the chapter's
 ``nn.scan`` over stacked cells, the reference), ``"layerwise"`` (the default: one custom-VJP scan
-per layer, see ``deeprnn_jax.recurrence``), ``"wavefront"`` (all layers advance in one scan) and
-``"cudnn"`` (cuDNN's LSTM on a CUDA GPU; elsewhere JAX's reference of that kernel, so the weight
+per layer, see ``deeprnn_jax.model.recurrence``), ``"wavefront"`` (all layers advance in one scan)
+and ``"cudnn"`` (cuDNN's LSTM on a CUDA GPU; elsewhere JAX's reference of that kernel, so the weight
 packing, state layout and gradients through them are checked on every machine).
 
 Each is held to two references: the NumPy model in ``tests/references/numpy_model.py``, written
@@ -38,9 +38,10 @@ from helpers import (
 from jax.experimental import rnn
 from references.numpy_model import NUM_GATES, reference_forward
 
-from deeprnn_jax import cells, cudnn, generate, recurrence, training
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import training
+from deeprnn_jax.model import cells, cudnn, generate, recurrence
+from deeprnn_jax.model.models import RNNLM
 
 IMPLS = ("scan", "layerwise", "wavefront", "cudnn")
 TOL = dict(rtol=1e-5, atol=1e-5)

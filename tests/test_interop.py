@@ -25,20 +25,14 @@ from references import d2l_en
 from references.d2l import RNNModel, predict_ch8, train_ch8
 from torch import nn
 
-from deeprnn_jax import (
-  cells,
-  checkpoint,
-  convert,
-  data,
-  interop,
-  models,
-  predict,
-  presets,
-  training,
-  windows,
-)
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax import convert, predict
+from deeprnn_jax.base import presets
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import training
+from deeprnn_jax.model import cells, interop, models
+from deeprnn_jax.run import checkpoint
+from deeprnn_jax.text import data, windows
 
 # The cells with a PyTorch layer (that the default impl runs), with each φ they take.
 CASES = cell_cases(fast=True, torch=True)
@@ -208,7 +202,7 @@ def test_numpy_float64_and_bfloat16_inputs():
 
 
 def test_import_does_not_need_torch():
-  code = ("import sys; import deeprnn_jax.interop, deeprnn_jax.convert; "
+  code = ("import sys; import deeprnn_jax.model.interop, deeprnn_jax.convert; "
           "assert 'torch' not in sys.modules, 'torch was imported'")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr

@@ -16,9 +16,9 @@ import pytest
 from helpers import assert_state, cell_names, impls_for, layout_params, random_tokens
 from references.numpy_model import reference_forward
 
-from deeprnn_jax import cells
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.model import cells
+from deeprnn_jax.model.models import RNNLM
 
 IMPLS = ("scan", "layerwise")  # the implementations that take dropout between layers
 TOL = dict(rtol=1e-5, atol=1e-5)

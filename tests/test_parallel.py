@@ -17,9 +17,10 @@ from helpers import cell_names
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deeprnn_jax import parallel, train, training
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax import train
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import parallel, training
+from deeprnn_jax.model.models import RNNLM
 
 VOCAB = 11
 CPUS = jax.devices("cpu")

@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 from helpers import cell_names, projected_loss, random_like
 
-from deeprnn_jax import data, parallel, recurrence, train, training
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax import train
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import parallel, training
+from deeprnn_jax.model import recurrence
+from deeprnn_jax.model.models import RNNLM
+from deeprnn_jax.text import data
 
 VOCAB, HIDDENS = 11, 32
 

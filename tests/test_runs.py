@@ -24,7 +24,10 @@ import optax
 import pytest
 from helpers import FOREVER, REPO, TIMEOUT, Train, complete_rows, metrics, snapshot, strict_json
 
-from deeprnn_jax import checkpoint, files, pipeline, plots, predict, stopping, train, training
+from deeprnn_jax import predict, train
+from deeprnn_jax.base import files
+from deeprnn_jax.fit import dispatch, training
+from deeprnn_jax.run import checkpoint, plots, stopping
 
 TINY = ["--num-hiddens", "16", "--max-tokens", "2000", "--batch-size", "4", "--num-steps", "5"]
 BATCHES = 99  # minibatches in each of TINY's epochs
@@ -268,7 +271,8 @@ def test_the_library_run_stops_on_a_real_signal_and_gives_the_handlers_back(tmp_
   saving; the handlers are the caller's again afterwards; no handler is installed on import."""
   import threading
 
-  from deeprnn_jax import config, errors, runs
+  from deeprnn_jax.base import config, errors
+  from deeprnn_jax.run import runs
   cfg = config.TrainConfig(num_hiddens=16, max_tokens=2000, batch_size=4, num_steps=5,
                            num_epochs=100_000)
   run = tmp_path / "run"
@@ -293,7 +297,8 @@ def test_the_library_run_stops_on_a_real_signal_and_gives_the_handlers_back(tmp_
 
   probe = ("import signal; s = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP); "
            "h = [signal.getsignal(x) for x in s]; "
-           "import deeprnn_jax.runs, deeprnn_jax.train, deeprnn_jax.cli, deeprnn_jax.stopping; "
+           "import deeprnn_jax.run.runs, deeprnn_jax.train, deeprnn_jax.cli; "
+           "import deeprnn_jax.run.stopping; "
            "assert [signal.getsignal(x) for x in s] == h, 'a handler was installed on import'")
   proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
@@ -326,12 +331,12 @@ def test_an_epoch_that_never_finishes_is_abandoned_after_a_stop():
       return False
 
   stop = stopping.StopRequest()
-  pipe = pipeline.EpochPipeline(lambda state, Xs, Ys, key: (state, Stuck()),
+  pipe = dispatch.EpochPipeline(lambda state, Xs, Ys, key: (state, Stuck()),
                                 should_abandon=lambda: stop.waited_more_than(0.2))
   run = pipe.run(jnp.zeros(()), ((k, None, None, k) for k in range(3)))
   stop.request(signal.SIGTERM)
   start = time.monotonic()
-  with pytest.raises(pipeline.EpochAbandoned):
+  with pytest.raises(dispatch.EpochAbandoned):
     next(run)
   assert time.monotonic() - start < 60
 
@@ -423,7 +428,7 @@ def test_a_nan_on_the_last_minibatch_of_an_epoch_is_divergence_and_never_saved(
 
 
 def test_the_epoch_marks_its_last_loss_when_it_leaves_the_parameters_non_finite():
-  from deeprnn_jax.models import RNNLM
+  from deeprnn_jax.model.models import RNNLM
   model = RNNLM(11, 8, 1, "gru")
   opt = optax.chain(training.make_optimizer(1.0, 1.0), _nan_update_at(3))
   epoch = training.make_train_epoch(model, opt)
@@ -726,7 +731,8 @@ def test_a_run_compiles_its_prediction_and_evaluation_before_its_first_epoch(tmp
   from jax import monitoring
   from jax._src import monitoring as jax_monitoring  # unregistering has no public name
 
-  from deeprnn_jax import config, reporting, runs
+  from deeprnn_jax.base import config
+  from deeprnn_jax.run import reporting, runs
   # Compiled anew in this process: nothing from earlier tests, nor from the persistent cache.
   jax.clear_caches()
   cache_was = jax.config.jax_enable_compilation_cache

@@ -1,4 +1,4 @@
-"""Several models in one program (deeprnn_jax/sweeps.py): each equals its single run.
+"""Several models in one program (deeprnn_jax/run/sweeps.py): each equals its single run.
 
 Model ``k`` of a sweep trains as a single run of ``sweep.members(config)[k]`` would: the same
 initialisation, data order, partition offsets, dropout masks, learning rate and clip norm. The
@@ -19,9 +19,13 @@ import pytest
 import torch
 from helpers import FOREVER, Train, complete_rows, metrics, snapshot, strict_json
 
-from deeprnn_jax import checkpoint, convert, data, models, predict, sweeps, train, training
-from deeprnn_jax.config import Sweep, TrainConfig
-from deeprnn_jax.errors import EXIT_DIVERGED, EXIT_TERMINATED, EXIT_USAGE
+from deeprnn_jax import convert, predict, train
+from deeprnn_jax.base.config import Sweep, TrainConfig
+from deeprnn_jax.base.errors import EXIT_DIVERGED, EXIT_TERMINATED, EXIT_USAGE
+from deeprnn_jax.fit import training
+from deeprnn_jax.model import models
+from deeprnn_jax.run import checkpoint, sweeps
+from deeprnn_jax.text import data
 
 # 2 x 16 GRU with dropout on 2,000 characters: every per-model path (dropout masks, clipping).
 SMALL = ["--cell", "gru", "--num-hiddens", "16", "--max-tokens", "2000", "--batch-size", "4",

@@ -14,9 +14,11 @@ import torch
 from helpers import cell_names
 from references import d2l
 
-from deeprnn_jax import data, generate, pipeline, training
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import dispatch, training
+from deeprnn_jax.model import generate
+from deeprnn_jax.model.models import RNNLM
+from deeprnn_jax.text import data
 
 VOCAB = 11
 
@@ -187,7 +189,7 @@ def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for(
     state, losses = epoch_fn(state, Xs, Ys, key)
     expected.append((np.asarray(losses), jax.device_get(state.params)))
 
-  pipe = pipeline.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 2)
+  pipe = dispatch.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 2)
   done = list(pipe.run(ts, _epoch_items(5)))
   assert [f.tag for f in done] == [0, 1, 2, 3, 4]
   for f, (losses, _) in zip(done, expected):
@@ -196,7 +198,7 @@ def test_epoch_pipeline_equals_a_plain_loop_and_keeps_only_the_states_asked_for(
   # Epoch 2 was asked for and the last one is not donated to anything; the others were.
   assert [f.state is not None for f in done] == [False, False, True, False, True]
   chex.assert_trees_all_equal(jax.device_get(done[4].state.params), expected[4][1])
-  assert pipeline._deleted(done[2].state)  # handed on to epoch 3 once the caller moved on
+  assert dispatch._deleted(done[2].state)  # handed on to epoch 3 once the caller moved on
 
 
 @pytest.mark.slow
@@ -204,7 +206,7 @@ def test_epoch_pipeline_reads_one_item_ahead_unless_the_state_is_needed():
   model, opt, ts = _setup(layers=1)
   epoch_fn = training.make_train_epoch(model, opt)
   produced = []
-  pipe = pipeline.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 1)
+  pipe = dispatch.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == 1)
   seen = []
   for f in pipe.run(ts, _epoch_items(4, log=produced)):
     seen.append((f.tag, len(produced)))
@@ -218,7 +220,7 @@ def test_epoch_pipeline_reads_one_item_ahead_unless_the_state_is_needed():
 @pytest.mark.slow
 def test_epoch_pipeline_drain_returns_the_epoch_in_flight_with_its_state():
   model, opt, ts = _setup(layers=1)
-  pipe = pipeline.EpochPipeline(training.make_train_epoch(model, opt))
+  pipe = dispatch.EpochPipeline(training.make_train_epoch(model, opt))
   run = pipe.run(ts, _epoch_items(3))
   first = next(run)  # epoch 1 is in flight now, holding the state
   assert first.tag == 0 and first.state is None
@@ -248,7 +250,7 @@ def test_epoch_pipeline_interrupted_while_waiting_loses_no_epoch(kept):
     return state + 1, _Losses(float(key), interrupt=key == 2)
 
   items = ((k, None, None, k) for k in range(6))
-  pipe = pipeline.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == kept)
+  pipe = dispatch.EpochPipeline(epoch_fn, needs_state=lambda tag: tag == kept)
   handed = []
   with pytest.raises(KeyboardInterrupt):
     for f in pipe.run(jnp.zeros(()), items):
@@ -340,7 +342,7 @@ def test_sampling_depends_on_key_and_validates_input():
 
 
 def test_unroll_is_a_model_attribute_with_the_backends_default():
-  from deeprnn_jax import recurrence
+  from deeprnn_jax.model import recurrence
   for bad in (0, -1, 2.5, "fast"):
     with pytest.raises(UsageError, match="unroll"):
       RNNLM(11, 8, 1, "lstm", unroll=bad)

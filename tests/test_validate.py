@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from deeprnn_jax import validate
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import UsageError
 
 
 @pytest.mark.parametrize("value", [1, 7, 2.0, np.int64(3), np.float32(4)])
@@ -64,7 +64,8 @@ def test_the_defaults_are_valid_and_literals_name_the_choices():
 
 
 def test_unroll_reaches_the_model_from_the_command_line():
-  from deeprnn_jax import models, train
+  from deeprnn_jax import train
+  from deeprnn_jax.model import models
   config = TrainConfig(**train.config_fields(train.parser().parse_args(["--unroll", "4"])))
   assert config.validate().unroll == 4 and models.from_config(config, 28).unroll == 4
   assert TrainConfig.from_json(config.to_json()) == config

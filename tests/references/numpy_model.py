@@ -1,6 +1,6 @@
 """A NumPy reference for the deep RNN language model, written straight from the equations.
 
-Independent of ``deeprnn_jax.cells``: explicit Python loops over time ``t`` and layers ``l``,
+Independent of ``deeprnn_jax.model.cells``: explicit Python loops over time ``t`` and layers ``l``,
 one-hot inputs, float64 throughout. Parameters use the project's pytree layout::
 
     rnn/layer_{l}/{W_xh, W_hh, b_xh, b_hh}   gates fused on the last axis (G = 1, 3, 4)
@@ -24,8 +24,8 @@ Equations, for layer ``l`` at time ``t`` with input ``X`` (``H_t^(l-1)``, or the
   head: O_t = H_t^(L) W_hq + b_q
 
 Each cell is one entry of :data:`CELLS` (its gate count, its state and its step), as each is one
-``CellSpec`` in ``deeprnn_jax.cells.CELLS``; tests/test_cells.py checks that the two list the same
-cells with the same layout.
+``CellSpec`` in ``deeprnn_jax.model.cells.CELLS``; tests/test_cells.py checks that the two list the
+same cells with the same layout.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Everything here mirrors ``d2l/torch.py`` (classic edition) so that a corpus, a vocabulary and a
 sequence of minibatches built here are the ones d2l builds, except that randomness comes from an
 explicit ``numpy.random.Generator`` instead of Python's global ``random`` module. Finding and
-reading the files is :mod:`deeprnn_jax.corpora`'s; the vocabulary is :mod:`deeprnn_jax.vocab`'s.
+reading the files is :mod:`deeprnn_jax.text.corpora`'s; the vocabulary is
+:mod:`deeprnn_jax.text.vocab`'s.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from deeprnn_jax import validate
-from deeprnn_jax.corpora import read_text, resolve_corpus
-from deeprnn_jax.errors import DataError
-from deeprnn_jax.vocab import Vocab
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.errors import DataError
+from deeprnn_jax.text.corpora import read_text, resolve_corpus
+from deeprnn_jax.text.vocab import Vocab
 
 
 def _readlines(text: str) -> list[str]:

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Callable, Protocol
 
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base.errors import UsageError
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -29,7 +29,7 @@ class Sink(Protocol):
 
 
 class MetricsFile:
-  """The run folder's ``metrics.jsonl`` (:meth:`deeprnn_jax.rundir.RunDir.append_row`)."""
+  """The run folder's ``metrics.jsonl`` (:meth:`deeprnn_jax.run.rundir.RunDir.append_row`)."""
 
   def __init__(self, folder):
     self.folder = folder
@@ -101,7 +101,7 @@ class TensorBoard:
 def learning_rates(lr: float, factor: Callable[[int], float] | None,
                    steps_per_epoch: int) -> Callable[[dict], float]:
   """A row's learning rate: its model's rate (the row's ``lr`` where several train, else ``lr``)
-  times the schedule's ``factor`` (:func:`deeprnn_jax.training.lr_factor`; ``None``: constant)
+  times the schedule's ``factor`` (:func:`deeprnn_jax.fit.training.lr_factor`; ``None``: constant)
   at the epoch's last step."""
   @functools.lru_cache(maxsize=1)  # an epoch's rows (one per model) share its factor
   def at(epoch: int) -> float:

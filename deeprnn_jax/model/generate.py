@@ -8,14 +8,17 @@ Python calls, and prefixes of similar length share one compilation.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
-from deeprnn_jax.vocab import Vocab
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.model.models import RNNLM
+
+if TYPE_CHECKING:  # any table of tokens will do: the model layer reads no text
+  from deeprnn_jax.text.vocab import Vocab
 
 Array = jax.Array
 

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # Files only; never needs a display.
 import matplotlib.pyplot as plt  # noqa: E402
 
-from deeprnn_jax.files import atomic_write_bytes  # noqa: E402
+from deeprnn_jax.base.files import atomic_write_bytes  # noqa: E402
 
 
 def finite_points(rows: Sequence[dict], key: str) -> list[tuple[int, float]]:

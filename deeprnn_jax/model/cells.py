@@ -33,8 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import validate
-from deeprnn_jax.validate import Activation
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.validate import Activation
 
 Array = jax.Array
 Carry = Any  # <float32>[batch, hiddens] for RNN and GRU, a pair (H, C) of those for LSTM.

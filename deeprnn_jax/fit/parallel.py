@@ -5,7 +5,7 @@ split across it, each device runs its rows' whole recurrence, and the gradients 
 per minibatch (``training.make_train_epoch(..., devices=...)``). The mean loss and its gradient are
 the same as on one device, up to the order of float32 sums; with dropout, each shard draws its own
 masks, so those depend on the number of shards. The devices may be GPUs, CPU cores or, after
-:func:`deeprnn_jax.distributed.join`, the devices of several processes: each process places only
+:func:`deeprnn_jax.run.distributed.join`, the devices of several processes: each process places only
 its own devices' rows (:func:`epoch_inputs`) and reads local copies of the replicated parameters
 (:func:`on_first`).
 
@@ -29,8 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from deeprnn_jax import validate
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.errors import UsageError
 
 BATCH_AXIS = "data"  # the mesh axis a minibatch's rows are split over
 # rows x hidden² of one shard's per-step product at or below which a split has won (the chapter's

@@ -2,7 +2,7 @@
 
 The hot path is :func:`make_train_epoch`: one jitted call runs every minibatch of an epoch under
 ``lax.scan`` with the parameters and optimiser state donated, and returns the per-minibatch losses
-with no host sync in between (:mod:`deeprnn_jax.pipeline` runs such epochs back to back).
+with no host sync in between (:mod:`deeprnn_jax.fit.dispatch` runs such epochs back to back).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deeprnn_jax import validate
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
-from deeprnn_jax.parallel import BATCH_AXIS, batch_mesh
-from deeprnn_jax.validate import Optimizer, Schedule
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.base.validate import Optimizer, Schedule
+from deeprnn_jax.fit.parallel import BATCH_AXIS, batch_mesh
+from deeprnn_jax.model.models import RNNLM
 
 Array = jax.Array
 
@@ -49,7 +49,7 @@ def lr_factor(schedule: Schedule, num_epochs: int, steps_per_epoch: int, warmup_
 
 
 def config_lr_factor(config, steps_per_epoch: int) -> optax.Schedule | None:
-  """:func:`lr_factor` of a :class:`~deeprnn_jax.config.TrainConfig`."""
+  """:func:`lr_factor` of a :class:`~deeprnn_jax.base.config.TrainConfig`."""
   return lr_factor(config.lr_schedule, config.num_epochs, steps_per_epoch, config.warmup_epochs,
                    config.lr_min_factor)
 
@@ -90,8 +90,9 @@ def cross_entropy(logits: Array, Y: Array) -> Array:
 
 def masked_cross_entropy(logits: Array, Y: Array, axis_name: str | None = None) -> Array:
   """:func:`cross_entropy` over the tokens whose label is >= 0: a negative label marks padding
-  (``deeprnn_jax.windows.PAD``). Under ``shard_map`` over ``axis_name``, scaled so that the mean
-  over the shards (:func:`make_train_step`'s ``pmean``) is the mean over every shard's tokens."""
+  (``deeprnn_jax.text.windows.PAD``). Under ``shard_map`` over ``axis_name``, scaled so that the
+  mean over the shards (:func:`make_train_step`'s ``pmean``) is the mean over every shard's
+  tokens."""
   real = Y >= 0
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(real, Y, 0))
   count = jnp.sum(real)
@@ -221,8 +222,8 @@ def make_train_epoch(model: RNNLM, optimizer, use_random_iter: bool = False,
   the epoch makes its last loss NaN (:func:`mark_nonfinite_state`). Sequential partitioning starts
   the epoch from a zero state and carries it across minibatches; random partitioning starts every
   minibatch from zeros. The train state's buffers are donated. With several ``devices``
-  (:func:`deeprnn_jax.parallel.batch_devices`) every minibatch's rows are split across them, and
-  the train state is replicated on each: place it so (:func:`deeprnn_jax.parallel.replicate`)
+  (:func:`deeprnn_jax.fit.parallel.batch_devices`) every minibatch's rows are split across them, and
+  the train state is replicated on each: place it so (:func:`deeprnn_jax.fit.parallel.replicate`)
   before the first call, or the second call compiles again. ``masked``: padding labels are left
   out of the loss (:func:`masked_cross_entropy`).
   """

@@ -1,8 +1,8 @@
 """Jitted epochs run back to back from the host, with the device never waiting for it.
 
 :class:`EpochPipeline` is host-side scheduling around the jitted epochs of
-:func:`deeprnn_jax.training.make_train_epoch`: it dispatches epoch ``k + 1`` before reading epoch
-``k``'s losses, keeps a donated train state only where the caller needs it, and hands every
+:func:`deeprnn_jax.fit.training.make_train_epoch`: it dispatches epoch ``k + 1`` before reading
+epoch ``k``'s losses, keeps a donated train state only where the caller needs it, and hands every
 dispatched epoch out once, also after an interrupt (:meth:`EpochPipeline.drain`). It waits for an
 epoch in short sleeps rather than one blocking call, so that signal handlers run at once, and can
 give up on an epoch that does not finish (:class:`EpochAbandoned`).
@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from deeprnn_jax.training import TrainState
+from deeprnn_jax.fit.training import TrainState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,15 +3,15 @@
 d2l 1.0 (``d2l/torch.py``, package 1.0.3) cleans the whole text at once,
 ``re.sub('[^A-Za-z]+', ' ', text).lower()`` (a newline becomes a space, where the classic edition
 strips each line and joins the lines with nothing), reads it as characters, sorts its vocabulary
-(:meth:`~deeprnn_jax.vocab.Vocab.alphabetical`), and makes every window
+(:meth:`~deeprnn_jax.text.vocab.Vocab.alphabetical`), and makes every window
 ``corpus[i : i + num_steps + 1]`` an example: the first ``num_train`` windows train, shuffled every
 epoch by a ``DataLoader`` that keeps the last, smaller batch, and the next ``num_val`` validate, in
 order. Every minibatch starts from a zero state.
 
 Here every batch has ``batch_size`` rows, so that one compiled program runs the whole epoch: the
 rows past the end of the last batch are padding, every label :data:`PAD`, which the loss leaves out
-(:func:`deeprnn_jax.training.masked_cross_entropy`). Randomness comes from an explicit
-``numpy.random.Generator``, as in :mod:`deeprnn_jax.data`.
+(:func:`deeprnn_jax.fit.training.masked_cross_entropy`). Randomness comes from an explicit
+``numpy.random.Generator``, as in :mod:`deeprnn_jax.text.data`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import re
 
 import numpy as np
 
-from deeprnn_jax import validate
-from deeprnn_jax.corpora import read_text, resolve_corpus
-from deeprnn_jax.data import SeededLoader, first_tokens
-from deeprnn_jax.errors import DataError
-from deeprnn_jax.vocab import Vocab
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.errors import DataError
+from deeprnn_jax.text.corpora import read_text, resolve_corpus
+from deeprnn_jax.text.data import SeededLoader, first_tokens
+from deeprnn_jax.text.vocab import Vocab
 
 PAD = -1  # the label of a padding row's tokens
 
@@ -101,9 +101,9 @@ class WindowLoader(SeededLoader):
   """The training windows, reshuffled every epoch from its own generator (d2l 1.0's
   ``DataLoader(shuffle=True)``, ``drop_last=False``).
 
-  The same interface as :class:`deeprnn_jax.data.SeqDataLoader`: :meth:`epoch` returns the whole
-  epoch as ``(Xs, Ys)``, each ``<int32>[num_batches, batch, steps]``; ``rng_state`` can be saved
-  and restored to resume the exact sequence of epochs.
+  The same interface as :class:`deeprnn_jax.text.data.SeqDataLoader`: :meth:`epoch` returns the
+  whole epoch as ``(Xs, Ys)``, each ``<int32>[num_batches, batch, steps]``; ``rng_state`` can be
+  saved and restored to resume the exact sequence of epochs.
   """
 
   def __init__(self, rows: np.ndarray, batch_size: int, seed=0):

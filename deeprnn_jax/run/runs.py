@@ -2,9 +2,10 @@
 
 :func:`train_run` reads top to bottom: load the text, lock the folder, restore or initialise,
 compile, then the epoch loop (:func:`run_epochs`, which a run of several models,
-:func:`deeprnn_jax.sweeps.sweep_run`, shares: measure, record, save, show, stop on a signal),
+:func:`deeprnn_jax.run.sweeps.sweep_run`, shares: measure, record, save, show, stop on a signal),
 then the summary. What the two d2l editions do differently is asked of
-:mod:`deeprnn_jax.editions`; what each epoch shows and records, of :mod:`deeprnn_jax.reporting`.
+:mod:`deeprnn_jax.text.editions`; what each epoch shows and records, of
+:mod:`deeprnn_jax.run.reporting`.
 What it guarantees (docs/runs.md): Ctrl-C, SIGTERM and SIGHUP save the newest finished epoch and
 say how to resume; a diverged epoch (a non-finite loss, perplexity or parameter) is never saved;
 one process writes a folder at a time; a resumed run changes nothing in its folder before every
@@ -24,25 +25,18 @@ from typing import Callable, NamedTuple, TextIO
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import (
-  cudnn,
-  data,
-  generate,
-  models,
-  parallel,
-  plots,
-  sinks,
-  stopping,
-  training,
-  validate,
-)
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.editions import Text, edition, load_text
-from deeprnn_jax.errors import Interrupted, UsageError
-from deeprnn_jax.pipeline import EpochAbandoned, EpochPipeline
-from deeprnn_jax.reporting import Report, device_name
-from deeprnn_jax.rundir import RunDir
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import Interrupted, UsageError
+from deeprnn_jax.fit import parallel, training
+from deeprnn_jax.fit.dispatch import EpochAbandoned, EpochPipeline
+from deeprnn_jax.model import cudnn, generate, models
+from deeprnn_jax.run import checkpoint as ckpt
+from deeprnn_jax.run import plots, sinks, stopping
+from deeprnn_jax.run.reporting import Report, device_name
+from deeprnn_jax.run.rundir import RunDir
+from deeprnn_jax.text import data
+from deeprnn_jax.text.editions import Text, edition, load_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +264,7 @@ def compile_ahead(model, optimizer, config: TrainConfig, text: Text, loader: dat
 
 def run_sinks(folder: RunDir, config: TrainConfig, options: RunOptions, steps_per_epoch: int,
               members: list[dict] | None = None) -> list[sinks.Sink]:
-  """Where the run's metrics rows go (:func:`deeprnn_jax.sinks.open_sinks`); over several
+  """Where the run's metrics rows go (:func:`deeprnn_jax.run.sinks.open_sinks`); over several
   processes, process 0 alone writes TensorBoard's files."""
   rate = sinks.learning_rates(config.lr, training.config_lr_factor(config, steps_per_epoch),
                               steps_per_epoch)

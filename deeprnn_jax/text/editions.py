@@ -4,12 +4,12 @@ A run asks its edition (:func:`edition`, from ``TrainConfig.pipeline``) and noth
 the two books do differently:
 
 * :class:`Classic` (``pipeline="classic"``, d2l's classic edition, ``d2l/torch.py``): the text
-  cleaned line by line and partitioned (:mod:`deeprnn_jax.data`), minibatches that carry their
+  cleaned line by line and partitioned (:mod:`deeprnn_jax.text.data`), minibatches that carry their
   state (sequential partitioning), the perplexity of the epoch's mean loss, validation where an
   epoch is logged, 50 characters after ``time traveller`` and ``traveller``, and PyTorch's
   ``RNNModel`` (``rnn.*`` keys).
 * :class:`D2L10` (``pipeline="windows"``, d2l 1.0, the English edition): every overlapping window
-  (:mod:`deeprnn_jax.windows`), each minibatch from a zero state with padding labels left out,
+  (:mod:`deeprnn_jax.text.windows`), each minibatch from a zero state with padding labels left out,
   the perplexities its ``ProgressBoard`` plots, validation every epoch, 20 characters after
   ``it has``, and ``RNNLM`` (``rnn.rnn.*`` keys).
 
@@ -30,10 +30,12 @@ from typing import Callable, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from deeprnn_jax import data, interop, training, windows
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.models import RNNLM
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.fit import training
+from deeprnn_jax.model import interop
+from deeprnn_jax.model.models import RNNLM
+from deeprnn_jax.text import data, windows
 
 
 class Text(NamedTuple):
@@ -99,7 +101,7 @@ class Classic:
     return max(1, len(text.valid) // 10_000)
 
   def evaluate(self, model: RNNLM, params, text: Text, config: TrainConfig) -> float:
-    """The validation perplexity (:func:`deeprnn_jax.training.evaluate`)."""
+    """The validation perplexity (:func:`deeprnn_jax.fit.training.evaluate`)."""
     return training.evaluate(model, params, text.valid, self.evaluation_rows(text))
 
   def compile_evaluate(self, model: RNNLM, params, text: Text, config: TrainConfig) -> None:

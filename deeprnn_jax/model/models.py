@@ -29,9 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import cells, cudnn, recurrence, validate
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.validate import Activation, Cell, Impl, Precision, layer_activations
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.validate import Activation, Cell, Impl, Precision, layer_activations
+from deeprnn_jax.model import cells, cudnn, recurrence
 
 Array = jax.Array
 def _time_major(inputs: Array) -> Array:
@@ -192,7 +193,7 @@ class RNNLM(nn.Module):
       bfloat16 operands and accumulate in float32 (``layerwise`` and ``wavefront`` only; the
       head, the state, the nonlinearities and the parameters stay float32).
     unroll: ``lax.scan`` unroll factor of the ``layerwise`` and ``wavefront`` recurrence; ``None``
-      takes the backend's measured best (:data:`deeprnn_jax.recurrence.DEFAULT_UNROLL`). It
+      takes the backend's measured best (:data:`deeprnn_jax.model.recurrence.DEFAULT_UNROLL`). It
       changes speed and compile time, never the numbers.
   """
 

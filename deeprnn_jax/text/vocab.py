@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from typing import Sequence
 
-from deeprnn_jax.errors import DataError
+from deeprnn_jax.base.errors import DataError
 
 
 def count_corpus(tokens) -> collections.Counter:

@@ -2,9 +2,10 @@
 
 Plain Python: importing it imports no JAX, so a configuration is checked (and its errors
 reported) before JAX starts. The cells are the one exception: their names and what each can run
-are declared with their equations (``deeprnn_jax.cells.CELLS``), which a check of a cell imports
-the first time (JAX is imported, not started). Every check raises
-:class:`~deeprnn_jax.errors.UsageError` with one line that names the setting and the value it got.
+are declared with their equations (``deeprnn_jax.model.cells.CELLS``), which a check of a cell
+imports the first time (JAX is imported, not started). Every check raises
+:class:`~deeprnn_jax.base.errors.UsageError` with one line that names the setting and the value it
+got.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import math
 import numbers
 from typing import Literal, Sequence, get_args
 
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base.errors import UsageError
 
-Cell = str  # a name in deeprnn_jax.cells.CELLS (CELLS below)
+Cell = str  # a name in deeprnn_jax.model.cells.CELLS (CELLS below)
 Activation = Literal["tanh", "relu"]
 Impl = Literal["layerwise", "scan", "wavefront", "cudnn"]
 Precision = Literal["float32", "bfloat16"]
@@ -49,8 +50,8 @@ def one_of(name: str, value, choices: Sequence[str]) -> str:
 
 
 def _cells() -> dict:
-  """``deeprnn_jax.cells.CELLS``, the registry of cells (name -> ``CellSpec``)."""
-  from deeprnn_jax import cells  # JAX code: imported on first use, not with this module
+  """``deeprnn_jax.model.cells.CELLS``, the registry of cells (name -> ``CellSpec``)."""
+  from deeprnn_jax.model import cells  # JAX code: imported on first use, not with this module
   return cells.CELLS
 
 

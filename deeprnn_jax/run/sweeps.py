@@ -1,16 +1,17 @@
 """Several models trained in one compiled program: seeds and hyperparameter sweeps.
 
 The chapter's questions are comparative (GRU or LSTM? which learning rate?), and one curve
-answers none of them. :func:`sweep_run` trains every model of a :class:`~deeprnn_jax.config.Sweep`
-(learning rates × clip norms × seeds) together: their train states are stacked on a leading
-``[K]`` axis and one ``jax.vmap``-ed epoch (:func:`deeprnn_jax.training.make_models_epoch`) trains
-them all, each on its own data stream, with its own dropout masks and hyperparameters. Model ``k``
-ends where a single run of ``sweep.members(config)[k]`` ends (float32 summation order aside).
+answers none of them. :func:`sweep_run` trains every model of a
+:class:`~deeprnn_jax.base.config.Sweep` (learning rates × clip norms × seeds) together: their
+train states are stacked on a leading ``[K]`` axis and one ``jax.vmap``-ed epoch
+(:func:`deeprnn_jax.fit.training.make_models_epoch`) trains them all, each on its own data
+stream, with its own dropout masks and hyperparameters. Model ``k`` ends where a single run of
+``sweep.members(config)[k]`` ends (float32 summation order aside).
 
 The run folder is a run's (docs/runs.md), with one metrics row per epoch and model, a summary of
 every model, a checkpoint holding them all and ``sweep.json`` naming them. One model that
 diverges stops alone: its rows say so, the others go on, and the run ends with
-:class:`~deeprnn_jax.errors.Diverged` after writing everything.
+:class:`~deeprnn_jax.base.errors.Diverged` after writing everything.
 """
 
 from __future__ import annotations
@@ -29,15 +30,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import cudnn, data, files, models, plots, stopping, training
-from deeprnn_jax.config import Sweep, TrainConfig
-from deeprnn_jax.editions import Text, load_text
-from deeprnn_jax.errors import Diverged, Interrupted, UsageError
-from deeprnn_jax.pipeline import FinishedEpoch
-from deeprnn_jax.reporting import Measured, Report, device_name
-from deeprnn_jax.rundir import RunDir
-from deeprnn_jax.runs import RunOptions, Saver, restore_or_init, run_epochs, run_sinks
+from deeprnn_jax.base import files
+from deeprnn_jax.base.config import Sweep, TrainConfig
+from deeprnn_jax.base.errors import Diverged, Interrupted, UsageError
+from deeprnn_jax.fit import training
+from deeprnn_jax.fit.dispatch import FinishedEpoch
+from deeprnn_jax.model import cudnn, models
+from deeprnn_jax.run import checkpoint as ckpt
+from deeprnn_jax.run import plots, stopping
+from deeprnn_jax.run.reporting import Measured, Report, device_name
+from deeprnn_jax.run.rundir import RunDir
+from deeprnn_jax.run.runs import RunOptions, Saver, restore_or_init, run_epochs, run_sinks
+from deeprnn_jax.text import data
+from deeprnn_jax.text.editions import Text, load_text
 
 SWEEP = "sweep.json"
 MODELS_AXIS = "models"  # the mesh axis the models are spread over
@@ -150,7 +155,7 @@ def _mean_std(values) -> tuple[float | None, float | None]:
 
 
 class SweepReport(Report):
-  """:class:`~deeprnn_jax.runs.Report` for several models: a row per model, d2l's line with the
+  """:class:`~deeprnn_jax.run.runs.Report` for several models: a row per model, d2l's line with the
   mean ± standard deviation over the models that train, predictions from the best of them."""
 
   def __init__(self, members: list[TrainConfig], diverged: list[int | None], *args, **kwargs):
@@ -255,9 +260,10 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
   """Trains every model of ``sweep`` (with ``config``'s other settings) in one program, writing
   everything into ``run_dir``; returns the summary.
 
-  Raises as :func:`deeprnn_jax.runs.train_run` does, except that a model that diverges stops
-  alone: :class:`~deeprnn_jax.errors.Diverged` is raised at the end, after the summary, the plot
-  and the last checkpoint are written, naming the models that diverged (at once, where all have).
+  Raises as :func:`deeprnn_jax.run.runs.train_run` does, except that a model that diverges stops
+  alone: :class:`~deeprnn_jax.base.errors.Diverged` is raised at the end, after the summary, the
+  plot and the last checkpoint are written, naming the models that diverged (at once, where all
+  have).
   """
   t_start = time.perf_counter()
   out, err = out or sys.stdout, err or sys.stderr

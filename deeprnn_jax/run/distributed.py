@@ -3,7 +3,7 @@
 Every process runs the same command with its own ``--process-id``: :func:`join` connects it to
 the others through the coordinator (process 0's ``HOST:PORT``), after which ``jax.devices()``
 lists every process's devices and the train CLI splits each minibatch's rows over all of them
-(:func:`deeprnn_jax.parallel.batch_devices`). Every process builds the same minibatches from the
+(:func:`deeprnn_jax.fit.parallel.batch_devices`). Every process builds the same minibatches from the
 same seed and places its own devices' rows; the gradients are averaged across processes in the
 same collective that averages them across one machine's devices (on CPUs through gloo).
 
@@ -23,9 +23,9 @@ from typing import Iterator, TextIO
 
 import jax
 
-from deeprnn_jax import validate
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.rundir import LOCK
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.run.rundir import LOCK
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # JAX's own; the process count and id it detects
 

@@ -2,7 +2,7 @@
 
 A corpus is found, in order: an explicit path; ``$DEEPRNN_JAX_DATA/<name>``; ``data/<name>`` under
 the working directory; else a known one (:data:`DATASETS`) is downloaded into ``data/`` and its
-SHA-1 checked. Reading gives one clear :class:`~deeprnn_jax.errors.DataError` for a missing,
+SHA-1 checked. Reading gives one clear :class:`~deeprnn_jax.base.errors.DataError` for a missing,
 unreadable or non-UTF-8 file.
 """
 
@@ -14,8 +14,8 @@ import os
 import urllib.request
 from pathlib import Path
 
-from deeprnn_jax.errors import DataError
-from deeprnn_jax.files import atomic_write_bytes
+from deeprnn_jax.base.errors import DataError
+from deeprnn_jax.base.files import atomic_write_bytes
 
 DATA_ENV = "DEEPRNN_JAX_DATA"
 

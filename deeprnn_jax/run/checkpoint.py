@@ -1,8 +1,8 @@
 """Run checkpoints: one msgpack file each, written atomically, that resumes a run exactly.
 
 A checkpoint holds the parameters, the optimiser state, the data loader's RNG state, the number of
-finished epochs, the vocabulary and the run's :class:`~deeprnn_jax.config.TrainConfig`. The newest
-lives at ``<run_dir>/checkpoint.msgpack``; with ``keep > 1`` the older ones kept are
+finished epochs, the vocabulary and the run's :class:`~deeprnn_jax.base.config.TrainConfig`. The
+newest lives at ``<run_dir>/checkpoint.msgpack``; with ``keep > 1`` the older ones kept are
 ``checkpoint-<epoch>.msgpack`` beside it. Writing goes to a temporary file renamed over the old one,
 so an interrupted save never destroys the last good checkpoint, and only finite parameters are
 ever saved by a run. Reading a folder falls back from a corrupt (or non-finite) newest file to the
@@ -28,10 +28,10 @@ import flax.serialization
 import jax
 import numpy as np
 
-from deeprnn_jax.config import MODEL_FIELDS, TrainConfig
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.files import atomic_write_bytes, fsync_dir
-from deeprnn_jax.vocab import Vocab
+from deeprnn_jax.base.config import MODEL_FIELDS, TrainConfig
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.base.files import atomic_write_bytes, fsync_dir
+from deeprnn_jax.text.vocab import Vocab
 
 FILENAME = "checkpoint.msgpack"
 FORMAT = 1

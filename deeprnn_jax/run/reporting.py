@@ -1,7 +1,7 @@
 """What a run shows and records of each epoch, for one model (:class:`Report`) and, through the
-same methods, for several (:class:`deeprnn_jax.sweeps.SweepReport`).
+same methods, for several (:class:`deeprnn_jax.run.sweeps.SweepReport`).
 
-The run loop (:func:`deeprnn_jax.runs.run_epochs`) asks a report, for each finished epoch, to
+The run loop (:func:`deeprnn_jax.run.runs.run_epochs`) asks a report, for each finished epoch, to
 ``measure`` it (its metrics rows, and a divergence that ends the run), ``record`` it (the rows to
 the metric sinks, its share of the throughput), ``save`` it where a checkpoint is due, and
 ``show`` it (the progress bar, d2l's line with a prediction); ``failure`` is the error a
@@ -18,15 +18,18 @@ from typing import TYPE_CHECKING, NamedTuple, TextIO
 import jax
 import numpy as np
 
-from deeprnn_jax import editions, generate, parallel, sinks, training
-from deeprnn_jax.config import TrainConfig
-from deeprnn_jax.editions import Text
-from deeprnn_jax.errors import Diverged
-from deeprnn_jax.pipeline import FinishedEpoch
-from deeprnn_jax.rundir import RunDir
+from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.errors import Diverged
+from deeprnn_jax.fit import parallel, training
+from deeprnn_jax.fit.dispatch import FinishedEpoch
+from deeprnn_jax.model import generate
+from deeprnn_jax.run import sinks
+from deeprnn_jax.run.rundir import RunDir
+from deeprnn_jax.text import editions
+from deeprnn_jax.text.editions import Text
 
 if TYPE_CHECKING:
-  from deeprnn_jax.runs import RunOptions, Saver
+  from deeprnn_jax.run.runs import RunOptions, Saver
 
 
 class Measured(NamedTuple):

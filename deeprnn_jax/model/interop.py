@@ -12,13 +12,13 @@ and ``linear.weight <float32>[vocab_size, H]`` (= ``W_hq.T``), ``linear.bias <fl
 (= ``b_q``). Each cell's spec (``cells.CELLS``) names its PyTorch layer (``torch_module``) and
 PyTorch's gate order; the three cells' gates already sit in that order, so converting them is
 transposing, both ways exactly (a cell whose order differs has its gate blocks reordered too).
-States need nothing: :class:`~deeprnn_jax.models.RNNLM` takes and returns them in PyTorch's
+States need nothing: :class:`~deeprnn_jax.model.models.RNNLM` takes and returns them in PyTorch's
 ``[num_layers, batch, H]`` layout (LSTM: ``(H, C)``).
 
 d2l 1.0 (the English edition, ``d2l.RNNLM``) holds its ``nn.GRU`` one module deeper, in
 ``d2l.GRU``'s ``rnn``: its keys are ``rnn.rnn.weight_ih_l{k}`` … (:data:`D2L_EN_RNN_PREFIX`) and the
 same ``linear.*`` (a ``LazyLinear``); :func:`from_d2l_en` and :func:`to_d2l_en` rename between the
-two layouts. Its vocabulary is sorted (``deeprnn_jax.windows``), which the keys do not record.
+two layouts. Its vocabulary is sorted (``deeprnn_jax.text.windows``), which the keys do not record.
 
 Which nonlinearity an ``nn.RNN`` uses is not in its state dict; pass it to the model yourself.
 Torch is not imported here: tensors are converted by duck typing (``.detach().cpu().numpy()``).
@@ -31,8 +31,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deeprnn_jax import cells, validate
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.model import cells
 
 RNN_PREFIX = "rnn."
 HEAD_PREFIX = "linear."
@@ -199,7 +200,7 @@ def infer_sizes(state_dict: Mapping[str, Any], cell: str, num_layers: int) -> tu
 
 
 def params_from_torch(state_dict: Mapping[str, Any], cell: str, num_layers: int) -> dict:
-  """Flax ``params`` of :class:`~deeprnn_jax.models.RNNLM` from a d2l ``RNNModel`` state dict.
+  """Flax ``params`` of :class:`~deeprnn_jax.model.models.RNNLM` from a d2l ``RNNModel`` state dict.
 
   Args:
     state_dict: ``rnn.{weight,bias}_{ih,hh}_l{k}``, ``linear.weight`` and ``linear.bias``, as
@@ -245,7 +246,7 @@ def _get(tree, path: str):
 
 def params_to_torch(params: Mapping[str, Any], cell: str, num_layers: int) -> dict[str, np.ndarray]:
   """A d2l ``RNNModel`` state dict (``<float32>`` NumPy arrays, PyTorch's key order) from
-  :class:`~deeprnn_jax.models.RNNLM` ``params``.
+  :class:`~deeprnn_jax.model.models.RNNLM` ``params``.
 
   Load it with ``net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``; for a
   bare ``nn.LSTM`` and ``nn.Linear`` pair, use :func:`strip_prefix` with ``"rnn."``/``"linear."``.
@@ -288,9 +289,9 @@ def model_from_torch(state_dict: Mapping[str, Any], cell: str, num_layers: int,
   """``(RNNLM, params)`` equivalent to a d2l ``RNNModel`` from its state dict.
 
   ``activation`` is the ``nn.RNN``'s ``nonlinearity`` (not recorded in the state dict);
-  ``model_kwargs`` go to :class:`~deeprnn_jax.models.RNNLM` (``dropout``, ``impl``).
+  ``model_kwargs`` go to :class:`~deeprnn_jax.model.models.RNNLM` (``dropout``, ``impl``).
   """
-  from deeprnn_jax.models import RNNLM  # Keeps `import deeprnn_jax.interop` light.
+  from deeprnn_jax.model.models import RNNLM  # Keeps `import deeprnn_jax.model.interop` light.
 
   params = params_from_torch(state_dict, cell, num_layers)
   num_hiddens, vocab_size = params["W_hq"].shape

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import rnn
 
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base.errors import UsageError
 
 Array = jax.Array
 

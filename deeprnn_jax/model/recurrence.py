@@ -45,7 +45,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from deeprnn_jax import cells, validate
+from deeprnn_jax.base import validate
+from deeprnn_jax.model import cells
 
 Array = jax.Array
 
@@ -235,7 +236,8 @@ def layer_scan(cell: str, activation: str, unroll: int, W_hh: Array, b_hh: Array
   """One layer's recurrence over time.
 
   Args:
-    cell: a name in ``cells.CELLS`` whose spec :attr:`~deeprnn_jax.cells.CellSpec.fits_kernels`
+    cell: a name in ``cells.CELLS`` whose spec
+      :attr:`~deeprnn_jax.model.cells.CellSpec.fits_kernels`
       (``"rnn"``, ``"gru"``, ``"lstm"``).
     activation: φ for the RNN (``"tanh"`` or ``"relu"``); ignored by GRU and LSTM.
     unroll: ``lax.scan`` unroll factor (:func:`default_unroll` for the backend's measured best).

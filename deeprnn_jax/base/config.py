@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from deeprnn_jax import validate
-from deeprnn_jax.errors import UsageError
-from deeprnn_jax.validate import (
+from deeprnn_jax.base import validate
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.base.validate import (
   Activation,
   Cell,
   Cleaning,
@@ -63,7 +63,7 @@ class TrainConfig:
   unroll: int | None = None  # lax.scan unroll of the recurrence; None: the backend's default
   # "classic": the first max_tokens tokens partitioned into minibatches (d2l's classic edition);
   # "windows": every overlapping window of num_steps + 1 tokens, num_train of them for training
-  # and the next num_val for validation (d2l 1.0, deeprnn_jax.windows).
+  # and the next num_val for validation (d2l 1.0, deeprnn_jax.text.windows).
   pipeline: Pipeline = "classic"
   num_train: int = 10000
   num_val: int = 5000

@@ -2,7 +2,7 @@
 
 ``config.json``, ``metrics.jsonl`` (one row per epoch, and model where a run trains several),
 ``summary.json``,
-``perplexity.png``/``.svg`` and the checkpoints (:mod:`deeprnn_jax.checkpoint`) live in it, and
+``perplexity.png``/``.svg`` and the checkpoints (:mod:`deeprnn_jax.run.checkpoint`) live in it, and
 ``run.lock``, which one process at a time holds (an advisory ``flock``, released by the system when
 the process ends, however it ends) while it writes anything there. Every file but ``metrics.jsonl``
 is replaced atomically; ``metrics.jsonl`` is appended to, a row at a time, and made to agree with
@@ -18,9 +18,9 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from deeprnn_jax import checkpoint as ckpt
-from deeprnn_jax import files
-from deeprnn_jax.errors import UsageError
+from deeprnn_jax.base import files
+from deeprnn_jax.base.errors import UsageError
+from deeprnn_jax.run import checkpoint as ckpt
 
 try:
   import fcntl
