@@ -13,7 +13,7 @@ import pytest
 import deeprnn_jax
 
 PACKAGE = Path(deeprnn_jax.__file__).parent
-COMMANDS = {"cli", "train", "predict", "convert"}
+COMMANDS = {"cli", "train", "predict", "convert", "evaluate"}
 LAYERS = ("base", "text", "model", "fit", "run")
 
 # What each layer may import besides itself. model and fit never read text; nothing below run

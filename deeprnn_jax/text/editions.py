@@ -79,6 +79,30 @@ class Classic:
                        f"of {len(corpus)} for validation")
     return Text(corpus, vocab, train, valid)
 
+  def characters(self, path, config: TrainConfig) -> list[str]:
+    """A text file's tokens as this edition cleans and reads a corpus (d2l's lines, joined)."""
+    return [c for line in data.read_lines(path, config.clean) for c in line]
+
+  def encode_file(self, path, vocab: data.Vocab, config: TrainConfig) -> np.ndarray:
+    """A text file as a stream ``<int32>[n]`` of ``vocab``'s tokens, cleaned as the run's corpus
+    was. Raises :class:`UsageError` for characters the vocabulary lacks, naming them: they
+    would be scored as ``<unk>``."""
+    tokens = self.characters(path, config)
+    if not tokens:
+      raise UsageError(f"{path} has no characters left after cleaning ({config.clean!r})")
+    missing = sorted(set(tokens) - set(vocab.token_to_idx))
+    if missing:
+      shown = "".join(missing[:20]) + ("…" if len(missing) > 20 else "")
+      raise UsageError(f"{path} holds {len(missing)} characters the run's vocabulary lacks: "
+                       f"{shown!r}")
+    return np.asarray(vocab[tokens], np.int32).reshape(-1)
+
+  def held_out(self, text: Text) -> np.ndarray:
+    """The held-out split as one stream ``<int32>[n]``."""
+    if len(text.valid) < 2:
+      raise UsageError("the run holds no text out (--valid-fraction 0): pass --text FILE")
+    return text.valid
+
   def loader(self, text: Text, config: TrainConfig, seed: int | None = None):
     return data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
                               config.use_random_iter, seed=config.seed if seed is None else seed)
@@ -137,6 +161,18 @@ class D2L10(Classic):
     corpus, vocab = windows.load_corpus(config.corpus, config.clean, config.max_tokens)
     return Text(corpus, vocab, *windows.split(corpus, config.num_steps, config.num_train,
                                               config.num_val))
+
+  def characters(self, path, config: TrainConfig) -> list[str]:
+    text = data.read_text(path)
+    return list(windows.clean_text(text) if config.clean == "d2l" else text)
+
+  def held_out(self, text: Text) -> np.ndarray:
+    """The validation windows' text as one stream: each window overlaps the next in all but its
+    first token, so the stream is the first window followed by every later window's last."""
+    rows = np.asarray(text.valid)
+    if not len(rows):
+      raise UsageError("the run holds no text out (--num-val 0): pass --text FILE")
+    return np.concatenate([rows[0], rows[1:, -1]])
 
   def loader(self, text: Text, config: TrainConfig, seed: int | None = None):
     return windows.WindowLoader(text.train, config.batch_size,
