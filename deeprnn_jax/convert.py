@@ -115,7 +115,8 @@ def from_torch(args: argparse.Namespace) -> int:
     raise UsageError(f"the model's input width is {vocab_size} but corpus {cfg.corpus} "
                      f"(--clean {cfg.clean}) has {len(vocab)} tokens; pass the corpus and "
                      "cleaning the PyTorch model was trained with")
-  opt_state = training.make_optimizer(cfg.lr, cfg.clip, cfg.optimizer).init(params)
+  opt_state = training.make_optimizer(cfg.lr, cfg.clip, cfg.optimizer,
+                                      weight_decay=cfg.weight_decay).init(params)
   checkpoint.save_checkpoint(out, params=params, opt_state=opt_state, epoch=0, vocab=vocab,
                              config=cfg)
   files.atomic_write_json(out / "config.json", cfg.to_json())

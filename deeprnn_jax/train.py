@@ -40,6 +40,12 @@ def parser() -> argparse.ArgumentParser:
   m.add_argument("--activation", default=_D.activation,
                  help="RNN φ: tanh or relu, or one per layer separated by commas (relu,tanh)")
   m.add_argument("--dropout", type=float, default=_D.dropout, help="between layers")
+  m.add_argument("--locked-dropout", action="store_true", default=_D.locked_dropout,
+                 help="one dropout mask per sequence and layer for all its steps, and the last "
+                      "layer's output dropped too (variational dropout, AWD-LSTM)")
+  m.add_argument("--weight-drop", type=float, default=_D.weight_drop,
+                 help="drop each entry of every W_hh with this probability, one mask per "
+                      "minibatch (DropConnect, AWD-LSTM)")
   m.add_argument("--impl", default=_D.impl,
                  help="layerwise (fast), scan (the chapter's reference), wavefront (GPU, large "
                       "batches) or cudnn (LSTM on a CUDA GPU, wide layers)")
@@ -69,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
                  help="windows pipeline: the next N windows validate")
   o = p.add_argument_group("optimisation")
   o.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
+  o.add_argument("--weight-decay", type=float, default=_D.weight_decay,
+                 help="decoupled weight decay: SGD steps by -lr (g + wd w); Adam becomes AdamW")
   o.add_argument("--lr", default=f"{_D.lr:g}",
                  help="learning rate; several separated by commas (0.5,1,2,4) train one model "
                       "each, all in one program")

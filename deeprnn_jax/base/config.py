@@ -41,6 +41,11 @@ class TrainConfig:
   num_hiddens: int = 256
   activation: Activation | tuple[Activation, ...] = "tanh"
   dropout: float = 0.0
+  # Regularisers of the AWD-LSTM recipe (docs/training.md), all off by default (d2l has none):
+  # locked (variational) dropout masks, DropConnect on W_hh, decoupled weight decay.
+  locked_dropout: bool = False
+  weight_drop: float = 0.0
+  weight_decay: float = 0.0
   batch_size: int = 32
   num_steps: int = 35
   lr: float = 2.0
@@ -71,10 +76,11 @@ class TrainConfig:
   def validate(self) -> "TrainConfig":
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""
     validate.model(1, self.num_hiddens, self.num_layers, self.cell, self.activation,
-                   self.dropout, self.impl, self.precision, self.unroll)
+                   self.dropout, self.impl, self.precision, self.unroll, self.locked_dropout,
+                   self.weight_drop)
     for name in ("batch_size", "num_steps", "num_epochs"):
       validate.positive_int(name.replace("_", " "), getattr(self, name))
-    validate.optimizer(self.lr, self.clip, self.optimizer)
+    validate.optimizer(self.lr, self.clip, self.optimizer, self.weight_decay)
     validate.schedule(self.lr_schedule, self.warmup_epochs, self.lr_min_factor, self.num_epochs)
     if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
       raise UsageError(f"seed must be an integer in [0, 2**32), got {self.seed}")

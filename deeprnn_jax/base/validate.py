@@ -108,7 +108,8 @@ def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple
 
 def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, activation,
           dropout: float, impl: str = "layerwise", precision: str = "float32",
-          unroll: int | None = None) -> None:
+          unroll: int | None = None, locked_dropout: bool = False,
+          weight_drop: float = 0.0) -> None:
   """Raises :class:`UsageError` for hyperparameters no model can have."""
   spec = _cells()[cell(cell_name)]
   positive_int("vocabulary size", vocab_size)
@@ -119,9 +120,13 @@ def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, ac
     raise UsageError(f"the activation is the RNN's φ; a {cell_name.upper()} has its own gate "
                      f"nonlinearities (got {activation!r})")
   fraction("dropout", dropout)
+  fraction("weight drop", weight_drop)
+  if not isinstance(locked_dropout, bool):
+    raise UsageError(f"locked dropout must be True or False, got {locked_dropout!r}")
   one_of("impl", impl, IMPLS)
   fast_kernels(cell_name, impl)
-  dropped = dropout > 0.0 and num_layers > 1  # one layer has nowhere to drop
+  # one layer has nowhere to drop between layers; locked dropout drops its output too
+  dropped = dropout > 0.0 and (num_layers > 1 or locked_dropout)
   if impl == "cudnn" and (not spec.cudnn or dropped):
     kinds = " or ".join(f"{name.upper()}s" for name, s in _cells().items() if s.cudnn)
     raise UsageError(f"impl 'cudnn' runs {kinds} without dropout (got cell {cell_name!r}, "
@@ -137,11 +142,14 @@ def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, ac
     positive_int("unroll", unroll)
 
 
-def optimizer(lr: float, clip_norm: float, name: str) -> None:
+def optimizer(lr: float, clip_norm: float, name: str, weight_decay: float = 0.0) -> None:
   """Raises :class:`UsageError` for an optimiser no run can have."""
   positive_finite("learning rate", lr)
   positive_finite("clipping norm", clip_norm)
   one_of("optimizer", name, OPTIMIZERS)
+  if not (isinstance(weight_decay, numbers.Real) and math.isfinite(weight_decay)
+          and weight_decay >= 0):
+    raise UsageError(f"weight decay must be a finite number >= 0, got {weight_decay}")
 
 
 def schedule(name: str, warmup_epochs, min_factor, num_epochs: int) -> None:

@@ -55,31 +55,42 @@ def config_lr_factor(config, steps_per_epoch: int) -> optax.Schedule | None:
 
 
 def make_optimizer(lr: float, clip_norm: float, name: Optimizer = "sgd",
-                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+                   schedule: optax.Schedule | None = None,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
   """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam, at learning
-  rate ``lr``, times ``schedule(step)`` where there is one (:func:`lr_factor`)."""
-  validate.optimizer(lr, clip_norm, name)
-  return _clipped(lr, clip_norm, name, schedule)
+  rate ``lr``, times ``schedule(step)`` where there is one (:func:`lr_factor`).
+
+  ``weight_decay`` (decoupled from the gradient's scale): SGD steps by ``-lr (g + wd w)`` after
+  clipping ``g``; Adam is AdamW, ``-lr (adam(g) + wd w)``. With 0, neither is in the chain."""
+  validate.optimizer(lr, clip_norm, name, weight_decay)
+  return _clipped(lr, clip_norm, name, schedule, weight_decay)
 
 
-def _clipped(learning_rate, max_norm, name: Optimizer,
-             schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
-  opt = optax.sgd(learning_rate) if name == "sgd" else optax.adam(learning_rate)
+def _clipped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule | None = None,
+             weight_decay: float = 0.0) -> optax.GradientTransformation:
+  if name == "sgd":
+    opt = optax.sgd(learning_rate)
+    if weight_decay:
+      opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
+  elif weight_decay:
+    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+  else:
+    opt = optax.adam(learning_rate)
   if schedule is None:
     return optax.chain(optax.clip_by_global_norm(max_norm), opt)
   # Both end by scaling with the rate, so scaling after them is the rate times the factor.
   return optax.chain(optax.clip_by_global_norm(max_norm), opt, optax.scale_by_schedule(schedule))
 
 
-def make_sweep_optimizer(name: Optimizer = "sgd",
-                         schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+def make_sweep_optimizer(name: Optimizer = "sgd", schedule: optax.Schedule | None = None,
+                         weight_decay: float = 0.0) -> optax.GradientTransformation:
   """:func:`make_optimizer`'s transformation reading its learning rate and clip norm from its
   state (``optax.inject_hyperparams``), so that they are data: each of the models trained in one
   vmapped program has its own (:func:`init_train_states` sets them). ``schedule`` is the same
   for all of them, each following it with its own step count."""
-  validate.one_of("optimizer", name, validate.OPTIMIZERS)
-  inner = functools.partial(_clipped, name=name, schedule=schedule)
-  return optax.inject_hyperparams(inner, static_args=("name", "schedule"))(
+  validate.optimizer(1.0, 1.0, name, weight_decay)
+  inner = functools.partial(_clipped, name=name, schedule=schedule, weight_decay=weight_decay)
+  return optax.inject_hyperparams(inner, static_args=("name", "schedule", "weight_decay"))(
       learning_rate=1.0, max_norm=1.0)
 
 
@@ -162,7 +173,7 @@ def make_train_step(model: RNNLM, optimizer, axis_name: str | None = None,
   """
 
   def loss_fn(params, state, X, Y, key):
-    logits, state = model.apply({"params": params}, X, state, deterministic=model.dropout == 0.0,
+    logits, state = model.apply({"params": params}, X, state, deterministic=not model.stochastic,
                                 rngs={"dropout": key})
     if masked:
       return masked_cross_entropy(logits, Y, axis_name), state

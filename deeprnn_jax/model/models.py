@@ -49,6 +49,8 @@ class _Stack(nn.Module):
     num_hiddens: width of every layer's hidden state.
     activations: φ_l for each layer (RNN only).
     dropout: drop probability between layers.
+    locked: one dropout mask per sequence and layer, the same at every time step (variational
+      dropout); else a fresh mask at every step.
     deterministic: ``False`` applies dropout (needs a ``"dropout"`` PRNG key).
     precision: operand type of the fast paths' products (``recurrence.PRECISIONS``).
     unroll: ``lax.scan`` unroll factor of the fast paths' recurrence.
@@ -62,6 +64,7 @@ class _Stack(nn.Module):
   deterministic: bool = True
   precision: Precision = "float32"
   unroll: int = 1
+  locked: bool = False
 
   def layer_cells(self) -> list[cells.Cell]:
     """Each layer's ``cells.Cell`` (its parameters), named ``layer_{l}``."""
@@ -73,8 +76,9 @@ class _Stack(nn.Module):
     """The recurrence of :class:`LayerwiseRNN` on time-major ``xs``; ``(carries, hs)``."""
     new_carries = []
     for l, (layer, activation) in enumerate(zip(layers, self.activations)):
-      if l > 0 and self.dropout > 0.0:
-        xs = nn.Dropout(self.dropout)(xs, deterministic=self.deterministic)
+      if l > 0 and self.dropout > 0.0:  # xs: [steps, batch, n]; a locked mask spans the steps
+        xs = nn.Dropout(self.dropout, broadcast_dims=(0,) if self.locked else ())(
+            xs, deterministic=self.deterministic)
       # <float32>[steps, batch, G * hiddens]
       gx = recurrence.input_gates(layer.weights, xs, self.precision)
       # The recurrent part with weight gradients as one GEMM after the scan (recurrence.py).
@@ -113,6 +117,30 @@ DeepRNN = nn.scan(
     in_axes=1,
     out_axes=1,
 )
+# Locked dropout: every step draws from the same key, so every step drops the same units.
+DeepRNNLocked = nn.scan(
+    StackStep,
+    variable_broadcast="params",
+    split_rngs={"params": False, "dropout": False},
+    in_axes=1,
+    out_axes=1,
+)
+
+
+def drop_recurrent_weights(variables: dict, key: Array, rate: float) -> dict:
+  """Weight drop (DropConnect on ``W_hh``, Merity et al.): every layer's ``W_hh`` with each
+  entry zeroed with probability ``rate`` and the rest scaled by ``1 / (1 - rate)``; one mask per
+  call, so the same at every time step of a minibatch. ``variables``: ``{"params": the stack's
+  params}``; the gradient reaches ``W_hh`` through the mask."""
+
+  def drop(path, a):
+    if getattr(path[-1], "key", None) != "W_hh":
+      return a
+    layer = int(path[-2].key.removeprefix("layer_"))
+    keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - rate, a.shape)
+    return jnp.where(keep, a / (1.0 - rate), 0.0)
+
+  return jax.tree_util.tree_map_with_path(drop, variables)
 
 
 class LayerwiseRNN(_Stack):
@@ -185,6 +213,10 @@ class RNNLM(nn.Module):
     cell: a name in ``cells.CELLS``: ``"rnn"``, ``"gru"`` or ``"lstm"``.
     activation: φ for RNN layers, one name or one per layer.
     dropout: drop probability between recurrent layers (training only).
+    locked_dropout: the dropout masks are locked (variational): one per sequence and layer, the
+      same at every time step, and the last layer's output is dropped too (AWD-LSTM's).
+    weight_drop: drop probability of each entry of every ``W_hh`` (weight drop, training only):
+      one mask per minibatch, the same at every step, on every implementation.
     impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation),
       ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
       dropout, one cuDNN call; JAX's reference of it off the GPU). A cell that does not fit the
@@ -206,11 +238,19 @@ class RNNLM(nn.Module):
   impl: Impl = "layerwise"
   precision: Precision = "float32"
   unroll: int | None = None
+  locked_dropout: bool = False
+  weight_drop: float = 0.0
 
   def __post_init__(self):
     validate.model(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
-                   self.activation, self.dropout, self.impl, self.precision, self.unroll)
+                   self.activation, self.dropout, self.impl, self.precision, self.unroll,
+                   self.locked_dropout, self.weight_drop)
     super().__post_init__()
+
+  @property
+  def stochastic(self) -> bool:
+    """Whether training draws masks (dropout or weight drop): needs a ``"dropout"`` key."""
+    return self.dropout > 0.0 or self.weight_drop > 0.0
 
   def begin_state(self, batch_size: int = 1):
     """Zeros in d2l/PyTorch layout: ``<float32>[num_layers, batch, num_hiddens]``
@@ -233,15 +273,23 @@ class RNNLM(nn.Module):
     if state is None:
       state = self.begin_state(X.shape[0])
     if self.impl == "scan":
-      rnn, inputs = DeepRNN, jax.nn.one_hot(X, self.vocab_size, dtype=jnp.float32)
+      rnn = DeepRNNLocked if self.locked_dropout else DeepRNN
+      inputs = jax.nn.one_hot(X, self.vocab_size, dtype=jnp.float32)
     else:
       rnn = {"cudnn": CudnnLSTM, "wavefront": WavefrontRNN}.get(self.impl, LayerwiseRNN)
       inputs = X
+    if self.weight_drop > 0.0 and not deterministic:
+      key, rate = self.make_rng("dropout"), self.weight_drop
+      rnn = nn.map_variables(rnn, "params", init=self.is_initializing(),
+                             trans_in_fn=lambda v: drop_recurrent_weights(v, key, rate))
     carries, hs = rnn(
         self.cell, self.vocab_size, self.num_hiddens,
         layer_activations(self.activation, self.num_layers), self.dropout, deterministic,
-        self.precision, self.unroll or recurrence.default_unroll(), name="rnn",
+        self.precision, self.unroll or recurrence.default_unroll(), self.locked_dropout,
+        name="rnn",
     )(tuple(spec.layer_carries(state)), inputs)
+    if self.locked_dropout and self.dropout > 0.0:  # hs: [batch, steps, hiddens]
+      hs = nn.Dropout(self.dropout, broadcast_dims=(1,))(hs, deterministic=deterministic)
     init = cells.torch_uniform(self.num_hiddens)
     W_hq = self.param("W_hq", init, (self.num_hiddens, self.vocab_size))
     b_q = self.param("b_q", init, (self.vocab_size,))
@@ -251,4 +299,5 @@ class RNNLM(nn.Module):
 def from_config(config: TrainConfig, vocab_size: int) -> RNNLM:
   """The model a run of ``config`` trains, over ``vocab_size`` tokens."""
   return RNNLM(vocab_size, config.num_hiddens, config.num_layers, config.cell, config.activation,
-               config.dropout, config.impl, config.precision, config.unroll)
+               config.dropout, config.impl, config.precision, config.unroll,
+               config.locked_dropout, config.weight_drop)

@@ -398,7 +398,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
     loader = edition(config).loader(text, config)
     model = models.from_config(config, len(text.vocab))
     optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer,
-                                        training.config_lr_factor(config, loader.max_batches))
+                                        training.config_lr_factor(config, loader.max_batches),
+                                        config.weight_decay)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     if stop.requested:
       raise Interrupted(f"stopped by {stop.name} before the run began; nothing was written",

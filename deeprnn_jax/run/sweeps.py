@@ -286,7 +286,8 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
     devices = model_devices(len(members), options.shards)
     model = models.from_config(config, len(text.vocab))
     optimizer = training.make_sweep_optimizer(config.optimizer,
-                                              training.config_lr_factor(config, max_batches))
+                                              training.config_lr_factor(config, max_batches),
+                                              config.weight_decay)
     init_keys, train_keys = model_keys([m.seed for m in members])
     fresh = training.Models(
         training.init_train_states(model, optimizer, init_keys, [m.lr for m in members],
