@@ -132,6 +132,9 @@ def to_torch(args: argparse.Namespace) -> int:
   saved = checkpoint.load_checkpoint(args.to_torch)
   params = checkpoint.model_params(saved, args.model, args.to_torch)
   cfg = saved.config
+  if cfg.embed_dim is not None:
+    raise UsageError(f"{args.to_torch} reads an embedding (--embed-dim {cfg.embed_dim}); d2l's "
+                     "RNNModel reads one-hot inputs and has no place for it")
   spec = interop.torch_cell(cfg.cell)
   if (spec.takes_activation and not isinstance(cfg.activation, str)
       and len(set(cfg.activation)) > 1):

@@ -43,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
   m.add_argument("--locked-dropout", action="store_true", default=_D.locked_dropout,
                  help="one dropout mask per sequence and layer for all its steps, and the last "
                       "layer's output dropped too (variational dropout, AWD-LSTM)")
+  m.add_argument("--embed-dim", type=int, default=_D.embed_dim,
+                 help="a learned embedding of this size as layer 0's input (default: one-hot, "
+                      "d2l's)")
+  m.add_argument("--embed-dropout", type=float, default=_D.embed_dropout,
+                 help="drop each token's whole embedding row for a minibatch")
   m.add_argument("--weight-drop", type=float, default=_D.weight_drop,
                  help="drop each entry of every W_hh with this probability, one mask per "
                       "minibatch (DropConnect, AWD-LSTM)")

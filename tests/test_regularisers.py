@@ -118,11 +118,26 @@ def test_generation_uses_no_dropout_or_weight_drop():
                                 generate.generate_tokens(plain, params, prefix, 12))
 
 
+@pytest.mark.parametrize("impl", ["scan", "layerwise", "wavefront", "cudnn"])
+def test_an_embedding_feeds_layer_0_and_embedding_dropout_drops_whole_rows(impl):
+  model = RNNLM(V, H, 2, "lstm", impl=impl, embed_dim=5, embed_dropout=0.5)
+  params = _init(model)
+  assert params["embedding"].shape == (V, 5) and params["rnn"]["layer_0"]["W_xh"].shape[0] == 5
+  X = jnp.arange(V)[None].repeat(2, 0)  # every token in each row
+  g = np.asarray(_grads(model, params, X, jax.random.PRNGKey(2))["embedding"])
+  rows = (g == 0.0).all(axis=1)
+  assert 0 < rows.sum() < V and ((g == 0.0).any(axis=1) == rows).all()  # whole rows or none
+  plain, _ = RNNLM(V, H, 2, "lstm", impl=impl, embed_dim=5).apply({"params": params}, X)
+  np.testing.assert_array_equal(model.apply({"params": params}, X)[0], plain)
+
+
 def test_impossible_regulariser_settings_are_refused():
   with pytest.raises(UsageError, match="weight drop must be in"):
     RNNLM(V, H, 2, weight_drop=1.0)
   with pytest.raises(UsageError, match="impl 'wavefront' runs without dropout"):
     RNNLM(V, H, 1, dropout=0.2, impl="wavefront", locked_dropout=True)
+  with pytest.raises(UsageError, match="set an embedding size too"):
+    RNNLM(V, H, 2, embed_dropout=0.1)
   with pytest.raises(UsageError, match="weight decay must be a finite number >= 0"):
     training.make_optimizer(1.0, 1.0, "sgd", weight_decay=-0.1)
 

@@ -29,7 +29,7 @@ def parse_activation(text: str) -> str | tuple[str, ...]:
 
 
 # Fields that fix the parameters' shapes and meaning: a checkpoint only resumes under these.
-MODEL_FIELDS = ("cell", "num_layers", "num_hiddens", "activation")
+MODEL_FIELDS = ("cell", "num_layers", "num_hiddens", "activation", "embed_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,10 @@ class TrainConfig:
   locked_dropout: bool = False
   weight_drop: float = 0.0
   weight_decay: float = 0.0
+  # None: one-hot inputs (d2l); else a learned embedding of this size, with embed_dropout
+  # dropping whole tokens' rows for a minibatch.
+  embed_dim: int | None = None
+  embed_dropout: float = 0.0
   batch_size: int = 32
   num_steps: int = 35
   lr: float = 2.0
@@ -77,7 +81,7 @@ class TrainConfig:
     """Raises :class:`UsageError` for settings no run can have; returns ``self``."""
     validate.model(1, self.num_hiddens, self.num_layers, self.cell, self.activation,
                    self.dropout, self.impl, self.precision, self.unroll, self.locked_dropout,
-                   self.weight_drop)
+                   self.weight_drop, self.embed_dim, self.embed_dropout)
     for name in ("batch_size", "num_steps", "num_epochs"):
       validate.positive_int(name.replace("_", " "), getattr(self, name))
     validate.optimizer(self.lr, self.clip, self.optimizer, self.weight_decay)

@@ -109,7 +109,8 @@ def layer_activations(activation: str | Sequence[str], num_layers: int) -> tuple
 def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, activation,
           dropout: float, impl: str = "layerwise", precision: str = "float32",
           unroll: int | None = None, locked_dropout: bool = False,
-          weight_drop: float = 0.0) -> None:
+          weight_drop: float = 0.0, embed_dim: int | None = None,
+          embed_dropout: float = 0.0) -> None:
   """Raises :class:`UsageError` for hyperparameters no model can have."""
   spec = _cells()[cell(cell_name)]
   positive_int("vocabulary size", vocab_size)
@@ -121,6 +122,11 @@ def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, ac
                      f"nonlinearities (got {activation!r})")
   fraction("dropout", dropout)
   fraction("weight drop", weight_drop)
+  if embed_dim is not None:
+    positive_int("embedding size", embed_dim)
+  fraction("embedding dropout", embed_dropout)
+  if embed_dropout > 0 and embed_dim is None:
+    raise UsageError("embedding dropout drops rows of an embedding: set an embedding size too")
   if not isinstance(locked_dropout, bool):
     raise UsageError(f"locked dropout must be True or False, got {locked_dropout!r}")
   one_of("impl", impl, IMPLS)

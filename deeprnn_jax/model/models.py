@@ -18,6 +18,7 @@ Four ways to run the same parameters, chosen by ``impl``:
 
 Parameters (``params`` of :class:`RNNLM`)::
 
+    embedding <float32>[vocab_size, embed_dim]   only with ``embed_dim``
     rnn/layer_{l}/{W_xh, W_hh, b_xh, b_hh}   see ``cells``
     W_hq <float32>[num_hiddens, vocab_size]
     b_q  <float32>[vocab_size]
@@ -217,6 +218,10 @@ class RNNLM(nn.Module):
       same at every time step, and the last layer's output is dropped too (AWD-LSTM's).
     weight_drop: drop probability of each entry of every ``W_hh`` (weight drop, training only):
       one mask per minibatch, the same at every step, on every implementation.
+    embed_dim: ``None`` (d2l): one-hot inputs; else each token's row of a learned embedding
+      ``<float32>[vocab_size, embed_dim]`` (param ``embedding``) is layer 0's input.
+    embed_dropout: drop probability of each token's whole embedding row for a minibatch
+      (training only; the rest scaled by ``1 / (1 - p)``).
     impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation),
       ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
       dropout, one cuDNN call; JAX's reference of it off the GPU). A cell that does not fit the
@@ -240,17 +245,30 @@ class RNNLM(nn.Module):
   unroll: int | None = None
   locked_dropout: bool = False
   weight_drop: float = 0.0
+  embed_dim: int | None = None
+  embed_dropout: float = 0.0
 
   def __post_init__(self):
     validate.model(self.vocab_size, self.num_hiddens, self.num_layers, self.cell,
                    self.activation, self.dropout, self.impl, self.precision, self.unroll,
-                   self.locked_dropout, self.weight_drop)
+                   self.locked_dropout, self.weight_drop, self.embed_dim, self.embed_dropout)
     super().__post_init__()
 
   @property
   def stochastic(self) -> bool:
-    """Whether training draws masks (dropout or weight drop): needs a ``"dropout"`` key."""
-    return self.dropout > 0.0 or self.weight_drop > 0.0
+    """Whether training draws masks (any dropout, weight drop): needs a ``"dropout"`` key."""
+    return self.dropout > 0.0 or self.weight_drop > 0.0 or self.embed_dropout > 0.0
+
+  def embed(self, X: Array, deterministic: bool) -> Array:
+    """Tokens ``<int32>[batch, steps]`` -> their embedding rows ``<float32>[batch, steps, E]``,
+    whole rows dropped for the minibatch in training (embedding dropout)."""
+    table = self.param("embedding", nn.initializers.normal(1.0), (self.vocab_size,
+                                                                 self.embed_dim))
+    if self.embed_dropout > 0.0 and not deterministic:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.embed_dropout,
+                                  (self.vocab_size, 1))
+      table = jnp.where(keep, table / (1.0 - self.embed_dropout), 0.0)
+    return jnp.take(table, X, axis=0)
 
   def begin_state(self, batch_size: int = 1):
     """Zeros in d2l/PyTorch layout: ``<float32>[num_layers, batch, num_hiddens]``
@@ -278,12 +296,14 @@ class RNNLM(nn.Module):
     else:
       rnn = {"cudnn": CudnnLSTM, "wavefront": WavefrontRNN}.get(self.impl, LayerwiseRNN)
       inputs = X
+    if self.embed_dim is not None:
+      inputs = self.embed(X, deterministic)
     if self.weight_drop > 0.0 and not deterministic:
       key, rate = self.make_rng("dropout"), self.weight_drop
       rnn = nn.map_variables(rnn, "params", init=self.is_initializing(),
                              trans_in_fn=lambda v: drop_recurrent_weights(v, key, rate))
     carries, hs = rnn(
-        self.cell, self.vocab_size, self.num_hiddens,
+        self.cell, self.embed_dim or self.vocab_size, self.num_hiddens,
         layer_activations(self.activation, self.num_layers), self.dropout, deterministic,
         self.precision, self.unroll or recurrence.default_unroll(), self.locked_dropout,
         name="rnn",
@@ -300,4 +320,5 @@ def from_config(config: TrainConfig, vocab_size: int) -> RNNLM:
   """The model a run of ``config`` trains, over ``vocab_size`` tokens."""
   return RNNLM(vocab_size, config.num_hiddens, config.num_layers, config.cell, config.activation,
                config.dropout, config.impl, config.precision, config.unroll,
-               config.locked_dropout, config.weight_drop)
+               config.locked_dropout, config.weight_drop, config.embed_dim,
+               config.embed_dropout)
