@@ -27,6 +27,8 @@ import argparse
 import dataclasses
 import io
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -53,11 +55,13 @@ def _import_torch():
   return torch
 
 
-def _one_line(e: BaseException) -> str:
-  """An exception's message on one line (torch's unpickling errors run to many)."""
-  text = " ".join(str(e).split())
-  text = text or type(e).__name__
-  return text if len(text) <= 300 else text[:297] + "..."
+def _not_a_state_dict(e: BaseException) -> str:
+  """Why torch's weights-only reader refused a file: the class it pickles (a whole ``nn.Module``
+  saved), else that it is no state dict file. Torch's own advice, to load the file with
+  ``weights_only=False``, runs whatever code the file holds: it is not passed on."""
+  found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+  return (f"it pickles {found.group(1)}, not only weights" if found
+          else "the file is not a PyTorch state dict")
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict:
@@ -67,9 +71,12 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
     raise UsageError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
   torch = _import_torch()
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns of unusual pickle protocols on stderr
+      warnings.simplefilter("ignore")
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # Zip, pickle and weights-only refusals all mean "not a state dict file".
-    raise UsageError(f"cannot read a PyTorch state dict from {path}: {_one_line(e)}") from None
+    raise UsageError(f"cannot read a PyTorch state dict from {path}: {_not_a_state_dict(e)} "
+                     "(torch.save(net.state_dict(), path) writes one)") from None
   if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
     what = (f"a mapping with keys {', '.join(map(str, list(obj)[:5]))}"
             if isinstance(obj, Mapping) else f"a {type(obj).__name__}")
