@@ -79,6 +79,11 @@ class Classic:
                        f"of {len(corpus)} for validation")
     return Text(corpus, vocab, train, valid)
 
+  def clean(self, text: str, clean: str) -> str:
+    """``text`` cleaned as this edition cleans its corpus (``--clean``): each line d2l-cleaned
+    (:func:`~deeprnn_jax.text.data.clean_line`), the lines joined, as the corpus's are."""
+    return "".join(data.clean_lines(text, clean))
+
   def loader(self, text: Text, config: TrainConfig, seed: int | None = None):
     return data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
                               config.use_random_iter, seed=config.seed if seed is None else seed)
@@ -138,6 +143,10 @@ class D2L10(Classic):
     return Text(corpus, vocab, *windows.split(corpus, config.num_steps, config.num_train,
                                               config.num_val))
 
+  def clean(self, text: str, clean: str) -> str:
+    """``text`` cleaned as d2l 1.0 cleans its corpus (:func:`~deeprnn_jax.text.windows.cleaned`)."""
+    return windows.cleaned(text, clean)
+
   def loader(self, text: Text, config: TrainConfig, seed: int | None = None):
     return windows.WindowLoader(text.train, config.batch_size,
                                 seed=config.seed if seed is None else seed)
@@ -189,6 +198,23 @@ def default_prefixes(config: TrainConfig, corpus: np.ndarray | Callable[[], np.n
                      vocab: data.Vocab) -> tuple[str, str]:
   """The prefixes a run's lines continue, as its edition chooses them."""
   return edition(config).prefixes(config, corpus, vocab)
+
+
+def prefix_for(config: TrainConfig, prefix: str, vocab: data.Vocab) -> tuple[str, list[str]]:
+  """``prefix`` cleaned as ``config``'s corpus is (its edition's cleaning, ``config.clean``), and
+  the characters of it the vocabulary lacks (read as ``<unk>``), in order of appearance.
+
+  Raises:
+    UsageError: where nothing of ``prefix`` is left after cleaning.
+  """
+  if not prefix:
+    raise UsageError("the prefix must have at least one character")
+  text = edition(config).clean(prefix, config.clean)
+  if not text:  # only d2l's cleaning removes characters
+    raise UsageError(f"the prefix {prefix!r} has no characters left after the corpus's cleaning "
+                     f"(--clean {config.clean}: letters only, lower case)")
+  unknown = [c for c in dict.fromkeys(text) if c not in vocab.token_to_idx]
+  return text, unknown
 
 
 # ----------------------------------------------------------------------------------------------
