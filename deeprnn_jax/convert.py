@@ -171,7 +171,7 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog=f"python -m {PROG}",
       description="Convert d2l RNNModel weights between PyTorch state dicts and run folders.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=cli.HelpFormatter)
   way = p.add_mutually_exclusive_group(required=True)
   way.add_argument("--from-torch", metavar="MODEL_PT",
                    help="a torch.save-d RNNModel state dict; --out is a run folder")
@@ -188,11 +188,12 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
   m = p.add_argument_group("the PyTorch model (--from-torch)")
   fixed = preset != "classic"  # a preset names the layer; the classic edition's has every kind
   torch_cells = {name: s.torch_module for name, s in cells.CELLS.items() if s.torch_module}
+  needed = "" if fixed else " (no default: --from-torch needs it)"
   m.add_argument("--cell", default=defaults.cell if fixed else None,
                  help=f"{_either(list(torch_cells))}: the RNNModel's "
-                      f"{_either(list(torch_cells.values()))}")
+                      f"{_either(list(torch_cells.values()))}{needed}")
   m.add_argument("--num-layers", type=int, default=defaults.num_layers if fixed else None,
-                 help="its num_layers")
+                 help=f"its num_layers{needed}")
   m.add_argument("--activation", default=None,
                  help=f"nn.RNN's nonlinearity, tanh or relu (default {defaults.activation})")
   d = p.add_argument_group("the run folder's data and training settings (--from-torch)")
@@ -200,17 +201,25 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
   d.add_argument("--clean", default=defaults.clean, help="d2l (letters, lower case) or none")
   d.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
                  help="-1 for the whole corpus")
-  d.add_argument("--batch-size", type=int, default=defaults.batch_size)
-  d.add_argument("--num-steps", type=int, default=defaults.num_steps)
-  d.add_argument("--random-iter", action="store_true")
+  d.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                 help="rows of a minibatch, for the run folder's further training")
+  d.add_argument("--num-steps", type=int, default=defaults.num_steps,
+                 help="time steps of a minibatch's rows")
+  d.add_argument("--random-iter", action="store_true",
+                 help="random instead of sequential partitioning")
   d.add_argument("--pipeline", default=defaults.pipeline, help="classic or windows (d2l 1.0)")
-  d.add_argument("--num-train", type=int, default=defaults.num_train)
-  d.add_argument("--num-val", type=int, default=defaults.num_val)
+  d.add_argument("--num-train", type=int, default=defaults.num_train,
+                 help="windows pipeline: the first N windows train")
+  d.add_argument("--num-val", type=int, default=defaults.num_val,
+                 help="windows pipeline: the next N windows validate")
   d.add_argument("--optimizer", default=defaults.optimizer, help="sgd or adam")
-  d.add_argument("--lr", type=float, default=defaults.lr)
-  d.add_argument("--clip", type=float, default=defaults.clip)
-  d.add_argument("--num-epochs", type=int, default=defaults.num_epochs)
-  d.add_argument("--seed", type=int, default=defaults.seed)
+  d.add_argument("--lr", type=float, default=defaults.lr,
+                 help="learning rate of the run's further training")
+  d.add_argument("--clip", type=float, default=defaults.clip, help="global gradient norm")
+  d.add_argument("--num-epochs", type=int, default=defaults.num_epochs,
+                 help="the epochs a resumed run trains to")
+  d.add_argument("--seed", type=int, default=defaults.seed,
+                 help="the run's seed: its data order when resumed")
   return p
 
 

@@ -55,12 +55,12 @@ def parser() -> argparse.ArgumentParser:
       prog=f"python -m {PROG}",
       description="Continue a prefix with a trained run's model, writing the text as it comes "
                   "(Ctrl-C stops it, keeping what was written).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=cli.HelpFormatter)
   p.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.msgpack)")
   p.add_argument("--prefix", default=None,
                  help="text to continue, cleaned as the run's corpus is (--clean d2l: letters, "
-                      "lower case); default: the prefix of the run's own lines, d2l's 'time "
-                      "traveller' for The Time Machine, else its corpus's first two words")
+                      "lower case) (default: the prefix of the run's own lines, d2l's 'time "
+                      "traveller' for The Time Machine, else its corpus's first two words)")
   p.add_argument("--num-preds", type=int, default=50,
                  help=f"characters to generate after the prefix (at most {generate.MAX_PREDS:,})")
   p.add_argument("--temperature", type=float, default=0.0,
