@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +21,17 @@ from deeprnn_jax.base.errors import (
 from deeprnn_jax.run import stopping
 
 CACHE_ENV = "DEEPRNN_JAX_CACHE"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """The commands' ``--help``: each flag's default shown once, as ``(default: X)`` after its help,
+  unless the help says its default itself or there is none to show (``None``, an off switch)."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    if action.default in (None, False) or re.search(r"\bdefault\b", text):
+      return text
+    return super()._get_help_string(action)
 
 
 def compile_cache_dir() -> Path | None:

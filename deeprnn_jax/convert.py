@@ -27,6 +27,8 @@ import argparse
 import dataclasses
 import io
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -53,11 +55,13 @@ def _import_torch():
   return torch
 
 
-def _one_line(e: BaseException) -> str:
-  """An exception's message on one line (torch's unpickling errors run to many)."""
-  text = " ".join(str(e).split())
-  text = text or type(e).__name__
-  return text if len(text) <= 300 else text[:297] + "..."
+def _not_a_state_dict(e: BaseException) -> str:
+  """Why torch's weights-only reader refused a file: the class it pickles (a whole ``nn.Module``
+  saved), else that it is no state dict file. Torch's own advice, to load the file with
+  ``weights_only=False``, runs whatever code the file holds: it is not passed on."""
+  found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+  return (f"it pickles {found.group(1)}, not only weights" if found
+          else "the file is not a PyTorch state dict")
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict:
@@ -67,9 +71,12 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
     raise UsageError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
   torch = _import_torch()
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns of unusual pickle protocols on stderr
+      warnings.simplefilter("ignore")
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # Zip, pickle and weights-only refusals all mean "not a state dict file".
-    raise UsageError(f"cannot read a PyTorch state dict from {path}: {_one_line(e)}") from None
+    raise UsageError(f"cannot read a PyTorch state dict from {path}: {_not_a_state_dict(e)} "
+                     "(torch.save(net.state_dict(), path) writes one)") from None
   if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
     what = (f"a mapping with keys {', '.join(map(str, list(obj)[:5]))}"
             if isinstance(obj, Mapping) else f"a {type(obj).__name__}")
@@ -168,7 +175,7 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog=f"python -m {PROG}",
       description="Convert d2l RNNModel weights between PyTorch state dicts and run folders.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=cli.HelpFormatter)
   way = p.add_mutually_exclusive_group(required=True)
   way.add_argument("--from-torch", metavar="MODEL_PT",
                    help="a torch.save-d RNNModel state dict; --out is a run folder")
@@ -185,11 +192,12 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
   m = p.add_argument_group("the PyTorch model (--from-torch)")
   fixed = preset != "classic"  # a preset names the layer; the classic edition's has every kind
   torch_cells = {name: s.torch_module for name, s in cells.CELLS.items() if s.torch_module}
+  needed = "" if fixed else " (no default: --from-torch needs it)"
   m.add_argument("--cell", default=defaults.cell if fixed else None,
                  help=f"{_either(list(torch_cells))}: the RNNModel's "
-                      f"{_either(list(torch_cells.values()))}")
+                      f"{_either(list(torch_cells.values()))}{needed}")
   m.add_argument("--num-layers", type=int, default=defaults.num_layers if fixed else None,
-                 help="its num_layers")
+                 help=f"its num_layers{needed}")
   m.add_argument("--activation", default=None,
                  help=f"nn.RNN's nonlinearity, tanh or relu (default {defaults.activation})")
   d = p.add_argument_group("the run folder's data and training settings (--from-torch)")
@@ -197,17 +205,25 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
   d.add_argument("--clean", default=defaults.clean, help="d2l (letters, lower case) or none")
   d.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
                  help="-1 for the whole corpus")
-  d.add_argument("--batch-size", type=int, default=defaults.batch_size)
-  d.add_argument("--num-steps", type=int, default=defaults.num_steps)
-  d.add_argument("--random-iter", action="store_true")
+  d.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                 help="rows of a minibatch, for the run folder's further training")
+  d.add_argument("--num-steps", type=int, default=defaults.num_steps,
+                 help="time steps of a minibatch's rows")
+  d.add_argument("--random-iter", action="store_true",
+                 help="random instead of sequential partitioning")
   d.add_argument("--pipeline", default=defaults.pipeline, help="classic or windows (d2l 1.0)")
-  d.add_argument("--num-train", type=int, default=defaults.num_train)
-  d.add_argument("--num-val", type=int, default=defaults.num_val)
+  d.add_argument("--num-train", type=int, default=defaults.num_train,
+                 help="windows pipeline: the first N windows train")
+  d.add_argument("--num-val", type=int, default=defaults.num_val,
+                 help="windows pipeline: the next N windows validate")
   d.add_argument("--optimizer", default=defaults.optimizer, help="sgd or adam")
-  d.add_argument("--lr", type=float, default=defaults.lr)
-  d.add_argument("--clip", type=float, default=defaults.clip)
-  d.add_argument("--num-epochs", type=int, default=defaults.num_epochs)
-  d.add_argument("--seed", type=int, default=defaults.seed)
+  d.add_argument("--lr", type=float, default=defaults.lr,
+                 help="learning rate of the run's further training")
+  d.add_argument("--clip", type=float, default=defaults.clip, help="global gradient norm")
+  d.add_argument("--num-epochs", type=int, default=defaults.num_epochs,
+                 help="the epochs a resumed run trains to")
+  d.add_argument("--seed", type=int, default=defaults.seed,
+                 help="the run's seed: its data order when resumed")
   return p
 
 

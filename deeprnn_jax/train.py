@@ -28,15 +28,17 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m deeprnn_jax.train",
       description="Train a deep RNN/GRU/LSTM character language model (defaults: d2l's run).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=cli.HelpFormatter)
   p.add_argument("--preset", default="classic",
                  help=f"{' or '.join(PRESETS)}: the d2l edition whose run to start from "
                       "(d2l-en: d2l 1.0's deep GRU, docs/presets.md); the flags below override "
                       "it, their defaults shown are the classic edition's")
   m = p.add_argument_group("model")
   m.add_argument("--cell", default=_D.cell, help=", ".join(validate.CELLS))
-  m.add_argument("--num-layers", type=int, default=_D.num_layers)
-  m.add_argument("--num-hiddens", type=int, default=_D.num_hiddens)
+  m.add_argument("--num-layers", type=int, default=_D.num_layers,
+                 help="recurrent layers stacked, each feeding the next (d2l's deep RNN)")
+  m.add_argument("--num-hiddens", type=int, default=_D.num_hiddens,
+                 help="hidden units of each recurrent layer")
   m.add_argument("--activation", default=_D.activation,
                  help="RNN φ: tanh or relu, or one per layer separated by commas (relu,tanh)")
   m.add_argument("--dropout", type=float, default=_D.dropout, help="between layers")
@@ -68,8 +70,10 @@ def parser() -> argparse.ArgumentParser:
                  help="the first N tokens of the corpus; -1 for all of it")
   d.add_argument("--valid-fraction", type=float, default=_D.valid_fraction,
                  help="held-out tail of the corpus (0 = d2l: no validation)")
-  d.add_argument("--batch-size", type=int, default=_D.batch_size)
-  d.add_argument("--num-steps", type=int, default=_D.num_steps)
+  d.add_argument("--batch-size", type=int, default=_D.batch_size,
+                 help="rows of a minibatch, each a stretch of the corpus")
+  d.add_argument("--num-steps", type=int, default=_D.num_steps,
+                 help="time steps of a minibatch's rows: how far back the gradient reaches")
   d.add_argument("--random-iter", action="store_true",
                  help="random instead of sequential partitioning")
   d.add_argument("--pipeline", default=_D.pipeline,
@@ -95,37 +99,48 @@ def parser() -> argparse.ArgumentParser:
                  help="raise the rate linearly from 0 over the first N epochs")
   o.add_argument("--lr-min-factor", type=float, default=_D.lr_min_factor,
                  help="cosine: the last epoch's rate as a fraction of --lr")
-  o.add_argument("--num-epochs", type=int, default=_D.num_epochs)
-  o.add_argument("--seed", type=int, default=_D.seed)
+  o.add_argument("--num-epochs", type=int, default=_D.num_epochs,
+                 help="passes over the training text (the run's total, counting resumed epochs)")
+  o.add_argument("--seed", type=int, default=_D.seed,
+                 help="the seed of the initial parameters, the data order and dropout: a seed "
+                      "gives the same run")
   o.add_argument("--num-seeds", type=int, default=1,
                  help="train each setting with seeds --seed, --seed + 1, ...: all the models in "
                       "one program (jax.vmap), a row per model in metrics.jsonl")
   r = p.add_argument_group("run")
-  r.add_argument("--out", default=None, help="run folder (default runs/<timestamp>/)")
+  r.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>/)")
   r.add_argument("--resume", action="store_true", help="continue the run in --out")
-  r.add_argument("--checkpoint-every", type=int, default=RunOptions.checkpoint_every)
+  r.add_argument("--checkpoint-every", type=int, default=RunOptions.checkpoint_every,
+                 help="save a checkpoint every N epochs, and at the last one and when Ctrl-C, "
+                      "SIGTERM or SIGHUP stops the run; a SIGKILL (the OOM killer, kill -9) or a "
+                      "crash loses the epochs since the last save, up to N - 1: lower it where "
+                      "epochs are long")
   r.add_argument("--keep-checkpoints", type=int, default=RunOptions.keep_checkpoints,
                  help="how many of the newest checkpoints stay in --out (an older one is used "
                       "where the newest is unreadable)")
-  r.add_argument("--log-every", type=int, default=RunOptions.log_every)
+  r.add_argument("--log-every", type=int, default=RunOptions.log_every,
+                 help="print d2l's line (perplexity and a prediction) every N epochs")
   r.add_argument("--quiet", action="store_true", help="print only the final lines")
   r.add_argument("--tensorboard", action="store_true",
                  help="also write TensorBoard's event files into <out>/tensorboard (one run per "
                       "model; needs the extra deeprnn-jax[tensorboard]); view them with "
                       "tensorboard --logdir runs/")
   r.add_argument("--devices", "--shards", dest="devices", default=None,
-                 help="devices a minibatch's rows are split over: N or all (1: no split; default: "
-                      "on a CPU, its cores where that was measured to pay, see "
-                      "deeprnn_jax/fit/parallel.py; on a GPU, one; over several processes, all); "
-                      "with several models, the devices they are spread over (default: the most "
-                      "that divide them evenly)")
+                 help="devices a minibatch's rows are split over: N or all (1: no split); with "
+                      "several models, the devices they are spread over. By default: on a CPU, "
+                      "its cores where that was measured to pay (deeprnn_jax/fit/parallel.py); on "
+                      "a GPU, one; over several processes, all; for several models, the most that "
+                      "divide them evenly")
   h = p.add_argument_group("several processes (docs/performance.md)")
   h.add_argument("--coordinator", default=None,
                  help="HOST:PORT of process 0, which every process connects to (default: "
                       "$JAX_COORDINATOR_ADDRESS)")
-  h.add_argument("--num-processes", type=int, default=None)
+  h.add_argument("--num-processes", type=int, default=None,
+                 help="how many processes train together (default: what JAX detects of a "
+                      "cluster: SLURM, Open MPI, ...)")
   h.add_argument("--process-id", type=int, default=None,
-                 help="this process's rank, 0 .. N-1; only process 0 writes and prints")
+                 help="this process's rank, 0 .. N-1; only process 0 writes and prints "
+                      "(default: what JAX detects of a cluster)")
   return p
 
 

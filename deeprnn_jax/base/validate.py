@@ -89,6 +89,13 @@ def positive_finite(name: str, value) -> float:
   return float(value)
 
 
+def temperature(value) -> float:
+  """``value``, if it is a sampling temperature: a finite number >= 0 (0: greedy)."""
+  if not (isinstance(value, numbers.Real) and 0 <= value <= FLOAT32_MAX):
+    raise UsageError(f"temperature must be a finite number >= 0 (0: greedy), got {value}")
+  return float(value)
+
+
 def fraction(name: str, value) -> float:
   """``value``, if it is in ``[0, 1)`` (a dropout rate, a held-out fraction)."""
   if not (isinstance(value, numbers.Real) and 0.0 <= value < 1.0):

@@ -59,7 +59,8 @@ _active: StopRequest | None = None
 
 
 @contextlib.contextmanager
-def watch(prog: str = "deeprnn_jax", second: str = "previous") -> Iterator[StopRequest]:
+def watch(prog: str = "deeprnn_jax", second: str = "previous",
+          notice: bool = True) -> Iterator[StopRequest]:
   """Turns Ctrl-C, SIGTERM and SIGHUP into a :class:`StopRequest` while the block runs.
 
   Nested uses share the outermost one (the command line's, when there is one). A signal the process
@@ -70,6 +71,8 @@ def watch(prog: str = "deeprnn_jax", second: str = "previous") -> Iterator[StopR
     second: what a second signal does: ``"exit"``, the signal's default action (the process ends
       at once, with the shell's 128 + signal status), or ``"previous"``, whatever handled it before
       the block (Python's ``KeyboardInterrupt`` for Ctrl-C).
+    notice: whether the first signal prints that the run finishes its epoch and saves it (a
+      command that has nothing to save says what it stopped after itself).
   """
   global _active
   if second not in ("exit", "previous"):
@@ -88,7 +91,7 @@ def watch(prog: str = "deeprnn_jax", second: str = "previous") -> Iterator[StopR
     stop.request(signum)
     for s, handler in previous.items():
       signal.signal(s, signal.SIG_DFL if second == "exit" else handler)
-    if first:
+    if first and notice:
       name = signal.Signals(signum).name
       again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
       # os.write, not print: a handler may run in the middle of a print to stderr. After SIGHUP

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 import urllib.request
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def _download(dataset: Dataset, dest: Path) -> None:
   atomic_write_bytes(dest, payload)
 
 
+def _kind(path: Path) -> str:
+  """What a path that is neither a regular file nor a folder is."""
+  mode = path.stat().st_mode
+  kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+           (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+  return next((what for test, what in kinds if test(mode)), "a special file")
+
+
 def resolve_corpus(name: str | os.PathLike, download: bool = True) -> Path:
   """Returns the path of a corpus file, downloading a known one if it is nowhere local.
 
@@ -79,6 +88,8 @@ def resolve_corpus(name: str | os.PathLike, download: bool = True) -> Path:
     return path
   if path.is_dir():
     raise DataError(f"corpus path is a directory, not a file: {name}")
+  if path.exists():  # a device, a pipe or a socket: its bytes may never end
+    raise DataError(f"corpus path is {_kind(path)}, not a regular file: {name}")
   key = path.name
   if key not in DATASETS or path.parent != Path("."):
     raise DataError(f"corpus file not found: {name}")

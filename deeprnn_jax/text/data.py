@@ -32,13 +32,17 @@ def clean_line(line: str) -> str:
   return re.sub("[^A-Za-z]+", " ", line).strip().lower()
 
 
-def read_lines(path: str | os.PathLike, clean: str = "d2l") -> list[str]:
-  """Reads a corpus as lines: d2l-cleaned (``clean="d2l"``) or verbatim with newlines."""
-  text = read_text(path)
+def clean_lines(text: str, clean: str = "d2l") -> list[str]:
+  """``text``'s lines: d2l-cleaned (``clean="d2l"``) or verbatim with newlines."""
   if clean == "d2l":
     return [clean_line(line) for line in _readlines(text)]
   validate.one_of("cleaning", clean, validate.CLEANINGS)
   return _readlines(text)
+
+
+def read_lines(path: str | os.PathLike, clean: str = "d2l") -> list[str]:
+  """Reads a corpus as lines: d2l-cleaned (``clean="d2l"``) or verbatim with newlines."""
+  return clean_lines(read_text(path), clean)
 
 
 def read_time_machine() -> list[str]:

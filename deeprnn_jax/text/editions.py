@@ -79,9 +79,14 @@ class Classic:
                        f"of {len(corpus)} for validation")
     return Text(corpus, vocab, train, valid)
 
+  def clean(self, text: str, clean: str) -> str:
+    """``text`` cleaned as this edition cleans its corpus (``--clean``): each line d2l-cleaned
+    (:func:`~deeprnn_jax.text.data.clean_line`), the lines joined, as the corpus's are."""
+    return "".join(data.clean_lines(text, clean))
+
   def characters(self, path, config: TrainConfig) -> list[str]:
-    """A text file's tokens as this edition cleans and reads a corpus (d2l's lines, joined)."""
-    return [c for line in data.read_lines(path, config.clean) for c in line]
+    """A text file's tokens as this edition cleans and reads a corpus (:meth:`clean`)."""
+    return list(self.clean(data.read_text(path), config.clean))
 
   def encode_file(self, path, vocab: data.Vocab, config: TrainConfig) -> np.ndarray:
     """A text file as a stream ``<int32>[n]`` of ``vocab``'s tokens, cleaned as the run's corpus
@@ -162,9 +167,9 @@ class D2L10(Classic):
     return Text(corpus, vocab, *windows.split(corpus, config.num_steps, config.num_train,
                                               config.num_val))
 
-  def characters(self, path, config: TrainConfig) -> list[str]:
-    text = data.read_text(path)
-    return list(windows.clean_text(text) if config.clean == "d2l" else text)
+  def clean(self, text: str, clean: str) -> str:
+    """``text`` cleaned as d2l 1.0 cleans its corpus (:func:`~deeprnn_jax.text.windows.cleaned`)."""
+    return windows.cleaned(text, clean)
 
   def held_out(self, text: Text) -> np.ndarray:
     """The validation windows' text as one stream: each window overlaps the next in all but its
@@ -225,6 +230,23 @@ def default_prefixes(config: TrainConfig, corpus: np.ndarray | Callable[[], np.n
                      vocab: data.Vocab) -> tuple[str, str]:
   """The prefixes a run's lines continue, as its edition chooses them."""
   return edition(config).prefixes(config, corpus, vocab)
+
+
+def prefix_for(config: TrainConfig, prefix: str, vocab: data.Vocab) -> tuple[str, list[str]]:
+  """``prefix`` cleaned as ``config``'s corpus is (its edition's cleaning, ``config.clean``), and
+  the characters of it the vocabulary lacks (read as ``<unk>``), in order of appearance.
+
+  Raises:
+    UsageError: where nothing of ``prefix`` is left after cleaning.
+  """
+  if not prefix:
+    raise UsageError("the prefix must have at least one character")
+  text = edition(config).clean(prefix, config.clean)
+  if not text:  # only d2l's cleaning removes characters
+    raise UsageError(f"the prefix {prefix!r} has no characters left after the corpus's cleaning "
+                     f"(--clean {config.clean}: letters only, lower case)")
+  unknown = [c for c in dict.fromkeys(text) if c not in vocab.token_to_idx]
+  return text, unknown
 
 
 # ----------------------------------------------------------------------------------------------

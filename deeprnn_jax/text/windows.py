@@ -35,6 +35,14 @@ def clean_text(text: str) -> str:
   return re.sub("[^A-Za-z]+", " ", text).lower()
 
 
+def cleaned(text: str, clean: str = "d2l") -> str:
+  """``text`` as d2l 1.0 reads it: :func:`clean_text` (``clean="d2l"``) or verbatim."""
+  if clean == "d2l":
+    return clean_text(text)
+  validate.one_of("cleaning", clean, validate.CLEANINGS)
+  return text
+
+
 def load_corpus(path: str | os.PathLike, clean: str = "d2l",
                 max_tokens: int = -1) -> tuple[np.ndarray, Vocab]:
   """d2l 1.0's ``TimeMachine.build``: ``(corpus <int32>[n], vocab)``, character tokens.
@@ -43,12 +51,7 @@ def load_corpus(path: str | os.PathLike, clean: str = "d2l",
   ``max_tokens`` indices (d2l 1.0 keeps them all).
   """
   path = resolve_corpus(path)
-  text = read_text(path)
-  if clean == "d2l":
-    text = clean_text(text)
-  else:
-    validate.one_of("cleaning", clean, validate.CLEANINGS)
-  tokens = list(text)
+  tokens = list(cleaned(read_text(path), clean))
   vocab = Vocab.alphabetical(tokens)
   corpus = np.asarray(vocab[tokens], dtype=np.int32).reshape(-1)
   return first_tokens(corpus, max_tokens, path), vocab
