@@ -11,8 +11,12 @@ seconds of importing them stops the command cleanly too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import itertools
+import sys
+from pathlib import Path
 from typing import Sequence
 
 from deeprnn_jax import cli
@@ -108,8 +112,13 @@ def parser() -> argparse.ArgumentParser:
                  help="train each setting with seeds --seed, --seed + 1, ...: all the models in "
                       "one program (jax.vmap), a row per model in metrics.jsonl")
   r = p.add_argument_group("run")
-  r.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>/)")
-  r.add_argument("--resume", action="store_true", help="continue the run in --out")
+  r.add_argument("--out", default=None,
+                 help="run folder (default: a new runs/<timestamp>/, with -2, -3, ... where "
+                      "that is taken)")
+  r.add_argument("--resume", action="store_true",
+                 help="continue the run in --out, with its settings (those of its newest "
+                      "checkpoint: the run's flags, --checkpoint-every, --keep-checkpoints, "
+                      "--log-every and --tensorboard included); a flag passed overrides one")
   r.add_argument("--checkpoint-every", type=int, default=RunOptions.checkpoint_every,
                  help="save a checkpoint every N epochs, and at the last one and when Ctrl-C, "
                       "SIGTERM or SIGHUP stops the run; a SIGKILL (the OOM killer, kill -9) or a "
@@ -121,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
   r.add_argument("--log-every", type=int, default=RunOptions.log_every,
                  help="print d2l's line (perplexity and a prediction) every N epochs")
   r.add_argument("--quiet", action="store_true", help="print only the final lines")
-  r.add_argument("--tensorboard", action="store_true",
+  r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
                  help="also write TensorBoard's event files into <out>/tensorboard (one run per "
                       "model; needs the extra deeprnn-jax[tensorboard]); view them with "
                       "tensorboard --logdir runs/")
@@ -191,40 +200,70 @@ def _main(argv: Sequence[str] | None = None) -> int:
   from deeprnn_jax.base.presets import preset
   from deeprnn_jax.fit import parallel
   from deeprnn_jax.run import distributed
-  from deeprnn_jax.run.runs import RunOptions, saved_config, train_run
+  from deeprnn_jax.run.runs import KEPT_OPTIONS, RunOptions, saved_run, train_run
   from deeprnn_jax.run.sweeps import saved_sweep, sweep_run
   args = parser().parse_args(argv)
+  if args.out is not None and not args.out.strip():
+    raise UsageError("--out is empty: give the run folder (without --out, a new one under runs/)")
   if distributed.requested(args.coordinator, args.num_processes, args.process_id):
     distributed.join(args.coordinator, args.num_processes, args.process_id)
-  saved = None
   sweep = sweep_of(args)
+  typed = _explicit_args(argv)
+  kept = {}  # the saved options a bare --resume continues with
   if args.resume and args.preset != "classic":
     raise UsageError("--preset starts a run; --resume continues one with its saved settings")
   if args.resume:
     # The saved settings, changed only where a flag says so: a bare --resume continues as started.
     if args.out is None:
       raise UsageError("--resume needs --out RUN_DIR, the run to continue")
-    saved = saved_config(args.out)  # None: a run that left only metrics; the flags say it all
-    typed = _explicit_args(argv)
+    saved, kept = saved_run(args.out)
+    kept = {k: v for k, v in (kept or {}).items() if k in KEPT_OPTIONS}
     if not {"num_seeds", "lr", "clip"} & set(vars(typed)):
       sweep = saved_sweep(args.out) or sweep
-  if saved is not None:
     config = dataclasses.replace(saved, **config_fields(typed)).validate()
   else:
-    config = preset(args.preset, **config_fields(_explicit_args(argv))).validate()
-  out = args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-  options = RunOptions(args.log_every, args.checkpoint_every, args.quiet,
-                       shards=parallel.parse_devices(args.devices),
-                       keep_checkpoints=args.keep_checkpoints, tensorboard=args.tensorboard)
-  if not sweep.single:
-    if jax.process_count() > 1:
-      raise UsageError("several models train in one process (spread over its devices with "
-                       "--devices); over several processes, train one model")
-    sweep_run(config, sweep, out, resume=args.resume, options=options)
+    config = preset(args.preset, **config_fields(typed)).validate()
+  chosen = dict(kept, **{k: v for k, v in vars(typed).items() if k in KEPT_OPTIONS})
+  options = RunOptions(**dict(dict(log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                                   keep_checkpoints=args.keep_checkpoints,
+                                   tensorboard=args.tensorboard), **chosen),
+                       quiet=args.quiet, shards=parallel.parse_devices(args.devices))
+  if not sweep.single and jax.process_count() > 1:
+    raise UsageError("several models train in one process (spread over its devices with "
+                     "--devices); over several processes, train one model")
+  options.validate()
+  out, made = args.out, None
+  if out is None and distributed.is_writer():  # a folder of its own, that no other run takes
+    out = made = new_run_folder()
+    print(f"run folder: {out}", file=sys.stderr, flush=True)
+  elif out is None:
+    out = "runs"  # unused: a follower writes into a scratch folder (distributed.outputs)
+  try:
+    if not sweep.single:
+      sweep_run(config, sweep, out, resume=args.resume, options=options)
+      return 0
+    with distributed.outputs(out, copy_from=args.out) as (run_dir, stdout, stderr):
+      train_run(config, run_dir, resume=args.resume, options=options, out=stdout, err=stderr)
     return 0
-  with distributed.outputs(out, copy_from=args.out) as (run_dir, stdout, stderr):
-    train_run(config, run_dir, resume=args.resume, options=options, out=stdout, err=stderr)
-  return 0
+  finally:
+    if made is not None:
+      with contextlib.suppress(OSError):  # refused before it wrote anything: no empty folder
+        made.rmdir()
+
+
+def new_run_folder(parent: str = "runs") -> Path:
+  """A new folder ``parent/<timestamp>``, or ``<timestamp>-2``, ``-3``, ... where that is taken:
+  made with ``mkdir``, which one process alone succeeds in, so that two runs started in the same
+  second get a folder each."""
+  stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+  Path(parent).mkdir(parents=True, exist_ok=True)
+  for n in itertools.count(1):
+    path = Path(parent) / (stamp if n == 1 else f"{stamp}-{n}")
+    try:
+      path.mkdir()
+      return path
+    except FileExistsError:
+      continue
 
 
 def main(argv: Sequence[str] | None = None) -> int:

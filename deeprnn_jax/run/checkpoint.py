@@ -59,6 +59,9 @@ class Checkpoint:
   # Where the file holds several models trained together (every array with a leading [K] axis):
   # each one's seed, learning rate, clip norm, perplexities and the epoch it diverged at.
   models: list[dict] | None = None
+  # How the run that saved it saves and records (runs.KEPT_OPTIONS: --checkpoint-every, ...),
+  # for --resume to continue alike; None in files saved without them.
+  options: dict | None = None
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
@@ -90,14 +93,15 @@ def _to_host(tree) -> dict:
 
 def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
                     config: TrainConfig, data_rng_state: dict | list | None = None,
-                    keep: int = 1, models: list[dict] | None = None) -> Path:
+                    keep: int = 1, models: list[dict] | None = None,
+                    options: dict | None = None) -> Path:
   """Saves a checkpoint into ``run_dir`` (atomically) and returns its path.
 
   With ``keep > 1`` the checkpoint it replaces stays as ``checkpoint-<epoch>.msgpack`` (a hard
   link: no copy), and only the newest ``keep`` checkpoints are left in the folder; a newest file
   that cannot be read is replaced, not kept. At every moment the folder holds a readable
   checkpoint if it held one before. ``models`` describes the models of a file that holds several
-  (:attr:`Checkpoint.models`).
+  (:attr:`Checkpoint.models`); ``options``, the run's options (:attr:`Checkpoint.options`).
   """
   meta = {
       "format": FORMAT,
@@ -108,6 +112,8 @@ def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
   }
   if models is not None:
     meta["models"] = models
+  if options is not None:
+    meta["options"] = options
   payload = flax.serialization.msgpack_serialize({
       "params": _to_host(params),
       "opt_state": _to_host(opt_state),
@@ -165,7 +171,8 @@ def read_checkpoint_file(path: str | os.PathLike) -> Checkpoint:
     config = TrainConfig.from_json(meta["config"])
     vocab = Vocab.from_tokens_list(meta["vocab"])
     saved = Checkpoint(raw["params"], raw["opt_state"], int(meta["epoch"]), vocab, config,
-                       meta.get("data_rng_state"), path, meta.get("models"))
+                       meta.get("data_rng_state"), path, meta.get("models"),
+                       meta.get("options"))
   except Exception as e:  # msgpack, JSON, key and type errors all mean the same to the user.
     raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {e}") from None
   if not _all_finite((saved.params, saved.opt_state)):
@@ -227,6 +234,10 @@ def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
   diffs = config_differences(saved, requested, "checkpoint", "asked")
   if diffs:
     raise CheckpointError("checkpoint is of another configuration (" + "; ".join(diffs) + ")")
+  if saved.seed != requested.seed:  # its parameters and data order came from the seed
+    raise CheckpointError(f"--seed {requested.seed} cannot apply to a resumed run: its model was "
+                          f"initialised with seed {saved.seed}; start another --out for another "
+                          "seed")
 
 
 MEMBER_FIELDS = ("seed", "lr", "clip")  # what tells the models of one file apart

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from deeprnn_jax.base import files
+from deeprnn_jax.base.config import MODEL_FIELDS, TrainConfig
 from deeprnn_jax.base.errors import UsageError
 from deeprnn_jax.run import checkpoint as ckpt
 
@@ -31,6 +32,10 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOCK = "run.lock"
+SWEEP = "sweep.json"  # the models of a run that trains several (deeprnn_jax.run.sweeps)
+# The files a run writes over (besides its checkpoints): where a folder holds one of them and no
+# run, a run there would destroy someone else's file.
+RUN_FILES = (CONFIG, METRICS, SUMMARY, SWEEP, "perplexity.png", "perplexity.svg")
 # files.atomic_write_bytes' and checkpoint's temporary files for the files a run writes
 _TEMPORARY = re.compile(r"\.(config\.json|metrics\.jsonl|summary\.json|perplexity\.(png|svg)|"
                         r"checkpoint(-\d+)?\.msgpack)\..*tmp")
@@ -44,6 +49,8 @@ class RunDir:
   """The folder of one run: where its files are, and the only way the run writes them."""
 
   def __init__(self, path: str | os.PathLike):
+    if not str(path).strip():  # Path("") is the working directory
+      raise UsageError("--out is empty: give the run folder")
     path = Path(path)
     if path.suffix == ".msgpack":
       raise UsageError(f"--out {path}: give the run folder, not its checkpoint file")
@@ -53,16 +60,53 @@ class RunDir:
     self.rows: list[dict] = []  # the metrics rows, as written
     self._lock = None
     self._metrics = None
+    self._began = False
 
   config_path = property(lambda self: self.path / CONFIG)
   metrics_path = property(lambda self: self.path / METRICS)
   summary_path = property(lambda self: self.path / SUMMARY)
   lock_path = property(lambda self: self.path / LOCK)
 
-  def holds_run(self) -> bool:
-    """Whether a run was started here (a checkpoint, config, metrics or summary)."""
-    return (any(p.exists() for p in (self.config_path, self.metrics_path, self.summary_path))
-            or bool(ckpt.checkpoint_files(self.path)))
+  def is_run(self) -> bool:
+    """Whether the folder's files say it holds a run: a checkpoint, or a ``config.json`` of a
+    run's settings (a run stopped before its first checkpoint)."""
+    if ckpt.checkpoint_files(self.path):
+      return True
+    try:
+      config = json.loads(self.config_path.read_text(encoding="utf-8"))
+      return (isinstance(config, dict) and all(f in config for f in MODEL_FIELDS)
+              and TrainConfig.from_json(config) is not None)
+    except (OSError, ValueError, TypeError, UsageError):
+      return False
+
+  def others_files(self) -> list[str]:
+    """The files, named as a run's, of a folder that holds no run: what a run would write over."""
+    return [name for name in RUN_FILES if (self.path / name).exists()]
+
+  def check_fresh(self) -> None:
+    """Refuses (:class:`UsageError`) a new run in a folder that holds a run, or files of a run's
+    names that are not one's."""
+    if self.is_run():
+      hint = ("" if ckpt.checkpoint_files(self.path) else
+              " (it has no checkpoint yet: --resume starts it again from epoch 0)")
+      raise UsageError(f"{self.path} already holds a run; pass --resume to continue it{hint}, "
+                       "or choose another --out")
+    self._refuse_others_files()
+
+  def check_resumable(self) -> None:
+    """Refuses (:class:`UsageError`) ``--resume`` of a folder that holds no run: it would write
+    over files it did not write."""
+    if not self.is_run():
+      self._refuse_others_files()
+      raise ckpt.CheckpointError(f"no checkpoint at {ckpt.checkpoint_path(self.path)}, and no "
+                                 "other trace of a run to resume")
+
+  def _refuse_others_files(self) -> None:
+    names = self.others_files()
+    if names:
+      raise UsageError(f"{self.path} already holds a run's file names ({', '.join(names)}) but no "
+                       "run (no checkpoint, no config.json of a run's settings); a run there "
+                       "would write over them: move them away, or choose another --out")
 
   # ------------------------------------------------------------------------------------------
   # One writer at a time.
@@ -71,12 +115,12 @@ class RunDir:
   def locked(self) -> Iterator["RunDir"]:
     """Holds the folder's lock (creating the folder) for the block; raises :class:`RunInUse`,
     naming the holder's PID, where another process holds it."""
+    made_folder = not self.path.exists()
     self.path.mkdir(parents=True, exist_ok=True)
-    try:
-      lock = open(self.lock_path, "a+")
-    except OSError as e:
-      raise OSError(e.errno, e.strerror, str(self.lock_path)) from None
-    if fcntl is not None:
+    while True:
+      lock, made_lock = self._open_lock()
+      if fcntl is None:
+        break
       try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError:
@@ -86,6 +130,14 @@ class RunDir:
         who = f"PID {holder}" if holder.isdigit() else "another process"
         raise RunInUse(f"{self.path} is in use by another run ({who}); wait for it to end or "
                        "stop it, or choose another --out") from None
+      # A refused run removes the lock file it made (below): one locked after that removal holds
+      # a file no longer in the folder, and opens it anew.
+      try:
+        if os.stat(self.lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+          break
+      except FileNotFoundError:
+        pass
+      lock.close()
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
@@ -99,7 +151,28 @@ class RunDir:
           self._metrics.close()
         self._metrics = None
       self._lock = None
+      if not self._began:  # refused, or stopped before writing: the folder as it was found
+        with contextlib.suppress(OSError):
+          if made_lock:
+            self.lock_path.unlink()
+          if made_folder:
+            self.path.rmdir()
       lock.close()  # releases the flock
+
+  def _open_lock(self):
+    """The lock file, opened for reading and writing, and whether this call made it."""
+    try:
+      fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+      made = True
+    except FileExistsError:
+      made = False
+      try:
+        fd = os.open(self.lock_path, os.O_RDWR)
+      except OSError as e:
+        raise OSError(e.errno, e.strerror, str(self.lock_path)) from None
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, str(self.lock_path)) from None
+    return os.fdopen(fd, "r+"), made
 
   def _remove_temporary_files(self) -> None:
     """Temporary files left by a process killed while it saved (they are never read)."""
@@ -185,13 +258,16 @@ class RunDir:
   # ------------------------------------------------------------------------------------------
   # Writing, once every check has passed.
 
-  def begin(self, config_json: dict, rows: list[dict]) -> None:
-    """The run's first writes: away with temporary files a killed process left, ``config.json``,
-    and ``metrics.jsonl`` holding ``rows`` (the rows kept from before), opened for the rows to
-    come."""
+  def begin(self, config_json: dict | None, rows: list[dict]) -> None:
+    """The run's first writes: away with temporary files a killed process left, ``config.json``
+    (where given: a new run's; a resumed run's settings are written with its checkpoints,
+    :meth:`write_config`), and ``metrics.jsonl`` holding ``rows`` (the rows kept from before),
+    opened for the rows to come."""
     assert self._lock is not None, "write a run folder only while holding its lock"
+    self._began = True
     self._remove_temporary_files()
-    files.atomic_write_json(self.config_path, config_json)
+    if config_json is not None:
+      self.write_config(config_json)
     files.atomic_write_bytes(self.metrics_path,
                              "".join(files.dumps(r) + "\n" for r in rows).encode())
     self.rows = list(rows)
@@ -209,6 +285,9 @@ class RunDir:
     except OSError as e:  # a full disk: say which file
       raise OSError(e.errno, e.strerror, str(self.metrics_path)) from None
     self.rows.append(row)
+
+  def write_config(self, config_json: dict) -> None:
+    files.atomic_write_json(self.config_path, config_json)
 
   def write_summary(self, summary: dict) -> None:
     files.atomic_write_json(self.summary_path, summary)

@@ -65,23 +65,63 @@ class RunOptions:
     return self
 
 
-def resume_command(run_dir) -> str:
-  return f"python -m deeprnn_jax.train --resume --out {shlex.quote(str(run_dir))}"
+# The options a run keeps in its checkpoints, for --resume to continue with: how it saves and
+# what it records. How one process shows it (--quiet, the progress bar) and where it computes
+# (--devices) are that process's own.
+KEPT_OPTIONS = ("checkpoint_every", "keep_checkpoints", "log_every", "tensorboard")
 
 
-def saved_config(run_dir) -> TrainConfig | None:
+def kept_options(options: RunOptions) -> dict:
+  """The options a checkpoint keeps (:data:`KEPT_OPTIONS`), as JSON."""
+  return {name: getattr(options, name) for name in KEPT_OPTIONS}
+
+
+def resume_command(run_dir, flags: list[str] = ()) -> str:
+  """The command that resumes ``run_dir``, with ``flags`` for the settings its files do not hold
+  (:func:`unrecorded_flags`)."""
+  return shlex.join(["python", "-m", "deeprnn_jax.train", "--resume", "--out", str(run_dir),
+                     *flags])
+
+
+_FLAG_NAMES = {"use_random_iter": "random_iter"}
+
+
+def _flags(settings: dict, recorded: dict) -> list[str]:
+  """``--name value`` for each setting that differs from ``recorded``'s."""
+  flags = []
+  for name, value in settings.items():
+    if name not in recorded or recorded[name] == value or value is None or value is False:
+      continue  # (None and False have no flag: the command's defaults)
+    flag = "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
+    if value is True:
+      flags.append(flag)
+    else:
+      text = ",".join(value) if isinstance(value, (tuple, list)) else str(value)
+      flags += [flag, text]
+  return flags
+
+
+def unrecorded_flags(config: TrainConfig, options: RunOptions, recorded_config: dict,
+                     recorded_options: dict | None) -> list[str]:
+  """The flags that give a bare ``--resume`` of a folder recording ``recorded_config`` and
+  ``recorded_options`` (``None``: no checkpoint, the defaults) the run's ``config`` and
+  ``options``."""
+  recorded_options = recorded_options or kept_options(RunOptions())
+  return (_flags(config.to_json(), recorded_config)
+          + _flags(kept_options(options), recorded_options))
+
+
+def saved_run(run_dir) -> tuple[TrainConfig, dict | None]:
   """The settings a run folder's run was started with, for ``--resume`` to continue with: its
-  newest usable checkpoint's, else its ``config.json``'s; ``None`` for a run that left neither
-  (only metrics). Raises :class:`UsageError` where there is no run at all, or every checkpoint is
-  unusable."""
+  newest usable checkpoint's configuration and options (:data:`KEPT_OPTIONS`), else its
+  ``config.json``'s and ``None``. Raises :class:`UsageError` where the folder holds no run (or
+  files of a run's names that are not one's), or every checkpoint is unusable."""
   folder = RunDir(run_dir)
-  if not folder.holds_run():
-    raise ckpt.CheckpointError(f"no checkpoint at {ckpt.checkpoint_path(folder.path)}, and no "
-                               "other trace of a run to resume")
+  folder.check_resumable()
   if ckpt.checkpoint_files(folder.path):
-    return _load_newest(folder, warn=None).config
-  config = folder.read_config()
-  return TrainConfig.from_json(config) if config is not None else None
+    saved = _load_newest(folder, warn=None)
+    return saved.config, saved.options
+  return TrainConfig.from_json(folder.read_config()), None
 
 
 def _load_newest(folder: RunDir, warn) -> ckpt.Checkpoint:
@@ -107,6 +147,11 @@ class Start:
   saved_epoch: int | None = None  # the checkpoint's epoch, None where there is none
   notes: list = dataclasses.field(default_factory=list)  # for stderr: what was dropped, and why
   models: list | None = None  # several models: the checkpoint's description of each
+  # What the folder records of a resumed run (None: a new run, which writes its config.json
+  # first): the settings of its newest checkpoint, or of its config.json where it has none, and
+  # that checkpoint's options (None: no checkpoint).
+  recorded: dict | None = None
+  recorded_options: dict | None = None
 
 
 def restore_or_init(folder: RunDir, config: TrainConfig, vocab: data.Vocab, fresh_state,
@@ -130,14 +175,15 @@ class Checked:
   saved: ckpt.Checkpoint | None
   rows: list
   notes: list
+  recorded: dict | None = None  # Start's
 
   def start(self, fresh_state) -> Start:
     """Where the run starts, from ``fresh_state`` (:func:`restore_or_init`'s)."""
     if self.saved is None:
-      return Start(fresh_state, notes=self.notes)
+      return Start(fresh_state, notes=self.notes, recorded=self.recorded)
     saved = self.saved
     return Start(_restored(fresh_state, saved), saved.epoch, self.rows, saved.data_rng_state,
-                 saved.epoch, self.notes, saved.models)
+                 saved.epoch, self.notes, saved.models, saved.config.to_json(), saved.options)
 
 
 def check_start(folder: RunDir, config: TrainConfig, vocab: data.Vocab, resume: bool,
@@ -146,16 +192,13 @@ def check_start(folder: RunDir, config: TrainConfig, vocab: data.Vocab, resume: 
   folder can be wrong for what is asked is found here."""
   notes = []
   if not resume:
-    if folder.holds_run():
-      hint = ("" if ckpt.checkpoint_files(folder.path) else
-              " (it has no checkpoint yet: --resume starts it again from epoch 0)")
-      raise UsageError(f"{folder.path} already holds a run; pass --resume to continue it{hint}, "
-                       "or choose another --out")
+    folder.check_fresh()
     return Checked(None, [], notes)
+  folder.check_resumable()
   saved_json = folder.read_config()
   if not ckpt.checkpoint_files(folder.path):
     notes.append(f"{folder.path} holds no checkpoint yet: its run starts again from epoch 0")
-    return Checked(None, [], notes)
+    return Checked(None, [], notes, saved_json)
   saved = _load_newest(folder, warn=notes.append)
   if saved_json is not None:
     diffs = ckpt.config_differences(saved.config, TrainConfig.from_json(saved_json),
@@ -164,7 +207,7 @@ def check_start(folder: RunDir, config: TrainConfig, vocab: data.Vocab, resume: 
       raise ckpt.CheckpointError(
           f"the checkpoint {saved.path} is not of the run config.json describes ("
           + "; ".join(diffs) + "); put back the run's own checkpoint, or start another --out")
-  ckpt.check_compatible(saved.config, config)
+  ckpt.check_compatible(saved.config, config)  # the seed too: the state is the seed's
   ckpt.check_members(saved.models, members)
   notes.extend(schedule_changes(saved.config, config, saved.epoch))
   if saved.vocab.idx_to_token != vocab.idx_to_token:
@@ -285,11 +328,19 @@ def epochs(loader: data.SeqDataLoader, train_key, first: int, last: int):
 
 
 class Saver:
-  """Saves checkpoints into the folder, and remembers the newest one's epoch."""
+  """Saves checkpoints into the folder, and remembers the newest one's epoch.
 
-  def __init__(self, folder: RunDir, config: TrainConfig, vocab: data.Vocab, keep: int,
-               last: int | None):
-    self.folder, self.config, self.vocab, self.keep, self.last = folder, config, vocab, keep, last
+  A resumed run's settings are written to ``config.json`` with its first checkpoint, not before:
+  the folder records a flag passed on ``--resume`` only together with a checkpoint trained under
+  it (a run that diverges before one leaves ``config.json`` as it was)."""
+
+  def __init__(self, folder: RunDir, config: TrainConfig, vocab: data.Vocab, options: RunOptions,
+               start: Start):
+    self.folder, self.config, self.vocab, self.options = folder, config, vocab, options
+    self.keep, self.last = options.keep_checkpoints, start.saved_epoch
+    # What a bare --resume of the folder would continue with (Start.recorded)
+    self.recorded = start.recorded if start.recorded is not None else config.to_json()
+    self.recorded_options = start.recorded_options
 
   def save(self, epoch: int, state: training.TrainState, data_rng_state: dict | list,
            models: list[dict] | None = None) -> None:
@@ -298,23 +349,43 @@ class Saver:
       return
     ckpt.save_checkpoint(self.folder.path, params=state.params, opt_state=state.opt_state,
                          epoch=epoch, vocab=self.vocab, config=self.config,
-                         data_rng_state=data_rng_state, keep=self.keep, models=models)
+                         data_rng_state=data_rng_state, keep=self.keep, models=models,
+                         options=kept_options(self.options))
     self.last = epoch
+    self.recorded_options = kept_options(self.options)
+    if self.recorded != self.config.to_json() or not self.folder.config_path.is_file():
+      self.folder.write_config(self.config.to_json())
+      self.recorded = self.config.to_json()
+
+  def resume_command(self) -> str:
+    """The command that continues exactly this run from the folder as it is."""
+    return resume_command(self.folder.path, unrecorded_flags(
+        self.config, self.options, self.recorded, self.recorded_options))
 
   def kept(self) -> str:
     if self.last is None:
-      return (f"no checkpoint had been saved ({resume_command(self.folder.path)} starts it again "
+      return (f"no checkpoint had been saved ({self.resume_command()} starts it again "
               "from epoch 0)")
     return f"the checkpoint of epoch {self.last} is kept in {self.folder.path}"
 
 
 def stopped(stop: stopping.StopRequest, saver: Saver, when: str) -> Interrupted:
   if saver.last is None:
-    kept = f"no checkpoint was saved; {resume_command(saver.folder.path)} starts it from epoch 0"
+    kept = f"no checkpoint was saved; {saver.resume_command()} starts it from epoch 0"
   else:
     kept = (f"the checkpoint of epoch {saver.last} is in {saver.folder.path}; resume with: "
-            f"{resume_command(saver.folder.path)}")
+            f"{saver.resume_command()}")
   return Interrupted(f"stopped by {stop.name} {when}; {kept}", stop.signum)
+
+
+def say_start(folder: RunDir, config: TrainConfig, options: RunOptions, start: Start,
+              resume: bool, out: TextIO) -> None:
+  """Where a resumed run starts (on ``out``, unless ``options.quiet``)."""
+  if resume and not options.quiet:
+    which = (f"its checkpoint of epoch {start.saved_epoch}" if start.saved_epoch is not None
+             else "no checkpoint: from the start")
+    print(f"resuming {folder.path} at epoch {start.epoch + 1} of {config.num_epochs} ({which})",
+          file=out, flush=True)
 
 
 def run_pipeline(epoch_fn: Callable, config: TrainConfig, options: RunOptions, report: Report,
@@ -388,8 +459,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   cudnn.check_available(config.impl)
   options.validate()
   folder = RunDir(run_dir)
-  if resume and not folder.holds_run():
-    raise ckpt.CheckpointError(f"no checkpoint at {ckpt.checkpoint_path(folder.path)}")
+  if resume:
+    folder.check_resumable()
 
   with stopping.watch() as stop:
     # The text, the model, the optimiser: everything that can be wrong with the settings.
@@ -414,7 +485,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
         start = checked.start(training.init_train_state(model, optimizer, init_key))
         for note in start.notes:
           print(f"note: {note}", file=err)
-        folder.begin(config.to_json(), start.rows)
+        say_start(folder, config, options, start, resume, out)
+        folder.begin(None if resume else config.to_json(), start.rows)
         if start.data_rng_state is not None:
           loader.rng_state = start.data_rng_state
         state = parallel.replicate(start.state, devices)
@@ -422,7 +494,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
 
       report = Report(config, options, model, text, devices, folder, start.epoch, out, err,
                       run_sinks(folder, config, options, loader.max_batches))
-      saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
+      saver = Saver(folder, config, text.vocab, options, start)
       run_epochs(epoch_fn, state, epochs(loader, train_key, start.epoch + 1, config.num_epochs),
                  config, options, report, saver, stop)
 

@@ -36,15 +36,20 @@ from deeprnn_jax.base.errors import Diverged, Interrupted, UsageError
 from deeprnn_jax.fit import training
 from deeprnn_jax.fit.dispatch import FinishedEpoch
 from deeprnn_jax.model import cudnn, models
-from deeprnn_jax.run import checkpoint as ckpt
 from deeprnn_jax.run import plots, stopping
 from deeprnn_jax.run.reporting import Measured, Report, device_name
-from deeprnn_jax.run.rundir import RunDir
-from deeprnn_jax.run.runs import RunOptions, Saver, restore_or_init, run_epochs, run_sinks
+from deeprnn_jax.run.rundir import SWEEP, RunDir
+from deeprnn_jax.run.runs import (
+  RunOptions,
+  Saver,
+  restore_or_init,
+  run_epochs,
+  run_sinks,
+  say_start,
+)
 from deeprnn_jax.text import data
 from deeprnn_jax.text.editions import Text, load_text
 
-SWEEP = "sweep.json"
 MODELS_AXIS = "models"  # the mesh axis the models are spread over
 
 
@@ -235,7 +240,7 @@ class SweepReport(Report):
       valid = (f", valid perplexity {self.spread_text(self.valid_ppls)}"
                if len(self.text.valid) else "")
       self.say(f"epoch {epoch}, perplexity {self.spread_text(self.ppls)}{valid} "
-               f"({len(self.alive())} models): {self.predict(self.prefix)}")
+               f"({_models(len(self.alive()))}): {self.predict(self.prefix)}")
 
   def name(self, k: int) -> str:
     m = self.members[k]
@@ -247,6 +252,10 @@ class SweepReport(Report):
                  valid_perplexity=None if self.diverged[k] is not None else self.valid_ppls[k],
                  diverged_epoch=self.diverged[k])
             for k, d in enumerate(describe(self.members))]
+
+
+def _models(count: int) -> str:
+  return f"{count} model" + ("" if count == 1 else "s")
 
 
 def _divergence_note(report: SweepReport) -> str:
@@ -274,8 +283,8 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
   options.validate()
   members = sweep.members(config)
   folder = RunDir(run_dir)
-  if resume and not folder.holds_run():
-    raise ckpt.CheckpointError(f"no checkpoint at {ckpt.checkpoint_path(folder.path)}")
+  if resume:
+    folder.check_resumable()
 
   with stopping.watch() as stop:
     # The text, the models, the optimiser: everything that can be wrong with the settings.
@@ -301,7 +310,8 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
       start = restore_or_init(folder, config, text.vocab, fresh, resume, describe(members))
       for note in start.notes:
         print(f"note: {note}", file=err)
-      folder.begin(config.to_json(), start.rows)
+      say_start(folder, config, options, start, resume, out)
+      folder.begin(None if resume else config.to_json(), start.rows)
       files.atomic_write_json(folder.path / SWEEP, dict(sweep.to_json(), models=describe(members)))
       if start.data_rng_state is not None:
         for loader, rng_state in zip(loaders, start.data_rng_state):
@@ -319,7 +329,7 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
       report = SweepReport(members, diverged, config, options, model, text, devices, folder,
                            start.epoch, out, err,
                            run_sinks(folder, config, options, max_batches, describe(members)))
-      saver = Saver(folder, config, text.vocab, options.keep_checkpoints, start.saved_epoch)
+      saver = Saver(folder, config, text.vocab, options, start)
       items = sweep_epochs(loaders, max_batches, jnp.asarray(train_keys), start.epoch + 1,
                            config.num_epochs, devices, diverged)
       run_epochs(epoch_fn, state, items, config, options, report, saver, stop)
@@ -377,7 +387,7 @@ def _say_end(report: SweepReport, summary: dict, compile_seconds: float) -> None
     report.say(f"model {k} ({report.name(k)}): {result}")
   products = "" if report.config.precision == "float32" else \
       f" ({report.config.precision} products)"
-  report.say(f"perplexity {report.spread_text(report.ppls)} over {len(report.alive())} models, "
+  report.say(f"perplexity {report.spread_text(report.ppls)} over {_models(len(report.alive()))}, "
              f"{summary['tokens_per_sec']:.1f} tokens/sec on {summary['device']}{products}")
   report.say(f"best: model {report.best} ({report.name(report.best)})")
   for line in report.final_lines():
