@@ -110,6 +110,8 @@ def parser() -> argparse.ArgumentParser:
   h.add_argument("--coordinator", default=None,
                  help="HOST:PORT of process 0, which every process connects to (default: "
                       "$JAX_COORDINATOR_ADDRESS)")
+  h.add_argument("--join-timeout", type=float, default=60,
+                 help="seconds to wait for every process to join before giving up (exit 2)")
   h.add_argument("--num-processes", type=int, default=None)
   h.add_argument("--process-id", type=int, default=None,
                  help="this process's rank, 0 .. N-1; only process 0 writes and prints")
@@ -117,8 +119,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 _RUN_FLAGS = {"out", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "quiet",
-              "tensorboard", "devices", "coordinator", "num_processes", "process_id", "num_seeds",
-              "preset"}
+              "tensorboard", "devices", "coordinator", "join_timeout", "num_processes",
+              "process_id", "num_seeds", "preset"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
@@ -167,7 +169,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
   from deeprnn_jax.run.sweeps import saved_sweep, sweep_run
   args = parser().parse_args(argv)
   if distributed.requested(args.coordinator, args.num_processes, args.process_id):
-    distributed.join(args.coordinator, args.num_processes, args.process_id)
+    distributed.join(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
+                     prog="deeprnn_jax.train")
   saved = None
   sweep = sweep_of(args)
   if args.resume and args.preset != "classic":
