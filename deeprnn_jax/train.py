@@ -144,6 +144,8 @@ def parser() -> argparse.ArgumentParser:
   h.add_argument("--coordinator", default=None,
                  help="HOST:PORT of process 0, which every process connects to (default: "
                       "$JAX_COORDINATOR_ADDRESS)")
+  h.add_argument("--join-timeout", type=float, default=60,
+                 help="seconds to wait for every process to join before giving up (exit 2)")
   h.add_argument("--num-processes", type=int, default=None,
                  help="how many processes train together (default: what JAX detects of a "
                       "cluster: SLURM, Open MPI, ...)")
@@ -154,8 +156,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 _RUN_FLAGS = {"out", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "quiet",
-              "tensorboard", "devices", "coordinator", "num_processes", "process_id", "num_seeds",
-              "preset"}
+              "tensorboard", "devices", "coordinator", "join_timeout", "num_processes",
+              "process_id", "num_seeds", "preset"}
 _RENAMED = {"random_iter": "use_random_iter"}
 
 
@@ -206,7 +208,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
   if args.out is not None and not args.out.strip():
     raise UsageError("--out is empty: give the run folder (without --out, a new one under runs/)")
   if distributed.requested(args.coordinator, args.num_processes, args.process_id):
-    distributed.join(args.coordinator, args.num_processes, args.process_id)
+    distributed.join(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
+                     prog="deeprnn_jax.train")
   sweep = sweep_of(args)
   typed = _explicit_args(argv)
   kept = {}  # the saved options a bare --resume continues with

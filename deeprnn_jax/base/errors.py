@@ -6,6 +6,7 @@ one line on stderr and an exit code, never a traceback.
 
 EXIT_USAGE = 2  # bad input: files, hyperparameters, checkpoints, a run folder in use
 EXIT_DIVERGED = 3  # a non-finite loss, perplexity or parameter stopped training
+EXIT_PEER_LOST = 4  # several processes: another process of the run was lost (killed, hung)
 EXIT_HANGUP = 129  # SIGHUP (128 + 1): the terminal went away
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15): timeout, docker stop, SLURM, Kubernetes
