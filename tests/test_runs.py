@@ -401,10 +401,10 @@ def test_a_nan_on_the_last_minibatch_of_an_epoch_is_divergence_and_never_saved(
   accept."""
   real, calls = training.make_optimizer, []
 
-  def make_optimizer(lr, clip, name="sgd", schedule=None):  # the first run's blows up; a
-    calls.append(lr)                                          # resumed one's does not
+  def make_optimizer(lr, clip, name="sgd", schedule=None, weight_decay=0.0):  # the first run's
+    calls.append(lr)                                      # blows up; a resumed one's does not
     step = 2 * BATCHES - 1 if len(calls) == 1 else -1
-    return optax.chain(real(lr, clip, name, schedule), _nan_update_at(step))
+    return optax.chain(real(lr, clip, name, schedule, weight_decay), _nan_update_at(step))
 
   monkeypatch.setattr(training, "make_optimizer", make_optimizer)
   run = tmp_path / "run"
@@ -498,13 +498,18 @@ def test_keep_checkpoints_keeps_the_newest_k_and_a_corrupt_newest_falls_back(tmp
   assert [r["epoch"] for r in metrics(run)] == [1, 2, 3, 4]
   assert [checkpoint.read_checkpoint_file(p).epoch for p in checkpoint.checkpoint_files(run)] == [
       4, 3]
-  # Back to the default of 1: the older ones go.
+  # A bare --resume keeps the run's --keep-checkpoints 2 (and --checkpoint-every 1)...
   assert in_process(["--resume", "--out", run, "--num-epochs", 5, "--quiet"], capsys)[0] == 0
+  assert [checkpoint.read_checkpoint_file(p).epoch for p in checkpoint.checkpoint_files(run)] == [
+      5, 4]
+  # ...and --keep-checkpoints 1 passed again lets the older ones go.
+  assert in_process(["--resume", "--out", run, "--num-epochs", 6, "--quiet",
+                     "--keep-checkpoints", "1"], capsys)[0] == 0
   assert [p.name for p in checkpoint.checkpoint_files(run)] == ["checkpoint.msgpack"]
   # With nothing older to fall back on, a corrupt checkpoint is one line, exit 2, and says how
   # to start again.
   newest.write_bytes(b"\x93garbage")
-  code, _, err = in_process(["--resume", "--out", run, "--num-epochs", 6], capsys)
+  code, _, err = in_process(["--resume", "--out", run, "--num-epochs", 7], capsys)
   assert code == 2 and len(err.strip().splitlines()) == 1
   assert "corrupt" in err and "move them away" in err
 
