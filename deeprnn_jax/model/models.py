@@ -111,21 +111,14 @@ class StackStep(_Stack):
 # broadcast over time, a fresh dropout mask at every step. Same attributes as StackStep;
 # ``(carries, inputs <float32>[batch, steps, num_inputs]) -> (carries, <float32>[batch, steps,
 # hiddens])``.
-DeepRNN = nn.scan(
-    StackStep,
-    variable_broadcast="params",
-    split_rngs={"params": False, "dropout": True},
-    in_axes=1,
-    out_axes=1,
-)
+def _scanned_stack(fresh_masks: bool):
+  return nn.scan(StackStep, variable_broadcast="params",
+                 split_rngs={"params": False, "dropout": fresh_masks}, in_axes=1, out_axes=1)
+
+
+DeepRNN = _scanned_stack(fresh_masks=True)
 # Locked dropout: every step draws from the same key, so every step drops the same units.
-DeepRNNLocked = nn.scan(
-    StackStep,
-    variable_broadcast="params",
-    split_rngs={"params": False, "dropout": False},
-    in_axes=1,
-    out_axes=1,
-)
+DeepRNNLocked = _scanned_stack(fresh_masks=False)
 
 
 def drop_recurrent_weights(variables: dict, key: Array, rate: float) -> dict:
