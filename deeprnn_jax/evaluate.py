@@ -97,7 +97,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     models = [checkpoint.choose_model(saved.models, args.model, args.checkpoint)
               if saved.models else 0]
   tokens, source = _stream(args, saved)
-  rows = args.rows or max(1, len(tokens) // 10_000)
+  rows = args.rows or scoring.default_rows(len(tokens))
   X, Y = scoring.stream_rows(tokens, rows)
   score = scoring.ensemble_nll if args.ensemble else scoring.token_nll
   results = {"static": scoring.summary(score(model, params, X, Y))}

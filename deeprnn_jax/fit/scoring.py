@@ -28,15 +28,28 @@ from deeprnn_jax.model.models import RNNLM
 Array = jax.Array
 
 
+ROW_TOKENS = 10_000  # a run validates on one row per this many held-out tokens
+
+
+def default_rows(num_tokens: int) -> int:
+  """The rows a run reads ``num_tokens`` held-out tokens in: one per :data:`ROW_TOKENS`."""
+  return max(1, num_tokens // ROW_TOKENS)
+
+
+def row_layout(num_tokens: int, num_rows: int) -> tuple[int, int]:
+  """``(rows, tokens they predict in all)`` of a stream of ``num_tokens``: at most one row per
+  predicted token, the tail past the last full row left out."""
+  num_rows = max(1, min(num_rows, num_tokens - 1))
+  return num_rows, (num_tokens - 1) // num_rows * num_rows
+
+
 def stream_rows(tokens, num_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """``(X, Y)``, each ``<int32>[rows, steps]``: ``tokens <int32>[n]`` (n >= 2) as
-  ``num_rows`` contiguous rows of inputs and their next tokens; the tail past the last full row
-  is left out."""
+  ``num_rows`` contiguous rows of inputs and their next tokens (:func:`row_layout`)."""
   tokens = np.asarray(tokens, np.int32)
   if tokens.size < 2:
-    raise UsageError(f"scoring needs at least 2 tokens, got {tokens.size}")
-  num_rows = max(1, min(num_rows, tokens.size - 1))
-  n = (tokens.size - 1) // num_rows * num_rows
+    raise UsageError(f"evaluation needs at least 2 tokens, got {tokens.size}")
+  num_rows, n = row_layout(tokens.size, num_rows)
   return tokens[:n].reshape(num_rows, -1), tokens[1:n + 1].reshape(num_rows, -1)
 
 

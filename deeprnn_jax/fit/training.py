@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax.base import validate
-from deeprnn_jax.base.errors import UsageError
 from deeprnn_jax.base.validate import Optimizer, Schedule
+from deeprnn_jax.fit import scoring
 from deeprnn_jax.fit.parallel import BATCH_AXIS, batch_mesh
 from deeprnn_jax.model.models import RNNLM
 
@@ -339,27 +339,16 @@ def evaluate(model: RNNLM, params, corpus, num_rows: int = 1) -> float:
   """Perplexity of ``corpus <int32>[n]`` (n >= 2), reading it from a zero state.
 
   The text is cut into ``num_rows`` contiguous rows read in parallel, each carrying its state
-  through to its end; with one row (the default) every token after the first is predicted with
-  all the context before it. Tokens past the last full row are left out.
+  through to its end (:func:`deeprnn_jax.fit.scoring.stream_rows`); with one row (the default)
+  every token after the first is predicted with all the context before it. Tokens past the last
+  full row are left out.
   """
-  corpus = np.asarray(corpus, dtype=np.int32)
-  if corpus.size < 2:
-    raise UsageError(f"evaluation needs at least 2 tokens, got {corpus.size}")
-  num_rows, n = _evaluation_rows(corpus.size, num_rows)
-  X = corpus[:n].reshape(num_rows, -1)
-  Y = corpus[1 : n + 1].reshape(num_rows, -1)
-  return perplexity(_mean_loss(model, params, X, Y))
+  return perplexity(_mean_loss(model, params, *scoring.stream_rows(corpus, num_rows)))
 
 
 def compile_evaluate(model: RNNLM, params, num_tokens: int, num_rows: int = 1) -> None:
   """Compiles what :func:`evaluate` runs on a corpus of ``num_tokens`` (>= 2), without running
   it. ``params``: the model's parameters, or only their shapes (``jax.ShapeDtypeStruct``)."""
-  num_rows, n = _evaluation_rows(num_tokens, num_rows)
+  num_rows, n = scoring.row_layout(num_tokens, num_rows)
   rows = jax.ShapeDtypeStruct((num_rows, n // num_rows), jnp.int32)
   _mean_loss.lower(model, params, rows, rows).compile()
-
-
-def _evaluation_rows(num_tokens: int, num_rows: int) -> tuple[int, int]:
-  """The rows an evaluation reads, and the tokens they hold in all."""
-  num_rows = max(1, min(num_rows, num_tokens - 1))
-  return num_rows, (num_tokens - 1) // num_rows * num_rows

@@ -32,7 +32,7 @@ import numpy as np
 
 from deeprnn_jax.base.config import TrainConfig
 from deeprnn_jax.base.errors import UsageError
-from deeprnn_jax.fit import training
+from deeprnn_jax.fit import scoring, training
 from deeprnn_jax.model import interop
 from deeprnn_jax.model.models import RNNLM
 from deeprnn_jax.text import data, windows
@@ -127,7 +127,7 @@ class Classic:
 
   def evaluation_rows(self, text: Text) -> int:
     """Rows of >= 10k validation tokens, read in parallel."""
-    return max(1, len(text.valid) // 10_000)
+    return scoring.default_rows(len(text.valid))
 
   def evaluate(self, model: RNNLM, params, text: Text, config: TrainConfig) -> float:
     """The validation perplexity (:func:`deeprnn_jax.fit.training.evaluate`)."""
