@@ -34,6 +34,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     return super()._get_help_string(action)
 
 
+def add_best_flag(p: argparse.ArgumentParser) -> None:
+  """``--best``: the commands that read a run's model read its best one (docs/training.md)."""
+  p.add_argument("--best", action="store_true",
+                 help="the run's best model by validation (its best.msgpack) instead of its "
+                      "newest checkpoint")
+
+
 def compile_cache_dir() -> Path | None:
   """Where the command-line tools keep compiled programs: ``$DEEPRNN_JAX_CACHE``, by default
   ``$XDG_CACHE_HOME/deeprnn_jax/xla`` (``~/.cache/…``); ``none`` (or empty) turns it off."""

@@ -123,7 +123,7 @@ def from_torch(args: argparse.Namespace) -> int:
                      f"(--clean {cfg.clean}) has {len(vocab)} tokens; pass the corpus and "
                      "cleaning the PyTorch model was trained with")
   opt_state = training.make_optimizer(cfg.lr, cfg.clip, cfg.optimizer,
-                                      weight_decay=cfg.weight_decay).init(params)
+                                      weight_decay=cfg.weight_decay, ema=cfg.ema).init(params)
   checkpoint.save_checkpoint(out, params=params, opt_state=opt_state, epoch=0, vocab=vocab,
                              config=cfg)
   files.atomic_write_json(out / "config.json", cfg.to_json())
@@ -136,7 +136,7 @@ def to_torch(args: argparse.Namespace) -> int:
   torch = _import_torch()
   out = Path(args.out)
   _check_out(out, args.force, is_dir=False)
-  saved = checkpoint.load_checkpoint(args.to_torch)
+  saved = checkpoint.load_checkpoint(args.to_torch, best=args.best)
   params = checkpoint.model_params(saved, args.model, args.to_torch)
   cfg = saved.config
   if cfg.embed_dim is not None:
@@ -183,6 +183,7 @@ def parser(preset: str = "classic") -> argparse.ArgumentParser:
                    help="a run folder (or its checkpoint.msgpack); --out is a .pt file")
   p.add_argument("--out", required=True, help="the run folder or .pt file to write")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  cli.add_best_flag(p)
   p.add_argument("--model", type=int, default=None,
                  help="--to-torch of a run that trained several models: which one (default: the "
                       "best by validation, else training, perplexity)")
@@ -239,6 +240,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if given:
       raise UsageError(f"{given[0]} is for --from-torch; --to-torch reads it from the run folder")
     return to_torch(args)
+  if args.best:
+    raise UsageError("--best is for --to-torch: which of a run's models to convert")
   missing = [f"--{n.replace('_', '-')}" for n in ("cell", "num_layers")
              if getattr(args, n) is None]
   if missing:

@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.msgpack)")
   p.add_argument("--text", default=None,
                  help="a UTF-8 text file to score (default: the run's held-out split)")
+  cli.add_best_flag(p)
   which = p.add_mutually_exclusive_group()
   which.add_argument("--model", type=int, default=None,
                      help="of a run of several models, which one (default: the best by "
@@ -89,7 +90,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
       validate.positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
   if args.dynamic_lr is not None and not (math.isfinite(args.dynamic_lr) and args.dynamic_lr >= 0):
     raise UsageError(f"--dynamic-lr must be a finite number >= 0, got {args.dynamic_lr}")
-  saved = checkpoint.load_checkpoint(args.checkpoint)
+  saved = checkpoint.load_checkpoint(args.checkpoint, best=args.best)
   if args.ensemble:
     model, params, models = _ensemble(saved, args.checkpoint)
   else:

@@ -67,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
                  help="0: greedy, d2l's argmax; > 0: sample from softmax(logits / temperature)")
   p.add_argument("--seed", type=int, default=0,
                  help="the sampling's PRNG seed, in [0, 2**32): a seed gives the same text")
+  cli.add_best_flag(p)
   p.add_argument("--model", type=int, default=None,
                  help="of a run that trained several models, which one (default: the best by "
                       "validation, else training, perplexity)")
@@ -125,7 +126,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
   if not 0 <= args.num_preds <= generate.MAX_PREDS:
     raise UsageError(f"--num-preds must be in [0, {generate.MAX_PREDS}], got {args.num_preds}")
   validate.temperature(args.temperature)
-  saved = checkpoint.load_checkpoint(args.checkpoint)
+  saved = checkpoint.load_checkpoint(args.checkpoint, best=args.best)
   model, params, vocab = model_of(saved, args.model, args.checkpoint)
   if args.prefix is None:
     args.prefix = run_prefix(saved.config, vocab)

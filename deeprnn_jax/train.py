@@ -90,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
   o.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
   o.add_argument("--weight-decay", type=float, default=_D.weight_decay,
                  help="decoupled weight decay: SGD steps by -lr (g + wd w); Adam becomes AdamW")
+  o.add_argument("--ema", type=float, default=_D.ema,
+                 help="evaluate, predict with and keep as the best model a moving average of the "
+                      "parameters with this decay (0.999: over about the last 1000 steps); 0: "
+                      "the parameters themselves")
   o.add_argument("--lr", default=f"{_D.lr:g}",
                  help="learning rate; several separated by commas (0.5,1,2,4) train one model "
                       "each, all in one program")
@@ -105,6 +109,10 @@ def parser() -> argparse.ArgumentParser:
                  help="cosine: the last epoch's rate as a fraction of --lr")
   o.add_argument("--num-epochs", type=int, default=_D.num_epochs,
                  help="passes over the training text (the run's total, counting resumed epochs)")
+  o.add_argument("--patience", type=int, default=_D.patience,
+                 help="stop once validation perplexity has not improved for N epochs (the best "
+                      "model is in <out>/best.msgpack, with held-out text: --valid-fraction) "
+                      "(default: train every epoch)")
   o.add_argument("--seed", type=int, default=_D.seed,
                  help="the seed of the initial parameters, the data order and dropout: a seed "
                       "gives the same run")

@@ -173,16 +173,24 @@ def test_the_sweep_optimizer_decays_weights_as_the_single_one():
 def test_a_resumed_run_with_every_regulariser_on_ends_as_an_uninterrupted_one(tmp_path, capsys):
   small = ["--num-hiddens", "16", "--batch-size", "8", "--num-steps", "10", "--max-tokens",
            "2000", "--quiet", "--dropout", "0.3", "--locked-dropout", "--weight-drop", "0.4",
-           "--weight-decay", "0.01", "--optimizer", "adam", "--lr", "0.01"]
+           "--embed-dim", "6", "--embed-dropout", "0.1", "--weight-decay", "0.01", "--optimizer",
+           "adam", "--lr", "0.01", "--ema", "0.8", "--valid-fraction", "0.1", "--patience", "50",
+           "--log-every", "1"]
   straight, split = tmp_path / "a", tmp_path / "b"
   assert train.main([*small, "--num-epochs", "4", "--out", str(straight)]) == 0
   assert train.main([*small, "--num-epochs", "2", "--out", str(split)]) == 0
   assert train.main([*small, "--num-epochs", "4", "--resume", "--out", str(split)]) == 0
   capsys.readouterr()
-  rows = [[json.loads(line)["train_perplexity"] for line in (run / "metrics.jsonl").open()]
-          for run in (straight, split)]
+  rows = [[(r["train_perplexity"], r["valid_perplexity"]) for r in map(json.loads, run.joinpath(
+      "metrics.jsonl").open())] for run in (straight, split)]
   np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5)
-  saved = checkpoint.load_checkpoint(split)
-  assert (saved.config.weight_drop, saved.config.locked_dropout) == (0.4, True)
-  chex.assert_trees_all_close(saved.params, checkpoint.load_checkpoint(straight).params,
+  saved, uninterrupted = checkpoint.load_checkpoint(split), checkpoint.load_checkpoint(straight)
+  assert (saved.config.weight_drop, saved.config.locked_dropout, saved.config.ema) == (
+      0.4, True, 0.8)
+  # The parameters, the optimiser's state with its average, and the best model.
+  chex.assert_trees_all_close((saved.params, saved.opt_state),
+                              (uninterrupted.params, uninterrupted.opt_state),
                               rtol=1e-5, atol=1e-7)
+  best = [checkpoint.load_checkpoint(run, best=True) for run in (split, straight)]
+  assert best[0].best["epochs"] == best[1].best["epochs"]
+  chex.assert_trees_all_close(best[0].params, best[1].params, rtol=1e-5, atol=1e-7)

@@ -401,10 +401,10 @@ def test_a_nan_on_the_last_minibatch_of_an_epoch_is_divergence_and_never_saved(
   accept."""
   real, calls = training.make_optimizer, []
 
-  def make_optimizer(lr, clip, name="sgd", schedule=None, weight_decay=0.0):  # the first run's
-    calls.append(lr)                                      # blows up; a resumed one's does not
+  def make_optimizer(lr, clip, name="sgd", schedule=None, weight_decay=0.0, ema=0.0):
+    calls.append(lr)  # the first run's blows up; a resumed one's does not
     step = 2 * BATCHES - 1 if len(calls) == 1 else -1
-    return optax.chain(real(lr, clip, name, schedule, weight_decay), _nan_update_at(step))
+    return optax.chain(real(lr, clip, name, schedule, weight_decay, ema), _nan_update_at(step))
 
   monkeypatch.setattr(training, "make_optimizer", make_optimizer)
   run = tmp_path / "run"

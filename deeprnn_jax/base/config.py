@@ -46,6 +46,9 @@ class TrainConfig:
   locked_dropout: bool = False
   weight_drop: float = 0.0
   weight_decay: float = 0.0
+  # > 0: evaluation, prediction and the best model use a moving average of the parameters with
+  # this decay (training.average_params); 0: the parameters themselves (d2l).
+  ema: float = 0.0
   # None: one-hot inputs (d2l); else a learned embedding of this size, with embed_dropout
   # dropping whole tokens' rows for a minibatch.
   embed_dim: int | None = None
@@ -60,6 +63,8 @@ class TrainConfig:
   warmup_epochs: int = 0
   lr_min_factor: float = 0.0
   num_epochs: int = 500
+  # Stop once validation perplexity has not improved for this many epochs (None: never).
+  patience: int | None = None
   max_tokens: int = 10000
   use_random_iter: bool = False
   seed: int = 0
@@ -84,7 +89,9 @@ class TrainConfig:
                    self.weight_drop, self.embed_dim, self.embed_dropout)
     for name in ("batch_size", "num_steps", "num_epochs"):
       validate.positive_int(name.replace("_", " "), getattr(self, name))
-    validate.optimizer(self.lr, self.clip, self.optimizer, self.weight_decay)
+    validate.optimizer(self.lr, self.clip, self.optimizer, self.weight_decay, self.ema)
+    if self.patience is not None:
+      validate.positive_int("patience", self.patience)
     validate.schedule(self.lr_schedule, self.warmup_epochs, self.lr_min_factor, self.num_epochs)
     if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
       raise UsageError(f"seed must be an integer in [0, 2**32), got {self.seed}")

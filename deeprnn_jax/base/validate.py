@@ -155,7 +155,8 @@ def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, ac
     positive_int("unroll", unroll)
 
 
-def optimizer(lr: float, clip_norm: float, name: str, weight_decay: float = 0.0) -> None:
+def optimizer(lr: float, clip_norm: float, name: str, weight_decay: float = 0.0,
+              ema: float = 0.0) -> None:
   """Raises :class:`UsageError` for an optimiser no run can have."""
   positive_finite("learning rate", lr)
   positive_finite("clipping norm", clip_norm)
@@ -163,6 +164,8 @@ def optimizer(lr: float, clip_norm: float, name: str, weight_decay: float = 0.0)
   if not (isinstance(weight_decay, numbers.Real) and math.isfinite(weight_decay)
           and weight_decay >= 0):
     raise UsageError(f"weight decay must be a finite number >= 0, got {weight_decay}")
+  if not (isinstance(ema, numbers.Real) and 0 <= ema < 1):
+    raise UsageError(f"ema (the average's decay) must be in [0, 1), got {ema}")
 
 
 def schedule(name: str, warmup_epochs, min_factor, num_epochs: int) -> None:

@@ -55,18 +55,34 @@ def config_lr_factor(config, steps_per_epoch: int) -> optax.Schedule | None:
 
 
 def make_optimizer(lr: float, clip_norm: float, name: Optimizer = "sgd",
-                   schedule: optax.Schedule | None = None,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   schedule: optax.Schedule | None = None, weight_decay: float = 0.0,
+                   ema: float = 0.0) -> optax.GradientTransformation:
   """Global-norm clipping (d2l's ``grad_clipping``), then plain SGD (d2l) or Adam, at learning
   rate ``lr``, times ``schedule(step)`` where there is one (:func:`lr_factor`).
 
   ``weight_decay`` (decoupled from the gradient's scale): SGD steps by ``-lr (g + wd w)`` after
-  clipping ``g``; Adam is AdamW, ``-lr (adam(g) + wd w)``. With 0, neither is in the chain."""
-  validate.optimizer(lr, clip_norm, name, weight_decay)
-  return _clipped(lr, clip_norm, name, schedule, weight_decay)
+  clipping ``g``; Adam is AdamW, ``-lr (adam(g) + wd w)``. With 0, neither is in the chain.
+  ``ema`` > 0: the state also keeps a moving average of the parameters with that decay
+  (:func:`average_params`), which :func:`evaluated_params` returns."""
+  validate.optimizer(lr, clip_norm, name, weight_decay, ema)
+  return _clipped(lr, clip_norm, name, schedule, weight_decay, ema)
+
+
+def config_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """:func:`make_optimizer` of a :class:`~deeprnn_jax.base.config.TrainConfig` whose epochs
+  count ``steps_per_epoch`` steps."""
+  return make_optimizer(config.lr, config.clip, config.optimizer,
+                        config_lr_factor(config, steps_per_epoch), config.weight_decay,
+                        config.ema)
 
 
 def _clipped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule | None = None,
+             weight_decay: float = 0.0, ema: float = 0.0) -> optax.GradientTransformation:
+  chain = _stepped(learning_rate, max_norm, name, schedule, weight_decay)
+  return optax.chain(chain, average_params(ema)) if ema else chain
+
+
+def _stepped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule | None = None,
              weight_decay: float = 0.0) -> optax.GradientTransformation:
   if name == "sgd":
     opt = optax.sgd(learning_rate)
@@ -83,15 +99,52 @@ def _clipped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule 
 
 
 def make_sweep_optimizer(name: Optimizer = "sgd", schedule: optax.Schedule | None = None,
-                         weight_decay: float = 0.0) -> optax.GradientTransformation:
+                         weight_decay: float = 0.0,
+                         ema: float = 0.0) -> optax.GradientTransformation:
   """:func:`make_optimizer`'s transformation reading its learning rate and clip norm from its
   state (``optax.inject_hyperparams``), so that they are data: each of the models trained in one
   vmapped program has its own (:func:`init_train_states` sets them). ``schedule`` is the same
   for all of them, each following it with its own step count."""
-  validate.optimizer(1.0, 1.0, name, weight_decay)
-  inner = functools.partial(_clipped, name=name, schedule=schedule, weight_decay=weight_decay)
-  return optax.inject_hyperparams(inner, static_args=("name", "schedule", "weight_decay"))(
+  validate.optimizer(1.0, 1.0, name, weight_decay, ema)
+  inner = functools.partial(_clipped, name=name, schedule=schedule, weight_decay=weight_decay,
+                            ema=ema)
+  return optax.inject_hyperparams(inner, static_args=("name", "schedule", "weight_decay", "ema"))(
       learning_rate=1.0, max_norm=1.0)
+
+
+class ParamsAverage(NamedTuple):
+  """:func:`average_params`' state: the steps taken, and the average of the parameters."""
+
+  count: Array  # <int32>[]
+  ema: dict
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+  """An exponential moving average of the parameters, kept in the optimiser's state (so a
+  checkpoint holds it and ``--resume`` continues it exactly): after step ``t`` (0, 1, ...),
+  ``ema <- d ema + (1 - d) params`` with ``d = min(decay, (1 + t) / (10 + t))``, the parameters
+  as that step left them. The smaller early decay (TensorFlow's ``ExponentialMovingAverage``
+  with ``num_updates``) keeps the initial weights from lingering in the average. The updates
+  pass unchanged; it must come last in a chain, where the updates are final."""
+
+  def init(params):
+    return ParamsAverage(jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
+
+  def update(updates, state, params):
+    t = state.count.astype(jnp.float32)
+    d = jnp.minimum(decay, (1 + t) / (10 + t))
+    stepped = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, stepped)
+    return updates, ParamsAverage(optax.safe_increment(state.count), ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def evaluated_params(ts: TrainState) -> dict:
+  """The parameters a run evaluates, predicts with and keeps as its best model: the average
+  where the optimiser keeps one (:func:`average_params`), else the parameters themselves."""
+  ema = optax.tree_utils.tree_get(ts.opt_state, "ema")
+  return ts.params if ema is None else ema
 
 
 def cross_entropy(logits: Array, Y: Array) -> Array:

@@ -34,13 +34,16 @@ from deeprnn_jax.base.files import atomic_write_bytes, fsync_dir
 from deeprnn_jax.text.vocab import Vocab
 
 FILENAME = "checkpoint.msgpack"
+# The best model by validation (deeprnn_jax.run.best), in the same format; never resumed from.
+BEST = "best.msgpack"
 FORMAT = 1
 _OLDER = re.compile(r"checkpoint-(\d+)\.msgpack")
 # What a resumed run must share with its checkpoint: the model, the data it reads, and what
 # shapes its optimiser's state.
 RESUME_FIELDS = MODEL_FIELDS + ("corpus", "clean", "max_tokens", "batch_size", "num_steps",
-                                "use_random_iter", "valid_fraction", "optimizer", "lr_schedule",
-                                "warmup_epochs", "pipeline", "num_train", "num_val")
+                                "use_random_iter", "valid_fraction", "optimizer", "ema",
+                                "lr_schedule", "warmup_epochs", "pipeline", "num_train",
+                                "num_val")
 
 
 class CheckpointError(UsageError):
@@ -62,6 +65,9 @@ class Checkpoint:
   # How the run that saved it saves and records (runs.KEPT_OPTIONS: --checkpoint-every, ...),
   # for --resume to continue alike; None in files saved without them.
   options: dict | None = None
+  # A best model's file (BEST): each model's best validation perplexity and its epoch,
+  # {"valid_perplexity": [...], "epochs": [...]}; None in a checkpoint.
+  best: dict | None = None
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
@@ -94,14 +100,15 @@ def _to_host(tree) -> dict:
 def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
                     config: TrainConfig, data_rng_state: dict | list | None = None,
                     keep: int = 1, models: list[dict] | None = None,
-                    options: dict | None = None) -> Path:
+                    options: dict | None = None, best: dict | None = None) -> Path:
   """Saves a checkpoint into ``run_dir`` (atomically) and returns its path.
 
   With ``keep > 1`` the checkpoint it replaces stays as ``checkpoint-<epoch>.msgpack`` (a hard
   link: no copy), and only the newest ``keep`` checkpoints are left in the folder; a newest file
   that cannot be read is replaced, not kept. At every moment the folder holds a readable
   checkpoint if it held one before. ``models`` describes the models of a file that holds several
-  (:attr:`Checkpoint.models`); ``options``, the run's options (:attr:`Checkpoint.options`).
+  (:attr:`Checkpoint.models`); ``options``, the run's options (:attr:`Checkpoint.options`);
+  ``best``, a best model's record (:attr:`Checkpoint.best`).
   """
   meta = {
       "format": FORMAT,
@@ -114,6 +121,8 @@ def save_checkpoint(run_dir, *, params, opt_state, epoch: int, vocab: Vocab,
     meta["models"] = models
   if options is not None:
     meta["options"] = options
+  if best is not None:
+    meta["best"] = best
   payload = flax.serialization.msgpack_serialize({
       "params": _to_host(params),
       "opt_state": _to_host(opt_state),
@@ -172,7 +181,7 @@ def read_checkpoint_file(path: str | os.PathLike) -> Checkpoint:
     vocab = Vocab.from_tokens_list(meta["vocab"])
     saved = Checkpoint(raw["params"], raw["opt_state"], int(meta["epoch"]), vocab, config,
                        meta.get("data_rng_state"), path, meta.get("models"),
-                       meta.get("options"))
+                       meta.get("options"), meta.get("best"))
   except Exception as e:  # msgpack, JSON, key and type errors all mean the same to the user.
     raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {e}") from None
   if not _all_finite((saved.params, saved.opt_state)):
@@ -184,14 +193,18 @@ def _warn(message: str) -> None:
   print(f"warning: {message}", file=sys.stderr)
 
 
-def load_checkpoint(run_dir, warn: Callable[[str], None] | None = _warn) -> Checkpoint:
-  """The newest usable checkpoint of a run folder (or the ``.msgpack`` file ``run_dir`` names).
+def load_checkpoint(run_dir, warn: Callable[[str], None] | None = _warn,
+                    best: bool = False) -> Checkpoint:
+  """The newest usable checkpoint of a run folder (or the ``.msgpack`` file ``run_dir`` names);
+  with ``best``, the folder's best model by validation (:data:`BEST`) instead.
 
   Where the newest file is corrupt or holds non-finite values, the next older one kept
   (``--keep-checkpoints``) is read instead, and ``warn`` (by default a line on stderr) is told
   why. Raises :class:`CheckpointError` where none is usable.
   """
   path = Path(run_dir)
+  if best:
+    return load_best(path)
   candidates = [path] if path.suffix == ".msgpack" else checkpoint_files(path)
   if not candidates:
     raise CheckpointError(f"no checkpoint at {checkpoint_path(path)}")
@@ -207,6 +220,20 @@ def load_checkpoint(run_dir, warn: Callable[[str], None] | None = _warn) -> Chec
         warn(f"{problem}; using {candidate.name} (epoch {saved.epoch}) instead")
     return saved
   raise CheckpointError("; ".join(problems))
+
+
+def load_best(run_dir) -> Checkpoint:
+  """A run folder's best model by validation (:data:`BEST`), with one clear
+  :class:`CheckpointError` where it has none."""
+  path = Path(run_dir)
+  if path.suffix == ".msgpack":
+    raise CheckpointError(f"--best takes a run folder, not a file ({path})")
+  if not (path / BEST).is_file():
+    why = ("it is not a run folder" if not checkpoint_files(path) else
+           "its run had no held-out text to validate on (--valid-fraction), or has not "
+           "validated yet")
+    raise CheckpointError(f"no best model in {path} ({why})")
+  return read_checkpoint_file(path / BEST)
 
 
 def restore(template, state_dict, what: str = "checkpoint"):
@@ -259,17 +286,36 @@ def check_members(saved: list[dict] | None, requested: list[dict] | None) -> Non
       raise CheckpointError(f"checkpoint's model {k} differs: " + ", ".join(diffs))
 
 
+def averaged(state_dict) -> dict | None:
+  """The moving average of the parameters that a saved optimiser state keeps
+  (:func:`deeprnn_jax.fit.training.average_params`: its ``ema`` field), or ``None``."""
+  if not isinstance(state_dict, dict):
+    return None
+  if "ema" in state_dict:
+    return state_dict["ema"]
+  found = [a for a in map(averaged, state_dict.values()) if a is not None]
+  return found[0] if found else None
+
+
+def evaluated(saved: Checkpoint) -> dict:
+  """The parameters the run evaluated and predicted with: its moving average where it kept one,
+  else its parameters (a state dict, of every model the file holds)."""
+  average = averaged(saved.opt_state)
+  return saved.params if average is None else average
+
+
 def model_params(saved: Checkpoint, index: int | None, where) -> dict:
-  """One model's parameters (a state dict). Of a checkpoint holding several (:attr:`models`),
-  model ``index``, by default the best: the lowest validation perplexity, else training
-  perplexity, among those that did not diverge. Raises :class:`UsageError` for an index the file
-  does not hold."""
+  """One model's parameters as its run evaluated them (:func:`evaluated`), a state dict. Of a
+  checkpoint holding several (:attr:`models`), model ``index``, by default the best: the lowest
+  validation perplexity, else training perplexity, among those that did not diverge. Raises
+  :class:`UsageError` for an index the file does not hold."""
+  params = evaluated(saved)
   if saved.models is None:
     if index not in (None, 0):
       raise UsageError(f"--model {index}: {where} holds one model (model 0)")
-    return saved.params
+    return params
   index = choose_model(saved.models, index, where)
-  return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], saved.params)
+  return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], params)
 
 
 def choose_model(described: list[dict], index: int | None, where) -> int:

@@ -3,9 +3,10 @@ same methods, for several (:class:`deeprnn_jax.run.sweeps.SweepReport`).
 
 The run loop (:func:`deeprnn_jax.run.runs.run_epochs`) asks a report, for each finished epoch, to
 ``measure`` it (its metrics rows, and a divergence that ends the run), ``record`` it (the rows to
-the metric sinks, its share of the throughput), ``save`` it where a checkpoint is due, and
-``show`` it (the progress bar, d2l's line with a prediction); ``failure`` is the error a
-divergence raises, and ``close`` ends the bar and the sinks.
+the metric sinks, its share of the throughput), ``keep_best`` (the best model by validation),
+``save`` it where a checkpoint is due, ``show`` it (the progress bar, d2l's line with a
+prediction), and whether ``patience`` ends the run; ``failure`` is the error a divergence raises,
+and ``close`` ends the bar and the sinks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from deeprnn_jax.fit import parallel, training
 from deeprnn_jax.fit.dispatch import FinishedEpoch
 from deeprnn_jax.model import generate
 from deeprnn_jax.run import sinks
+from deeprnn_jax.run.best import BestModel
 from deeprnn_jax.run.rundir import RunDir
 from deeprnn_jax.text import editions
 from deeprnn_jax.text.editions import Text
@@ -54,7 +56,7 @@ class Report:
 
   def __init__(self, config: TrainConfig, options: RunOptions, model, text: Text, devices,
                folder: RunDir, start_epoch: int, out: TextIO, err: TextIO,
-               metric_sinks: list[sinks.Sink] | None = None):
+               metric_sinks: list[sinks.Sink] | None = None, described: list[dict] | None = None):
     self.config, self.options, self.model, self.text = config, options, model, text
     self.devices, self.folder, self.start_epoch, self.out = devices, folder, start_epoch, out
     self.sinks = metric_sinks if metric_sinks is not None else [sinks.MetricsFile(folder)]
@@ -63,6 +65,9 @@ class Report:
     self.tokens = self.seconds = self.slowest = 0.0
     self.ppl = self.valid_ppl = math.nan
     self.params = None  # the newest logged epoch's, on one device
+    # The best model by validation (described: each model's, where the run trains several)
+    self.best = BestModel(folder, config, text.vocab, described) if len(text.valid) else None
+    self.stopped_early: int | None = None  # the epoch --patience ended the run at
     self.bar = None
     show_bar = options.progress if options.progress is not None else err.isatty()
     if show_bar and not options.quiet:
@@ -86,7 +91,7 @@ class Report:
     epoch, losses = done.tag.epoch, done.losses
     tokens = self.edition.tokens(losses, self.text, self.config)
     self.ppl = self.edition.perplexity(losses)
-    self.params = (parallel.on_first(done.state.params, self.devices)
+    self.params = (parallel.on_first(training.evaluated_params(done.state), self.devices)
                    if (self.logged(epoch) or self.validated(epoch)) and done.state is not None
                    else None)
     self.valid_ppl = None
@@ -120,6 +125,36 @@ class Report:
                     f"{self.config.lr:g}, or a lower --clip than {self.config.clip:g}); "
                     f"{saver.kept()}; metrics of the epochs before are in "
                     f"{saver.folder.metrics_path}")
+
+  def validation(self) -> tuple[list[float | None], object]:
+    """The epoch's validation perplexity of each model (``None``: not validated), and the
+    parameters evaluated (stacked where the run trains several)."""
+    return [self.valid_ppl], self.params
+
+  def alive(self) -> list[int]:
+    return [0]
+
+  def keep_best(self, measured: Measured) -> None:
+    """The best model by validation, where this epoch improved it."""
+    if self.best is not None:
+      self.best.update(measured.epoch, *self.validation())
+
+  def patience(self, measured: Measured) -> str | None:
+    """The line that ends the run early, where ``--patience`` has run out at this epoch."""
+    epoch = measured.epoch
+    if self.best is None or not any(v is not None for v in self.validation()[0]):
+      return None
+    return self.best.stop_line(epoch) if self.best.exhausted(epoch, self.alive()) else None
+
+  def best_summary(self) -> dict:
+    """The best model's validation perplexity and epoch, for the summary (one per model where
+    the run trains several)."""
+    if self.best is None:
+      return {}
+    values = [v if math.isfinite(v) else None for v in self.best.values]
+    if self.best.described is None:
+      return {"best_valid_perplexity": values[0], "best_epoch": self.best.epochs[0]}
+    return {"best_valid_perplexity": values, "best_epoch": self.best.epochs}
 
   def save(self, saver: Saver, done: FinishedEpoch) -> None:
     """The epoch's checkpoint."""

@@ -2,7 +2,8 @@
 
 ``config.json``, ``metrics.jsonl`` (one row per epoch, and model where a run trains several),
 ``summary.json``,
-``perplexity.png``/``.svg`` and the checkpoints (:mod:`deeprnn_jax.run.checkpoint`) live in it, and
+``perplexity.png``/``.svg``, the checkpoints (:mod:`deeprnn_jax.run.checkpoint`) and the best model
+(``best.msgpack``, :mod:`deeprnn_jax.run.best`) live in it, and
 ``run.lock``, which one process at a time holds (an advisory ``flock``, released by the system when
 the process ends, however it ends) while it writes anything there. Every file but ``metrics.jsonl``
 is replaced atomically; ``metrics.jsonl`` is appended to, a row at a time, and made to agree with
@@ -35,10 +36,10 @@ LOCK = "run.lock"
 SWEEP = "sweep.json"  # the models of a run that trains several (deeprnn_jax.run.sweeps)
 # The files a run writes over (besides its checkpoints): where a folder holds one of them and no
 # run, a run there would destroy someone else's file.
-RUN_FILES = (CONFIG, METRICS, SUMMARY, SWEEP, "perplexity.png", "perplexity.svg")
+RUN_FILES = (CONFIG, METRICS, SUMMARY, SWEEP, "perplexity.png", "perplexity.svg", ckpt.BEST)
 # files.atomic_write_bytes' and checkpoint's temporary files for the files a run writes
 _TEMPORARY = re.compile(r"\.(config\.json|metrics\.jsonl|summary\.json|perplexity\.(png|svg)|"
-                        r"checkpoint(-\d+)?\.msgpack)\..*tmp")
+                        r"checkpoint(-\d+)?\.msgpack|best\.msgpack)\..*tmp")
 
 
 class RunInUse(UsageError):

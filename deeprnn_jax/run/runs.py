@@ -31,8 +31,8 @@ from deeprnn_jax.base.errors import Interrupted, UsageError
 from deeprnn_jax.fit import parallel, training
 from deeprnn_jax.fit.dispatch import EpochAbandoned, EpochPipeline
 from deeprnn_jax.model import cudnn, generate, models
+from deeprnn_jax.run import best, plots, sinks, stopping
 from deeprnn_jax.run import checkpoint as ckpt
-from deeprnn_jax.run import plots, sinks, stopping
 from deeprnn_jax.run.reporting import Report, device_name
 from deeprnn_jax.run.rundir import RunDir
 from deeprnn_jax.text import data
@@ -215,6 +215,7 @@ def check_start(folder: RunDir, config: TrainConfig, vocab: data.Vocab, resume: 
   if saved.epoch >= config.num_epochs:
     raise UsageError(f"checkpoint is at epoch {saved.epoch}; ask for more with --num-epochs")
   rows, row_notes = folder.read_metrics(saved.epoch)
+  best.check_resumable(config, rows, saved.epoch, 1 if members is None else len(members))
   return Checked(saved, rows, notes + row_notes)
 
 
@@ -411,9 +412,10 @@ def abandoned(stop: stopping.StopRequest, saver: Saver, options: RunOptions,
 def run_epochs(epoch_fn: Callable, state, items, config: TrainConfig, options: RunOptions,
                report: Report, saver: Saver, stop: stopping.StopRequest) -> None:
   """The epoch loop of a run, of one model or of several (its ``report`` says which): each
-  finished epoch is measured, recorded, saved where a checkpoint is due and shown. A divergence
-  that ends the run raises the report's error; a stop signal saves the newest epoch and raises
-  :class:`Interrupted`. The report is closed however the loop ends."""
+  finished epoch is measured, recorded, kept as the best model where validation improved, saved
+  where a checkpoint is due and shown. A divergence that ends the run raises the report's error;
+  a stop signal saves the newest epoch and raises :class:`Interrupted`; ``--patience`` running
+  out saves it and ends the loop. The report is closed however the loop ends."""
   pipeline, due = run_pipeline(epoch_fn, config, options, report, stop)
   try:
     if stop.requested:
@@ -423,10 +425,16 @@ def run_epochs(epoch_fn: Callable, state, items, config: TrainConfig, options: R
       report.record(measured, done)
       if measured.problem:
         raise report.failure(measured, saver)
+      report.keep_best(measured)
       epoch = measured.epoch
-      if done.state is not None and (due(epoch) or stop.requested):
+      stop_early = report.patience(measured)
+      if done.state is not None and (due(epoch) or stop.requested or stop_early):
         report.save(saver, done)
       report.show(measured)
+      if stop_early:
+        report.say(stop_early)
+        report.stopped_early = epoch
+        return
       if stop.requested and done.state is not None and epoch < config.num_epochs:
         report.save(saver, done)  # if the stop came since
         raise stopped(stop, saver, f"after epoch {epoch}")
@@ -466,11 +474,10 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
     # The text, the model, the optimiser: everything that can be wrong with the settings.
     devices = parallel.batch_devices(config.batch_size, config.num_hiddens, options.shards)
     text = load_text(config)
+    best.check_patience(config, len(text.valid))
     loader = edition(config).loader(text, config)
     model = models.from_config(config, len(text.vocab))
-    optimizer = training.make_optimizer(config.lr, config.clip, config.optimizer,
-                                        training.config_lr_factor(config, loader.max_batches),
-                                        config.weight_decay)
+    optimizer = training.config_optimizer(config, loader.max_batches)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     if stop.requested:
       raise Interrupted(f"stopped by {stop.name} before the run began; nothing was written",
@@ -508,7 +515,9 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
           "device": device_name(),
           "shards": len(devices),
           "precision": config.precision,
-          "epochs": config.num_epochs,
+          "epochs": report.stopped_early or config.num_epochs,
+          "stopped_early": report.stopped_early is not None,
+          **report.best_summary(),
       }
       folder.write_summary(summary)
       plots.plot_perplexity(folder.rows, folder.path / "perplexity",

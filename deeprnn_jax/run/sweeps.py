@@ -36,7 +36,7 @@ from deeprnn_jax.base.errors import Diverged, Interrupted, UsageError
 from deeprnn_jax.fit import training
 from deeprnn_jax.fit.dispatch import FinishedEpoch
 from deeprnn_jax.model import cudnn, models
-from deeprnn_jax.run import plots, stopping
+from deeprnn_jax.run import best, plots, stopping
 from deeprnn_jax.run.reporting import Measured, Report, device_name
 from deeprnn_jax.run.rundir import SWEEP, RunDir
 from deeprnn_jax.run.runs import (
@@ -168,7 +168,8 @@ class SweepReport(Report):
     self.members, self.diverged = members, diverged
     self.ppls = [math.nan] * len(members)
     self.valid_ppls: list[float | None] = [None] * len(members)
-    self.best = 0
+    self.best_model = 0
+    self.evaluated = None  # the logged epoch's parameters as evaluated, every model's
 
   def alive(self) -> list[int]:
     return [k for k, d in enumerate(self.diverged) if d is None]
@@ -178,6 +179,7 @@ class SweepReport(Report):
     model is left."""
     epoch, tag = done.tag.epoch, done.tag
     state = done.state.train_state if done.state is not None and self.logged(epoch) else None
+    self.evaluated = None if state is None else training.evaluated_params(state)
     newly = []
     for k in self.alive():
       losses = done.losses[k, : tag.num_batches[k]]
@@ -187,7 +189,7 @@ class SweepReport(Report):
         self.diverged[k] = epoch
         newly.append(k)
       elif state is not None and len(self.text.valid):
-        params = jax.tree_util.tree_map(lambda a: a[k], state.params)
+        params = jax.tree_util.tree_map(lambda a: a[k], self.evaluated)
         self.valid_ppls[k] = self.edition.evaluate(self.model, params, self.text, self.config)
         if not math.isfinite(self.valid_ppls[k]):
           self.diverged[k] = epoch
@@ -195,10 +197,11 @@ class SweepReport(Report):
     alive = self.alive()
     if alive:
       score = lambda k: (self.valid_ppls[k] if self.valid_ppls[k] is not None else self.ppls[k])
-      self.best = min(alive, key=score)
-      self.ppl, self.valid_ppl = self.ppls[self.best], self.valid_ppls[self.best]
+      self.best_model = min(alive, key=score)
+      self.ppl, self.valid_ppl = self.ppls[self.best_model], self.valid_ppls[self.best_model]
       if state is not None:
-        self.params = jax.tree_util.tree_map(lambda a: np.asarray(a[self.best]), state.params)
+        self.params = jax.tree_util.tree_map(lambda a: np.asarray(a[self.best_model]),
+                                             self.evaluated)
     seconds = done.seconds
     tokens = sum(int(tag.num_batches[k]) for k in range(len(self.members))
                  if self.diverged[k] is None or self.diverged[k] == epoch)
@@ -218,6 +221,9 @@ class SweepReport(Report):
     self.show(measured)
     return Diverged(f"every model diverged ({_divergence_note(self)}); {saver.kept()}; metrics "
                     f"are in {self.folder.metrics_path}")
+
+  def validation(self) -> tuple[list[float | None], object]:
+    return list(self.valid_ppls), self.evaluated
 
   def save(self, saver: Saver, done: FinishedEpoch) -> None:
     saver.save(done.tag.epoch, done.state.train_state, done.tag.data_rng_state,
@@ -289,6 +295,7 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
   with stopping.watch() as stop:
     # The text, the models, the optimiser: everything that can be wrong with the settings.
     text: Text = load_text(config)
+    best.check_patience(config, len(text.valid))
     loaders = [data.SeqDataLoader(text.train, config.batch_size, config.num_steps,
                                   config.use_random_iter, seed=m.seed) for m in members]
     max_batches = loaders[0].max_batches
@@ -296,7 +303,7 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
     model = models.from_config(config, len(text.vocab))
     optimizer = training.make_sweep_optimizer(config.optimizer,
                                               training.config_lr_factor(config, max_batches),
-                                              config.weight_decay)
+                                              config.weight_decay, config.ema)
     init_keys, train_keys = model_keys([m.seed for m in members])
     fresh = training.Models(
         training.init_train_states(model, optimizer, init_keys, [m.lr for m in members],
@@ -328,7 +335,8 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
 
       report = SweepReport(members, diverged, config, options, model, text, devices, folder,
                            start.epoch, out, err,
-                           run_sinks(folder, config, options, max_batches, describe(members)))
+                           run_sinks(folder, config, options, max_batches, describe(members)),
+                           describe(members))
       saver = Saver(folder, config, text.vocab, options, start)
       items = sweep_epochs(loaders, max_batches, jnp.asarray(train_keys), start.epoch + 1,
                            config.num_epochs, devices, diverged)
@@ -360,7 +368,7 @@ def _summary(report: SweepReport, config: TrainConfig, compile_seconds: float,
       "train_perplexity_std": train_std,
       "valid_perplexity_mean": valid_mean,
       "valid_perplexity_std": valid_std,
-      "best_model": report.best,
+      "best_model": report.best_model,
       "diverged": [d["model"] for d in described if d["diverged_epoch"] is not None],
       "tokens_per_sec": report.tokens / report.seconds if report.seconds else 0.0,
       "compile_seconds": compile_seconds,
@@ -368,7 +376,9 @@ def _summary(report: SweepReport, config: TrainConfig, compile_seconds: float,
       "device": device_name(),
       "devices": len(devices),
       "precision": config.precision,
-      "epochs": config.num_epochs,
+      "epochs": report.stopped_early or config.num_epochs,
+      "stopped_early": report.stopped_early is not None,
+      **report.best_summary(),
   }
 
 
@@ -389,6 +399,6 @@ def _say_end(report: SweepReport, summary: dict, compile_seconds: float) -> None
       f" ({report.config.precision} products)"
   report.say(f"perplexity {report.spread_text(report.ppls)} over {_models(len(report.alive()))}, "
              f"{summary['tokens_per_sec']:.1f} tokens/sec on {summary['device']}{products}")
-  report.say(f"best: model {report.best} ({report.name(report.best)})")
+  report.say(f"best: model {report.best_model} ({report.name(report.best_model)})")
   for line in report.final_lines():
     report.say(line)
