@@ -88,8 +88,9 @@ def parser() -> argparse.ArgumentParser:
                  help="windows pipeline: the next N windows validate")
   o = p.add_argument_group("optimisation")
   o.add_argument("--optimizer", default=_D.optimizer, help="sgd or adam")
-  o.add_argument("--weight-decay", type=float, default=_D.weight_decay,
-                 help="decoupled weight decay: SGD steps by -lr (g + wd w); Adam becomes AdamW")
+  o.add_argument("--weight-decay", default=f"{_D.weight_decay:g}",
+                 help="decoupled weight decay: SGD steps by -lr (g + wd w); Adam becomes AdamW; "
+                      "several separated by commas: a model each, crossed with the others")
   o.add_argument("--ema", type=float, default=_D.ema,
                  help="evaluate, predict with and keep as the best model a moving average of the "
                       "parameters with this decay (0.999: over about the last 1000 steps); 0: "
@@ -171,29 +172,30 @@ _RENAMED = {"random_iter": "use_random_iter"}
 
 def config_fields(args: argparse.Namespace) -> dict:
   """The :class:`TrainConfig` fields among parsed flags (those present in ``args``)."""
-  from deeprnn_jax.base.config import parse_activation
+  from deeprnn_jax.base.config import SWEPT, parse_activation
   fields = {_RENAMED.get(k, k): v for k, v in vars(args).items() if k not in _RUN_FLAGS}
   if "activation" in fields:
     fields["activation"] = parse_activation(fields["activation"])
-  for name in ("lr", "clip"):  # the first value: the config's; all of them: the sweep's
+  for name in SWEPT:  # the first value: the config's; all of them: the sweep's
     if name in fields:
       fields[name] = sweep_values(args, name)[0]
   return fields
 
 
 def sweep_values(args: argparse.Namespace, name: str) -> tuple[float, ...]:
-  """``--lr`` or ``--clip``'s values (numbers separated by commas); ``()`` where absent."""
+  """The values of a flag of :data:`~deeprnn_jax.base.config.SWEPT` (``--lr``, ``--clip``,
+  ``--weight-decay``: numbers separated by commas); ``()`` where absent."""
   from deeprnn_jax.base.config import parse_floats
   text = getattr(args, name, None)
-  return () if text is None else parse_floats(f"--{name}", str(text))
+  return () if text is None else parse_floats(f"--{name.replace('_', '-')}", str(text))
 
 
 def sweep_of(args: argparse.Namespace):
   """The models the flags in ``args`` ask for (those present)."""
-  from deeprnn_jax.base.config import Sweep
+  from deeprnn_jax.base.config import SWEPT, Sweep
   several = lambda values: values if len(values) > 1 else ()
-  return Sweep(getattr(args, "num_seeds", 1), several(sweep_values(args, "lr")),
-               several(sweep_values(args, "clip")))
+  return Sweep(getattr(args, "num_seeds", 1),
+               *(several(sweep_values(args, name)) for name in SWEPT))
 
 
 def _explicit_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -207,6 +209,7 @@ def _explicit_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _main(argv: Sequence[str] | None = None) -> int:
   import jax
 
+  from deeprnn_jax.base.config import SWEPT
   from deeprnn_jax.base.presets import preset
   from deeprnn_jax.fit import parallel
   from deeprnn_jax.run import distributed
@@ -229,7 +232,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
       raise UsageError("--resume needs --out RUN_DIR, the run to continue")
     saved, kept = saved_run(args.out)
     kept = {k: v for k, v in (kept or {}).items() if k in KEPT_OPTIONS}
-    if not {"num_seeds", "lr", "clip"} & set(vars(typed)):
+    if not {"num_seeds", *SWEPT} & set(vars(typed)):
       sweep = saved_sweep(args.out) or sweep
     config = dataclasses.replace(saved, **config_fields(typed)).validate()
   else:

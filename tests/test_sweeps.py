@@ -40,8 +40,7 @@ def single_epochs(model, corpus, member, epochs):
   """Per-epoch mean losses and the final parameters of one model trained alone."""
   loader = data.SeqDataLoader(corpus, member.batch_size, member.num_steps,
                               member.use_random_iter, seed=member.seed)
-  optimizer = training.make_optimizer(member.lr, member.clip, member.optimizer,
-                                      training.config_lr_factor(member, loader.max_batches))
+  optimizer = training.config_optimizer(member, loader.max_batches)
   init_key, train_key = jax.random.split(jax.random.PRNGKey(member.seed))
   ts = training.init_train_state(model, optimizer, init_key)
   epoch_fn = training.make_train_epoch(model, optimizer, member.use_random_iter)
@@ -50,7 +49,7 @@ def single_epochs(model, corpus, member, epochs):
     Xs, Ys = loader.epoch()
     ts, losses = epoch_fn(ts, Xs, Ys, jax.random.fold_in(train_key, epoch))
     means.append(np.asarray(losses).mean())
-  return np.asarray(means), ts.params
+  return np.asarray(means), training.evaluated_params(ts)
 
 
 def models_epochs(model, corpus, members, epochs):
@@ -60,11 +59,12 @@ def models_epochs(model, corpus, members, epochs):
                                 seed=m.seed) for m in members]
   max_batches = loaders[0].max_batches
   optimizer = training.make_sweep_optimizer(
-      members[0].optimizer, training.config_lr_factor(members[0], max_batches))
+      members[0].optimizer, training.config_lr_factor(members[0], max_batches),
+      max(m.weight_decay for m in members), members[0].ema)
   init_keys, train_keys = sweeps.model_keys([m.seed for m in members])
   state = training.Models(
       training.init_train_states(model, optimizer, init_keys, [m.lr for m in members],
-                                 [m.clip for m in members]),
+                                 [m.clip for m in members], [m.weight_decay for m in members]),
       jnp.ones(len(members), bool))
   epoch_fn = training.make_models_epoch(model, optimizer, members[0].use_random_iter)
   means, counts, all_losses = [], [], []
@@ -81,6 +81,7 @@ def models_epochs(model, corpus, members, epochs):
 
 @pytest.mark.parametrize("random_iter,schedule", [
     (False, dict(lr_schedule="cosine", warmup_epochs=1, lr_min_factor=0.1)), (True, {}),
+    (False, dict(optimizer="adam", ema=0.9)),
 ])
 def test_k_models_in_one_program_equal_their_single_runs(random_iter, schedule):
   # 806 tokens in rows of 4 x 10: an epoch has 20 or 19 minibatches depending on its offset, so
@@ -90,8 +91,11 @@ def test_k_models_in_one_program_equal_their_single_runs(random_iter, schedule):
   model = models.RNNLM(20, 16, 2, "gru", dropout=0.3)
   base = TrainConfig(cell="gru", num_hiddens=16, batch_size=4, num_steps=10, dropout=0.3,
                      use_random_iter=random_iter, num_epochs=3, **schedule)
-  members = [TrainConfig(**{**base.to_json(), "seed": s, "lr": lr, "clip": c})
-             for s, lr, c in [(0, 1.0, 1.0), (1, 2.0, 0.2), (5, 0.5, 1.0)]]
+  # Each with its own learning rate, clip norm and weight decay (0 among them: no decay).
+  adam = schedule.get("optimizer") == "adam"
+  members = [TrainConfig(**{**base.to_json(), "seed": s, "lr": lr / 100 if adam else lr,
+                            "clip": c, "weight_decay": wd})
+             for s, lr, c, wd in [(0, 1.0, 1.0, 0.0), (1, 2.0, 0.2, 0.1), (5, 0.5, 1.0, 0.05)]]
   means, state, counts, _ = models_epochs(model, corpus, members, epochs=3)
   if not random_iter:
     assert len(set(counts.ravel())) > 1, "the models' epochs should differ in length"
@@ -99,7 +103,8 @@ def test_k_models_in_one_program_equal_their_single_runs(random_iter, schedule):
   for k, member in enumerate(members):
     want, params = single_epochs(model, corpus, member, epochs=3)
     np.testing.assert_allclose(means[:, k], want, rtol=1e-5)
-    got = jax.tree_util.tree_map(lambda a: a[k], state.train_state.params)
+    # The parameters as evaluated: the moving average where --ema keeps one.
+    got = jax.tree_util.tree_map(lambda a: a[k], training.evaluated_params(state.train_state))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            got, params)
 
@@ -130,6 +135,19 @@ def test_sweep_members_cross_learning_rates_clips_and_seeds():
       (0.5, 1.0, 7), (0.5, 1.0, 8), (0.5, 5.0, 7), (0.5, 5.0, 8),
       (1.0, 1.0, 7), (1.0, 1.0, 8), (1.0, 5.0, 7), (1.0, 5.0, 8)]
   assert Sweep().single and Sweep(lrs=(2.0,)).single and not Sweep(num_seeds=2).single
+  assert not Sweep(weight_decays=(0.0, 0.1)).single
+
+
+def test_weight_decays_cross_inside_clips_and_outside_seeds():
+  config = TrainConfig(seed=3, lr=0.5, weight_decay=0.2)
+  members = Sweep(num_seeds=2, weight_decays=(0.0, 0.1)).members(config)
+  assert [(m.lr, m.clip, m.weight_decay, m.seed) for m in members] == [
+      (0.5, 1.0, 0.0, 3), (0.5, 1.0, 0.0, 4), (0.5, 1.0, 0.1, 3), (0.5, 1.0, 0.1, 4)]
+  assert [m.weight_decay for m in Sweep(num_seeds=2).members(config)] == [0.2, 0.2]
+  restored = Sweep.from_json(Sweep(1, (1.0, 2.0), (), (0.0, 0.1)).to_json())
+  assert restored == Sweep(1, (1.0, 2.0), (), (0.0, 0.1))
+  # A sweep.json that names no weight decays: every model the config's.
+  assert Sweep.from_json({"num_seeds": 2, "lrs": [], "clips": []}) == Sweep(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,16 +231,18 @@ def test_the_command_trains_a_grid_and_each_model_equals_its_single_run(tmp_path
 @command
 def test_a_sweep_resumes_as_if_never_stopped(tmp_path, capsys):
   whole, parts = tmp_path / "whole", tmp_path / "parts"
-  grid = ["--num-seeds", "2", "--clip", "0.5,1"]
+  grid = ["--num-seeds", "2", "--clip", "0.5,1", "--weight-decay", "0,0.01"]
   assert train_main(SMALL + grid + ["--num-epochs", "4", "--out", whole]) == 0
   assert train_main(SMALL + grid + ["--num-epochs", "2", "--out", parts]) == 0
   saved = checkpoint.load_checkpoint(parts)
-  assert saved.epoch == 2 and [m["clip"] for m in saved.models] == [0.5, 0.5, 1.0, 1.0]
-  assert {np.shape(a)[0] for a in jax.tree_util.tree_leaves(saved.params)} == {4}
+  assert saved.epoch == 2 and [m["clip"] for m in saved.models] == [0.5] * 4 + [1.0] * 4
+  assert [m["weight_decay"] for m in saved.models] == [0.0, 0.0, 0.01, 0.01] * 2
+  assert {np.shape(a)[0] for a in jax.tree_util.tree_leaves(saved.params)} == {8}
   before = snapshot(parts)
   # Other models than the checkpoint's: one line, nothing changed.
-  assert train_main(["--resume", "--out", str(parts), "--lr", "1,3"]) == EXIT_USAGE
-  assert "checkpoint" in capsys.readouterr().err and snapshot(parts) == before
+  for other in (["--lr", "1,3"], ["--weight-decay", "0,0.02"]):
+    assert train_main(["--resume", "--out", str(parts), *other]) == EXIT_USAGE
+    assert "checkpoint" in capsys.readouterr().err and snapshot(parts) == before
   # A bare --resume continues the same models.
   assert train_main(["--resume", "--out", str(parts), "--num-epochs", "4"]) == 0
   capsys.readouterr()

@@ -7,6 +7,7 @@ and saved before JAX starts. ``models.from_config`` builds its model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from deeprnn_jax.base import validate
 from deeprnn_jax.base.errors import UsageError
@@ -123,45 +124,60 @@ class TrainConfig:
     return cls(**d)
 
 
+# The settings each of several models trained in one program can have its own value of (besides
+# its seed): the optimiser's hyperparameters, which its state holds as data
+# (training.make_sweep_optimizer). Each is a TrainConfig field and a train flag taking values
+# separated by commas; the grid crosses them in this order.
+SWEPT = ("lr", "clip", "weight_decay")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-  """The models one program trains: every learning rate and clip norm crossed with
-  ``num_seeds`` seeds (``seed``, ``seed + 1``, …). Empty ``lrs`` or ``clips``: the config's."""
+  """The models one program trains: every learning rate, clip norm and weight decay crossed with
+  ``num_seeds`` seeds (``seed``, ``seed + 1``, …). An empty tuple: the config's value."""
 
   num_seeds: int = 1
   lrs: tuple[float, ...] = ()
   clips: tuple[float, ...] = ()
+  weight_decays: tuple[float, ...] = ()
+
+  def grid(self) -> dict[str, tuple[float, ...]]:
+    """Each :data:`SWEPT` field's values (empty: the config's)."""
+    return dict(zip(SWEPT, (self.lrs, self.clips, self.weight_decays)))
 
   def members(self, config: TrainConfig) -> list[TrainConfig]:
     """Each model's own configuration: model ``k`` trains as a single run of ``members[k]``."""
-    return [dataclasses.replace(config, lr=lr, clip=clip, seed=config.seed + s)
-            for lr in self.lrs or (config.lr,) for clip in self.clips or (config.clip,)
-            for s in range(self.num_seeds)]
+    axes = [values or (getattr(config, name),) for name, values in self.grid().items()]
+    return [dataclasses.replace(config, **dict(zip(SWEPT, point)), seed=config.seed + s)
+            for point in itertools.product(*axes) for s in range(self.num_seeds)]
 
   @property
   def single(self) -> bool:
     """One model: a plain run."""
-    return self.num_seeds == 1 and len(self.lrs) <= 1 and len(self.clips) <= 1
+    return self.num_seeds == 1 and all(len(v) <= 1 for v in self.grid().values())
 
   def validate(self, config: TrainConfig) -> "Sweep":
     validate.positive_int("number of seeds", self.num_seeds)
     if config.pipeline != "classic":
       raise UsageError(f"several models train on the classic pipeline, not {config.pipeline!r} "
                        "(--preset d2l-en): run its seeds one at a time")
-    for name, values in (("learning rates", self.lrs), ("clipping norms", self.clips)):
+    for name, values in self.grid().items():
       if len(set(values)) != len(values):
-        raise UsageError(f"{name} {', '.join(map(str, values))}: a value twice")
+        raise UsageError(f"--{name.replace('_', '-')} {','.join(f'{v:g}' for v in values)}: "
+                         "a value twice")
     for member in self.members(config):
       member.validate()
     return self
 
   def to_json(self) -> dict:
-    return {"num_seeds": self.num_seeds, "lrs": list(self.lrs), "clips": list(self.clips)}
+    return {"num_seeds": self.num_seeds, "lrs": list(self.lrs), "clips": list(self.clips),
+            "weight_decays": list(self.weight_decays)}
 
   @classmethod
   def from_json(cls, d: dict) -> "Sweep":
     try:
-      return cls(int(d["num_seeds"]), tuple(map(float, d["lrs"])), tuple(map(float, d["clips"])))
+      return cls(int(d["num_seeds"]), tuple(map(float, d["lrs"])), tuple(map(float, d["clips"])),
+                 tuple(map(float, d.get("weight_decays", ()))))
     except (KeyError, TypeError, ValueError) as e:
       raise UsageError(f"not a sweep: {e}") from None
 

@@ -77,18 +77,22 @@ def config_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
 
 
 def _clipped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule | None = None,
-             weight_decay: float = 0.0, ema: float = 0.0) -> optax.GradientTransformation:
-  chain = _stepped(learning_rate, max_norm, name, schedule, weight_decay)
+             weight_decay=0.0, ema: float = 0.0,
+             decays: bool | None = None) -> optax.GradientTransformation:
+  """``decays``: whether the chain decays weights (``None``: where ``weight_decay`` is not 0);
+  a swept ``weight_decay`` is an array, and 0 in a chain that decays changes nothing."""
+  decays = bool(weight_decay) if decays is None else decays
+  chain = _stepped(learning_rate, max_norm, name, schedule, weight_decay, decays)
   return optax.chain(chain, average_params(ema)) if ema else chain
 
 
-def _stepped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule | None = None,
-             weight_decay: float = 0.0) -> optax.GradientTransformation:
+def _stepped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule | None,
+             weight_decay, decays: bool) -> optax.GradientTransformation:
   if name == "sgd":
     opt = optax.sgd(learning_rate)
-    if weight_decay:
+    if decays:
       opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
-  elif weight_decay:
+  elif decays:
     opt = optax.adamw(learning_rate, weight_decay=weight_decay)
   else:
     opt = optax.adam(learning_rate)
@@ -101,15 +105,16 @@ def _stepped(learning_rate, max_norm, name: Optimizer, schedule: optax.Schedule 
 def make_sweep_optimizer(name: Optimizer = "sgd", schedule: optax.Schedule | None = None,
                          weight_decay: float = 0.0,
                          ema: float = 0.0) -> optax.GradientTransformation:
-  """:func:`make_optimizer`'s transformation reading its learning rate and clip norm from its
-  state (``optax.inject_hyperparams``), so that they are data: each of the models trained in one
-  vmapped program has its own (:func:`init_train_states` sets them). ``schedule`` is the same
-  for all of them, each following it with its own step count."""
+  """:func:`make_optimizer`'s transformation reading its learning rate, clip norm and weight
+  decay from its state (``optax.inject_hyperparams``), so that they are data: each of the models
+  trained in one vmapped program has its own (:func:`init_train_states` sets them). The chain
+  decays weights where ``weight_decay`` (the largest of the models') is not 0. ``schedule`` and
+  ``ema`` are the same for all of them, each following the schedule with its own step count."""
   validate.optimizer(1.0, 1.0, name, weight_decay, ema)
-  inner = functools.partial(_clipped, name=name, schedule=schedule, weight_decay=weight_decay,
-                            ema=ema)
-  return optax.inject_hyperparams(inner, static_args=("name", "schedule", "weight_decay", "ema"))(
-      learning_rate=1.0, max_norm=1.0)
+  inner = functools.partial(_clipped, name=name, schedule=schedule, ema=ema,
+                            decays=bool(weight_decay))
+  return optax.inject_hyperparams(inner, static_args=("name", "schedule", "ema", "decays"))(
+      learning_rate=1.0, max_norm=1.0, weight_decay=float(weight_decay))
 
 
 class ParamsAverage(NamedTuple):
@@ -190,27 +195,32 @@ def init_train_state(model: RNNLM, optimizer, key: Array, batch_size: int = 1,
   return jax.jit(init)(key)
 
 
-def init_train_states(model: RNNLM, optimizer, keys: Array, lrs, clip_norms) -> TrainState:
+def init_train_states(model: RNNLM, optimizer, keys: Array, lrs, clip_norms,
+                      weight_decays=None) -> TrainState:
   """``K`` train states stacked on a leading axis, initialised in one vmapped program.
 
   Model ``k`` is initialised from ``keys[k]`` as :func:`init_train_state` would, and trains with
-  learning rate ``lrs[k]`` and clip norm ``clip_norms[k]``.
+  learning rate ``lrs[k]``, clip norm ``clip_norms[k]`` and weight decay ``weight_decays[k]``.
 
   Args:
     optimizer: from :func:`make_sweep_optimizer`.
     keys: ``<key>[K]`` PRNG keys (``<uint32>[K, 2]``).
-    lrs, clip_norms: ``<float32>[K]``.
+    lrs, clip_norms, weight_decays: ``<float32>[K]`` (``weight_decays`` ``None``: the
+      optimizer's for every model).
   """
   X = jnp.zeros((1, 1), jnp.int32)
 
-  def init(key, lr, clip_norm):
+  def init(key, lr, clip_norm, weight_decay):
     params = model.init(key, X)["params"]
     opt_state = optimizer.init(params)
-    hyperparams = dict(opt_state.hyperparams, learning_rate=lr, max_norm=clip_norm)
+    hyperparams = dict(opt_state.hyperparams, learning_rate=lr, max_norm=clip_norm,
+                       weight_decay=weight_decay)
     return TrainState(params, opt_state._replace(hyperparams=hyperparams))
 
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  return jax.jit(jax.vmap(init))(keys, f32(lrs), f32(clip_norms))
+  if weight_decays is None:
+    weight_decays = [float(optimizer.init({}).hyperparams["weight_decay"])] * len(lrs)
+  return jax.jit(jax.vmap(init))(keys, f32(lrs), f32(clip_norms), f32(weight_decays))
 
 
 def make_train_step(model: RNNLM, optimizer, axis_name: str | None = None,

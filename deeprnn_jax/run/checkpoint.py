@@ -28,7 +28,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-from deeprnn_jax.base.config import MODEL_FIELDS, TrainConfig
+from deeprnn_jax.base.config import MODEL_FIELDS, SWEPT, TrainConfig
 from deeprnn_jax.base.errors import UsageError
 from deeprnn_jax.base.files import atomic_write_bytes, fsync_dir
 from deeprnn_jax.text.vocab import Vocab
@@ -267,7 +267,7 @@ def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
                           "seed")
 
 
-MEMBER_FIELDS = ("seed", "lr", "clip")  # what tells the models of one file apart
+MEMBER_FIELDS = ("seed", *SWEPT)  # what tells the models of one file apart
 
 
 def check_members(saved: list[dict] | None, requested: list[dict] | None) -> None:
@@ -280,8 +280,9 @@ def check_members(saved: list[dict] | None, requested: list[dict] | None) -> Non
   if requested is None:
     return
   for k, (a, b) in enumerate(zip(saved, requested)):
+    # a field the file does not name is not checked (weight_decay: its models share the config's)
     diffs = [f"{f} {a.get(f)!r} in the checkpoint, {b[f]!r} asked" for f in MEMBER_FIELDS
-             if a.get(f) != b[f]]
+             if a.get(f, b[f]) != b[f]]
     if diffs:
       raise CheckpointError(f"checkpoint's model {k} differs: " + ", ".join(diffs))
 

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax.base import files
-from deeprnn_jax.base.config import Sweep, TrainConfig
+from deeprnn_jax.base.config import SWEPT, Sweep, TrainConfig
 from deeprnn_jax.base.errors import Diverged, Interrupted, UsageError
 from deeprnn_jax.fit import training
 from deeprnn_jax.fit.dispatch import FinishedEpoch
@@ -54,8 +54,9 @@ MODELS_AXIS = "models"  # the mesh axis the models are spread over
 
 
 def describe(members: list[TrainConfig]) -> list[dict]:
-  """What tells each model apart: ``{"model", "seed", "lr", "clip"}``."""
-  return [{"model": k, "seed": m.seed, "lr": m.lr, "clip": m.clip} for k, m in enumerate(members)]
+  """What tells each model apart: ``{"model", "seed", "lr", "clip", "weight_decay"}``."""
+  return [{"model": k, "seed": m.seed, **{name: getattr(m, name) for name in SWEPT}}
+          for k, m in enumerate(members)]
 
 
 def saved_sweep(run_dir) -> Sweep | None:
@@ -209,8 +210,8 @@ class SweepReport(Report):
     rows = []
     for k, member in enumerate(self.members):
       gone = self.diverged[k] is not None
-      rows.append({"epoch": epoch, "model": k, "seed": member.seed, "lr": member.lr,
-                   "clip": member.clip,
+      rows.append({"epoch": epoch, "model": k, "seed": member.seed,
+                   **{name: getattr(member, name) for name in SWEPT},
                    "train_perplexity": None if gone else self.ppls[k],
                    "valid_perplexity": None if gone else self.valid_ppls[k],
                    "diverged": gone, "tokens_per_sec": tokens / seconds, "seconds": seconds})
@@ -250,7 +251,8 @@ class SweepReport(Report):
 
   def name(self, k: int) -> str:
     m = self.members[k]
-    return f"seed {m.seed}, lr {m.lr:g}, clip {m.clip:g}"
+    decay = f", weight decay {m.weight_decay:g}" if m.weight_decay else ""
+    return f"seed {m.seed}, lr {m.lr:g}, clip {m.clip:g}{decay}"
 
   def descriptions(self) -> list[dict]:
     """Each model as the checkpoint and the summary keep it."""
@@ -303,11 +305,11 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
     model = models.from_config(config, len(text.vocab))
     optimizer = training.make_sweep_optimizer(config.optimizer,
                                               training.config_lr_factor(config, max_batches),
-                                              config.weight_decay, config.ema)
+                                              max(m.weight_decay for m in members), config.ema)
     init_keys, train_keys = model_keys([m.seed for m in members])
     fresh = training.Models(
         training.init_train_states(model, optimizer, init_keys, [m.lr for m in members],
-                                   [m.clip for m in members]),
+                                   [m.clip for m in members], [m.weight_decay for m in members]),
         jnp.ones(len(members), bool))
     if stop.requested:
       raise Interrupted(f"stopped by {stop.name} before the run began; nothing was written",
