@@ -63,13 +63,15 @@ REUSED: list[float] = []  # wall seconds of the finished runs read back instead 
 
 
 def finished(run_dir: Path, config: TrainConfig) -> bool:
-  """Whether ``run_dir`` holds a finished run of exactly ``config``."""
+  """Whether ``run_dir`` holds a finished run of exactly ``config`` (its last epoch, or the one
+  its ``--patience`` stopped it at)."""
   try:
     saved = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
   except (OSError, ValueError):
     return False
-  return saved == config.to_json() and summary.get("epochs") == config.num_epochs
+  return saved == config.to_json() and (summary.get("epochs") == config.num_epochs
+                                        or summary.get("stopped_early", False))
 
 
 def run_config(config: TrainConfig, run_dir: Path, log_every: int = 1,
