@@ -5,7 +5,7 @@ The run loop (:func:`deeprnn_jax.run.runs.run_epochs`) asks a report, for each f
 ``measure`` it (its metrics rows, and a divergence that ends the run), ``record`` it (the rows to
 the metric sinks, its share of the throughput), ``keep_best`` (the best model by validation),
 ``save`` it where a checkpoint is due, ``show`` it (the progress bar, d2l's line with a
-prediction), and whether ``patience`` ends the run; ``failure`` is the error a divergence raises,
+prediction), and whether it is ``out_of_patience``; ``failure`` is the error a divergence raises,
 and ``close`` ends the bar and the sinks.
 """
 
@@ -139,12 +139,16 @@ class Report:
     if self.best is not None:
       self.best.update(measured.epoch, *self.validation())
 
-  def patience(self, measured: Measured) -> str | None:
-    """The line that ends the run early, where ``--patience`` has run out at this epoch."""
+  def out_of_patience(self, measured: Measured) -> str | None:
+    """Where ``--patience`` has run out at this epoch, the line that ends the run (and the
+    report remembers the epoch, :attr:`stopped_early`); else ``None``."""
     epoch = measured.epoch
     if self.best is None or not any(v is not None for v in self.validation()[0]):
       return None
-    return self.best.stop_line(epoch) if self.best.exhausted(epoch, self.alive()) else None
+    if not self.best.exhausted(epoch, self.alive()):
+      return None
+    self.stopped_early = epoch
+    return self.best.stop_line(epoch)
 
   def best_summary(self) -> dict:
     """The best model's validation perplexity and epoch, for the summary (one per model where

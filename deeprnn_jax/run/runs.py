@@ -427,13 +427,12 @@ def run_epochs(epoch_fn: Callable, state, items, config: TrainConfig, options: R
         raise report.failure(measured, saver)
       report.keep_best(measured)
       epoch = measured.epoch
-      stop_early = report.patience(measured)
+      stop_early = report.out_of_patience(measured)
       if done.state is not None and (due(epoch) or stop.requested or stop_early):
         report.save(saver, done)
       report.show(measured)
       if stop_early:
         report.say(stop_early)
-        report.stopped_early = epoch
         return
       if stop.requested and done.state is not None and epoch < config.num_epochs:
         report.save(saver, done)  # if the stop came since
