@@ -45,7 +45,7 @@ def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, cap
 
   assert {p.name for p in run.iterdir()} == {
       "config.json", "metrics.jsonl", "summary.json", "perplexity.png", "perplexity.svg",
-      "checkpoint.msgpack", "run.lock"}
+      "checkpoint.msgpack", "best.msgpack", "run.lock"}
   config = json.loads((run / "config.json").read_text())
   assert config["num_hiddens"] == 16 and config["valid_fraction"] == 0.1
   rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -57,8 +57,11 @@ def test_end_to_end_run_prints_d2l_lines_and_writes_every_artifact(tmp_path, cap
   summary = json.loads((run / "summary.json").read_text())
   assert set(summary) == {"train_perplexity", "valid_perplexity", "tokens_per_sec",
                           "compile_seconds", "wall_seconds", "device", "shards", "precision",
-                          "epochs"}
+                          "epochs", "stopped_early", "best_epoch", "best_valid_perplexity"}
   assert summary["epochs"] == 6 and summary["device"] == m.group(3)
+  assert summary["stopped_early"] is False
+  best = min((r["valid_perplexity"], r["epoch"]) for r in rows if r["valid_perplexity"])
+  assert (summary["best_valid_perplexity"], summary["best_epoch"]) == best
   assert summary["precision"] == "float32"
   assert f"{summary['train_perplexity']:.1f}" == m.group(1)
   assert summary["train_perplexity"] == pytest.approx(rows[-1]["train_perplexity"])
