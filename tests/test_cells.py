@@ -34,7 +34,7 @@ def _inputs(cell, key, lead, hiddens, scale):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 6.0])  # 6: saturated gates
 @pytest.mark.parametrize("batch,hiddens", [(1, 1), (3, 5), (8, 32)])
-def test_gates_value_and_vjp(cell, scale, batch, hiddens):
+def test_fused_gates_equal_the_textbook_equations_in_value_and_vjp(cell, scale, batch, hiddens):
   fn, textbook = GATES[cell]
   args = _inputs(cell, jax.random.PRNGKey(hiddens), (batch,), hiddens, scale)
   out, vjp = jax.vjp(fn, *args)

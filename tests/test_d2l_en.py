@@ -75,7 +75,7 @@ def test_masked_loss_is_the_mean_over_the_real_rows():
                              training.cross_entropy(logits, Y), rtol=1e-6)
 
 
-def test_preset_and_flags_over_it():
+def test_the_d2l_en_preset_holds_d2l_1_0s_settings_and_flags_override_it():
   config = presets.preset("d2l-en")
   assert (config.pipeline, config.cell, config.num_layers, config.num_hiddens) == \
       ("windows", "gru", 2, 32)
@@ -150,8 +150,8 @@ def test_training_matches_d2l_1_0_trainer(tmp_path, capsys, time_machine_path):
     np.testing.assert_allclose(value, trained[key].numpy(), atol=2e-5, err_msg=key)
 
   # The printed lines: one per epoch with both perplexities, and d2l 1.0's prediction.
-  assert out[0].startswith(f"epoch 1, perplexity {ours_train[0]:.1f}, valid perplexity "
-                           f"{ours_valid[0]:.1f}: it has")
+  assert out[0].startswith(f"epoch 1, perplexity {torch_train[0]:.1f}, valid perplexity "
+                           f"{val_line[0]:.1f}: it has")  # d2l 1.0's figures, as we print them
   params = jax.tree_util.tree_map(jnp.asarray, saved.params)
   ours = generate.predict("it has", 20, params, model, vocab)
   same = interop.to_d2l_en(interop.params_to_torch(saved.params, "gru", 2))

@@ -16,12 +16,12 @@ PACKAGE = Path(deeprnn_jax.__file__).parent
 
 
 def test_every_pipeline_has_its_edition():
-  assert set(editions.EDITIONS) == set(validate.PIPELINES)
+  assert set(editions.EDITIONS) == set(validate.PIPELINES) == {"classic", "windows"}
   assert editions.edition(TrainConfig()).name == "classic"
   assert editions.edition(TrainConfig(pipeline="windows")).name == "windows"
 
 
-def test_what_each_edition_decides():
+def test_each_edition_sets_its_prediction_length_masking_validation_and_perplexity():
   classic, d2l10 = editions.EDITIONS["classic"], editions.EDITIONS["windows"]
   assert (classic.prediction_length, classic.final_predictions) == (50, 2)
   assert (d2l10.prediction_length, d2l10.final_predictions) == (20, 1)

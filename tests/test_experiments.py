@@ -64,7 +64,7 @@ def value(cell: str) -> float:
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_help(name, capsys):
+def test_every_experiment_documents_quick_and_results_in_its_help(name, capsys):
   with pytest.raises(SystemExit) as exit_:
     run_main(name, "--help")
   assert exit_.value.code == 0
@@ -85,7 +85,7 @@ def test_ex1_scratch_equals_the_library_and_trains():
 
 
 @pytest.mark.slow
-def test_ex2_cells_tables(tmp_path):
+def test_ex2_cells_tables_list_the_four_cells_at_equal_epochs_and_equal_parameters(tmp_path):
   out = run("ex2_cells", "--quick", "--runs", str(tmp_path)).stdout
   equal_epochs, equal_params = out.split("## Equal parameters")
   models = ["RNN (tanh)", "RNN (relu)", "GRU", "LSTM"]

@@ -94,7 +94,7 @@ def _check(impl, cell, activation, num_layers, batch, steps, seed=0, unroll=None
 
 
 @pytest.mark.parametrize("cell,activation", cell_cases(torch=True))
-def test_reference_matches_torch(cell, activation):
+def test_the_numpy_reference_equals_torch_rnn_gru_and_lstm(cell, activation):
   import torch  # A declared test dependency (the "test" extra).
 
   batch, steps, hiddens, vocab, L = 2, 5, 4, 6, 2
@@ -169,8 +169,8 @@ def _forward_cases():
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 @pytest.mark.parametrize("cell,activation,num_layers,batch,steps,hiddens,vocab",
                          _forward_cases())
-def test_forward_matches_reference(cell, activation, num_layers, batch, steps, hiddens, vocab,
-                                   jit):
+def test_every_implementation_equals_the_numpy_reference(cell, activation, num_layers, batch,
+                                                          steps, hiddens, vocab, jit):
   """Logits and final states equal the NumPy reference to 1e-5.
 
   Each case runs every implementation that has the cell, from a random nonzero state and from
@@ -214,7 +214,7 @@ def test_layerwise_matches_scan_and_numpy(cell, activation, num_layers):
 
 @pytest.mark.parametrize("cell,activation,batch,steps", [
     ("lstm", "tanh", 1, 1), ("gru", "tanh", 4, 1), ("rnn", "relu", 1, 5)])
-def test_layerwise_edge_shapes(cell, activation, batch, steps):
+def test_layerwise_matches_scan_and_numpy_on_one_row_or_one_step(cell, activation, batch, steps):
   _check("layerwise", cell, activation, 2, batch, steps, seed=1)
 
 
@@ -316,22 +316,27 @@ def test_layer_scan_custom_vjp_matches_autodiff(cell, activation, unroll):
   _close(jax.jit(fast)(W_hh, b_hh, carry, gx), out_r, FWD_TOL)  # primal path, no VJP
 
 
-def test_input_gates_dense_and_tokens():
+def test_input_gates_and_their_gradients_equal_numpy_for_dense_inputs_and_tokens():
+  """``X W_xh + b_xh`` and its vjp, against NumPy: a token stands for its one-hot row."""
   k = jax.random.split(jax.random.PRNGKey(3), 4)
   params = {"W_xh": jax.random.normal(k[0], (6, 8)), "b_xh": jax.random.normal(k[1], (8,))}
+  W, b = np.asarray(params["W_xh"], np.float64), np.asarray(params["b_xh"], np.float64)
   x = jax.random.normal(k[2], (4, 3, 6))
   tokens = jax.random.randint(k[3], (4, 3), 0, 6)
-  for inputs in (x, tokens):
-    R = jnp.cos(jnp.arange(4 * 3 * 8, dtype=jnp.float32)).reshape(4, 3, 8)
-    ref = lambda p, x: jnp.sum(cells.input_gates(p, x) * R)
-    new = lambda p, x: jnp.sum(recurrence.input_gates(p, x) * R)
-    _close(recurrence.input_gates(params, inputs), cells.input_gates(params, inputs), FWD_TOL)
-    argnums = (0, 1) if inputs.dtype == jnp.float32 else 0
-    _close(jax.grad(new, argnums)(params, inputs), jax.grad(ref, argnums)(params, inputs),
+  R = jnp.cos(jnp.arange(4 * 3 * 8, dtype=jnp.float32)).reshape(4, 3, 8)
+  R64 = np.asarray(R, np.float64)
+  loss = lambda p, x: jnp.sum(recurrence.input_gates(p, x) * R)
+  for inputs, dense in ((x, np.asarray(x, np.float64)), (tokens, np.eye(6)[np.asarray(tokens)])):
+    _close(recurrence.input_gates(params, inputs), dense @ W + b, FWD_TOL)
+    grads = jax.grad(loss, argnums=(0, 1) if inputs.dtype == jnp.float32 else 0)(params, inputs)
+    p_grad = grads[0] if isinstance(grads, tuple) else grads
+    _close(p_grad, {"W_xh": np.einsum("bti,bth->ih", dense, R64), "b_xh": R64.sum((0, 1))},
            GRAD_TOL)
+    if isinstance(grads, tuple):
+      _close(grads[1], R64 @ W.T, GRAD_TOL)
 
 
-def test_cudnn_weight_layout():
+def test_cudnn_packs_weights_in_its_documented_layout():
   """The packed vector is cuDNN's documented layout: all W_ih, W_hh, then all b_ih, b_hh."""
   sizes = {"W_xh": [(3, 8), (2, 8)], "W_hh": [(2, 8), (2, 8)], "b_xh": [(8,), (8,)],
            "b_hh": [(8,), (8,)]}
@@ -386,7 +391,7 @@ def test_forward_only_and_generation_match_scan(impl):
 
 
 @pytest.mark.slow
-def test_train_epoch_same_parameters():
+def test_an_sgd_epoch_lands_every_fast_path_on_the_parameters_of_scan():
   """Two SGD minibatches under make_train_epoch: every fast path lands on the same parameters
   and losses as impl="scan"."""
   k = jax.random.split(jax.random.PRNGKey(4), 2)

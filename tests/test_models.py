@@ -92,7 +92,7 @@ def assert_uniform_init(params, bound):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_dropout(impl):
+def test_dropout_acts_between_layers_only_when_training_and_follows_its_key(impl):
   vocab, hiddens, batch, steps = 6, 16, 3, 5
   X = random_tokens(jax.random.PRNGKey(17), batch, steps, vocab)
   k1, k2 = jax.random.PRNGKey(18), jax.random.PRNGKey(20)
@@ -134,7 +134,7 @@ def test_dropout(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_dropout_masks(impl):
+def test_dropout_is_inverted_with_a_fresh_mask_per_element_and_step(impl):
   """Inverted dropout with rate p on layer 1's input, a fresh mask per element and time step.
 
   Built so the logits show the mask: layer 0 outputs 0.5 everywhere (relu, W_hh = 0), layer 1
@@ -171,7 +171,7 @@ def test_dropout_masks(impl):
 
 @pytest.mark.parametrize("cell", cell_names())
 @pytest.mark.parametrize("num_layers,batch,hiddens", [(1, 1, 3), (3, 4, 7)])
-def test_begin_state(cell, num_layers, batch, hiddens):
+def test_begin_state_is_zeros_of_each_cells_carry_shape(cell, num_layers, batch, hiddens):
   model = RNNLM(5, hiddens, num_layers, cell, impl="scan")
   state = model.begin_state(batch)
   assert_state(state, cell, num_layers, batch, hiddens)
@@ -200,7 +200,7 @@ def test_begin_state(cell, num_layers, batch, hiddens):
     dict(dropout=float("nan")),
     dict(impl="unrolled"),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-def test_bad_hyperparameters(kwargs):
+def test_impossible_hyperparameters_are_refused_when_the_model_is_built(kwargs):
   args = dict(vocab_size=5, num_hiddens=4, num_layers=2, cell="rnn", activation="tanh",
               dropout=0.0)
   args.update(kwargs)
@@ -208,7 +208,7 @@ def test_bad_hyperparameters(kwargs):
     RNNLM(**args)
 
 
-def test_good_hyperparameters_accepted():
+def test_the_edges_of_the_valid_ranges_are_accepted_and_run():
   """The boundaries of the valid ranges are accepted (so the checks above are not blanket), and
   the models built from them run."""
   X = jnp.zeros((2, 3), jnp.int32)

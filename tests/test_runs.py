@@ -685,7 +685,7 @@ def test_json_is_strict_and_plots_skip_non_finite_points(tmp_path):
   assert [p.stat().st_size > 0 for p in paths] == [True, True]
 
 
-def test_small_fixes(tmp_path, capsys):
+def test_a_folder_as_corpus_or_zero_max_tokens_is_refused_writing_nothing(tmp_path, capsys):
   code, _, err = in_process(["--corpus", tmp_path, "--out", tmp_path / "r"], capsys)
   assert code == 2 and "is a directory" in err
   code, _, err = in_process(["--max-tokens", 0, "--out", tmp_path / "r"], capsys)
