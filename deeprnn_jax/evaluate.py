@@ -34,8 +34,11 @@ PROG = "python -m deeprnn_jax.evaluate"
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog=PROG,
+      description="What a trained run scores on held-out text: nats and bits per character and "
+                  "perplexity.",
+      formatter_class=cli.HelpFormatter)
   p.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.msgpack)")
   p.add_argument("--text", default=None,
                  help="a UTF-8 text file to score (default: the run's held-out split)")
@@ -51,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
                  help="contiguous rows read in parallel, each from a zero state (default: as "
                       "the run validates, one per 10,000 characters)")
   p.add_argument("--dynamic-lr", type=float, default=None,
-                 help="also dynamic evaluation at this SGD learning rate (0 scores as static)")
+                 help="also dynamic evaluation at this SGD learning rate (0 scores as static) "
+                      "(default: static evaluation only)")
   p.add_argument("--dynamic-segment", type=int, default=None,
                  help="characters per dynamic-evaluation step (default: the run's --num-steps)")
   p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -10,10 +10,12 @@ import sys
 import pytest
 from helpers import REPO, TIMEOUT
 
+import deeprnn_jax.evaluate as evaluate_command
 from deeprnn_jax import convert, predict, train
 
 PARSERS = {"train": train.parser, "predict": predict.parser, "convert": convert.parser,
-           "convert --preset d2l-en": lambda: convert.parser("d2l-en")}
+           "convert --preset d2l-en": lambda: convert.parser("d2l-en"),
+           "evaluate": evaluate_command.parser}
 CHOICE_OF_WAY = {"--from-torch", "--to-torch"}  # one of them is required: neither has a default
 
 
@@ -45,8 +47,8 @@ def test_every_option_has_help_with_its_default_shown_once(name):
       assert shown, f"{name} {flag} does not say what its absence means: {text}"
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "convert"])
-def test_help_as_printed(command):
+@pytest.mark.parametrize("command", ["train", "predict", "convert", "evaluate"])
+def test_help_exits_0_with_no_rst_markup_and_no_empty_defaults(command):
   result = subprocess.run([sys.executable, "-m", f"deeprnn_jax.{command}", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=TIMEOUT)
   assert result.returncode == 0 and result.stderr == ""
