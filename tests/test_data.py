@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import re
 import urllib.request
@@ -19,6 +20,12 @@ from deeprnn_jax.text import corpora, data
 from deeprnn_jax.text.data import DataError
 
 TM = "timemachine.txt"
+# Written out here, not read from the module under test: the variable a user sets, and where The
+# Time Machine is downloaded from with its SHA-1 (that of the file d2l's book uses).
+DATA_ENV = "DEEPRNN_JAX_DATA"
+TM_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
+TM_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+TM_BYTES = 178_979
 
 
 def stack(batches):
@@ -33,6 +40,23 @@ def positions(fn, n, batch_size, num_steps, seed):
 
 def mentions(message: str, number: int) -> bool:
   return re.search(rf"(?<!\d){number}(?!\d)", message) is not None
+
+
+def reference_offsets(num_steps: int, use_random_iter: bool) -> range:
+  """d2l's offsets, both ends included: ``random.randint(0, num_steps - 1)`` (random sampling),
+  ``random.randint(0, num_steps)`` (sequential partitioning)."""
+  return range(num_steps) if use_random_iter else range(num_steps + 1)
+
+
+def reference_batches(n: int, batch_size: int, num_steps: int, offset: int,
+                      use_random_iter: bool) -> int:
+  """How many minibatches d2l's own iterator yields for ``n`` tokens from ``offset``: counted by
+  running it (``references/d2l.py``), not by a formula."""
+  corpus = list(range(n))
+  if use_random_iter:
+    return sum(1 for _ in d2l.seq_data_iter_random(corpus, batch_size, num_steps, offset,
+                                                   lambda indices: None))
+  return sum(1 for _ in d2l.seq_data_iter_sequential(corpus, batch_size, num_steps, offset))
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,7 +77,8 @@ def test_read_time_machine_is_d2l(time_machine_path):
   assert all(line == line.strip().lower() for line in lines)
 
 
-def test_time_machine_vocab_and_corpus(time_machine_path, time_machine_corpus):
+def test_time_machine_corpus_and_vocab_match_d2l_170580_tokens_and_28_symbols(
+    time_machine_path, time_machine_corpus):
   corpus, vocab = time_machine_corpus
   want_corpus, want_vocab = d2l.load_corpus_time_machine(time_machine_path)
   tokens = [ch for line in d2l.read_time_machine(time_machine_path) for ch in line]
@@ -74,7 +99,8 @@ def test_time_machine_vocab_and_corpus(time_machine_path, time_machine_corpus):
   np.testing.assert_array_equal(corpus, np.array(want_corpus, np.int32))
 
 
-def test_time_machine_max_tokens(time_machine_path, time_machine_corpus):
+def test_max_tokens_keeps_the_first_tokens_and_the_vocab_of_the_whole_book(
+    time_machine_path, time_machine_corpus):
   full, full_vocab = time_machine_corpus
   corpus, vocab = data.load_corpus_time_machine(max_tokens=10000)
   assert len(corpus) == 10000
@@ -85,7 +111,7 @@ def test_time_machine_max_tokens(time_machine_path, time_machine_corpus):
   assert vocab.idx_to_token == want_vocab.idx_to_token
 
 
-def test_vocab_semantics():
+def test_vocab_orders_by_count_maps_unknowns_to_unk_and_honours_min_freq_and_reserved():
   tokens = [["b", "a", "b"], ["c", "b", "a"], ["d"]]  # b: 3, a: 2, c: 1, d: 1.
   vocab = data.Vocab(tokens)
   assert vocab.idx_to_token == ["<unk>", "b", "a", "c", "d"]  # Ties keep first appearance.
@@ -140,7 +166,7 @@ def test_vocab_is_d2l_vocab(tokens, kwargs):
   assert ours.to_tokens(indices) == theirs.to_tokens(indices)
 
 
-def test_tokenize():
+def test_tokenize_splits_words_or_chars_like_d2l_and_refuses_other_kinds():
   lines = ["the time  machine", "", "by h g wells"]
   assert data.tokenize(lines, "word") == [["the", "time", "machine"], [], ["by", "h", "g", "wells"]]
   assert data.tokenize(lines, "char") == [list("the time  machine"), [], list("by h g wells")]
@@ -151,7 +177,7 @@ def test_tokenize():
     data.tokenize(lines, "byte")
 
 
-def test_load_corpus_clean_modes(tmp_path):
+def test_load_corpus_cleans_like_d2l_by_default_and_keeps_the_text_with_clean_none(tmp_path):
   text = "Hello, World!\nIt's 1895.\n"
   path = tmp_path / "tiny.txt"
   path.write_text(text, encoding="utf-8")
@@ -196,7 +222,35 @@ def files_in(directory: Path) -> list[Path]:
   return sorted(directory.iterdir()) if directory.exists() else []
 
 
-def test_resolve_order(tmp_path, monkeypatch, offline):
+def test_the_known_corpora_are_the_published_files_and_the_variable_is_deeprnn_jax_data():
+  assert corpora.DATA_ENV == "DEEPRNN_JAX_DATA"
+  table = {name: (d.name, d.url, d.sha1, d.size) for name, d in corpora.DATASETS.items()}
+  assert table == {
+      "timemachine.txt": (
+          "timemachine.txt",
+          "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
+          "090b5e7e70c295757f55df93cb0a180b9691891a",
+          178979,
+      ),
+      "tinyshakespeare.txt": (
+          "tinyshakespeare.txt",
+          "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+          "input.txt",
+          "04486597058d11dcc2c556b1d0433891eb639d2e",
+          1115394,
+      ),
+  }
+  assert (TM_URL, TM_SHA1, TM_BYTES) == table[TM][1:]
+
+
+def test_the_time_machine_file_has_the_published_sha1_and_size(time_machine_path):
+  payload = time_machine_path.read_bytes()
+  assert len(payload) == TM_BYTES
+  assert hashlib.sha1(payload).hexdigest() == TM_SHA1
+
+
+def test_corpus_resolution_prefers_a_path_then_the_env_folder_then_data_dir(
+    tmp_path, monkeypatch, offline):
   env_dir, work = tmp_path / "env", tmp_path / "work"
   (work / "data").mkdir(parents=True)
   env_dir.mkdir()
@@ -207,7 +261,7 @@ def test_resolve_order(tmp_path, monkeypatch, offline):
   monkeypatch.chdir(work)
 
   # 1. An explicit path wins over everything.
-  monkeypatch.setenv(corpora.DATA_ENV, str(env_dir))
+  monkeypatch.setenv(DATA_ENV, str(env_dir))
   assert data.resolve_corpus(explicit) == explicit
   assert data.resolve_corpus(str(explicit)) == explicit
   # 2. Then $DEEPRNN_JAX_DATA, before data/.
@@ -215,9 +269,9 @@ def test_resolve_order(tmp_path, monkeypatch, offline):
   corpus, vocab = data.load_corpus(TM)
   assert "".join(vocab.to_tokens(corpus.tolist())) == "from the environment"
   # 3. Then data/ under the working directory: without the variable, or when it lacks the file.
-  monkeypatch.setenv(corpora.DATA_ENV, str(tmp_path / "nowhere"))
+  monkeypatch.setenv(DATA_ENV, str(tmp_path / "nowhere"))
   assert data.resolve_corpus(TM).resolve() == (work / "data" / TM).resolve()
-  monkeypatch.delenv(corpora.DATA_ENV)
+  monkeypatch.delenv(DATA_ENV)
   assert data.resolve_corpus(TM).resolve() == (work / "data" / TM).resolve()
   corpus, vocab = data.load_corpus(TM)
   assert "".join(vocab.to_tokens(corpus.tolist())) == \
@@ -225,19 +279,19 @@ def test_resolve_order(tmp_path, monkeypatch, offline):
   assert offline == []  # Nothing was downloaded.
 
 
-def test_resolve_nowhere_offline(tmp_path, monkeypatch, offline):
+def test_a_corpus_found_nowhere_offline_fails_naming_every_way_to_provide_it(
+    tmp_path, monkeypatch, offline):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.delenv(corpora.DATA_ENV, raising=False)
-  dataset = corpora.DATASETS[TM]
+  monkeypatch.delenv(DATA_ENV, raising=False)
   with pytest.raises(DataError) as info:
     data.resolve_corpus(TM)
   message = str(info.value)
   # One clear error naming the three ways: a path, the variable, data/.
   assert "path" in message
-  assert f"${corpora.DATA_ENV}/{TM}" in message
-  assert f"data/{TM}" in message
-  assert dataset.url in message and dataset.sha1 in message
-  assert offline == [dataset.url]
+  assert "$DEEPRNN_JAX_DATA/timemachine.txt" in message
+  assert "data/timemachine.txt" in message
+  assert TM_URL in message and TM_SHA1 in message
+  assert offline == [TM_URL]
   assert not (tmp_path / "data" / TM).exists()
   assert files_in(tmp_path / "data") == []
 
@@ -248,7 +302,8 @@ def test_resolve_nowhere_offline(tmp_path, monkeypatch, offline):
   # download=False does not even try.
   with pytest.raises(DataError) as info:
     data.resolve_corpus(TM, download=False)
-  assert f"${corpora.DATA_ENV}/{TM}" in str(info.value) and f"data/{TM}" in str(info.value)
+  message = str(info.value)
+  assert "$DEEPRNN_JAX_DATA/timemachine.txt" in message and "data/timemachine.txt" in message
   assert len(offline) == 4
   # An unknown name is not downloaded either.
   with pytest.raises(DataError):
@@ -256,20 +311,22 @@ def test_resolve_nowhere_offline(tmp_path, monkeypatch, offline):
   assert len(offline) == 4
 
 
-def test_download_sha1_mismatch(tmp_path, monkeypatch):
+def test_a_download_with_the_wrong_sha1_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.delenv(corpora.DATA_ENV, raising=False)
+  monkeypatch.delenv(DATA_ENV, raising=False)
   monkeypatch.setattr(urllib.request, "urlopen",
                       lambda url, *a, **k: io.BytesIO(b"The Time Machine, abridged.\n"))
   with pytest.raises(DataError) as info:
     data.resolve_corpus(TM)
   message = str(info.value)
-  assert "SHA-1" in message and corpora.DATASETS[TM].sha1 in message
-  assert f"${corpora.DATA_ENV}/{TM}" in message and f"data/{TM}" in message  # The other ways.
+  assert "SHA-1" in message and TM_SHA1 in message
+  # The other ways.
+  assert "$DEEPRNN_JAX_DATA/timemachine.txt" in message and "data/timemachine.txt" in message
   assert files_in(tmp_path / "data") == []  # Nothing left behind, not even a temporary file.
 
 
-def test_download_verified_and_used(tmp_path, monkeypatch, time_machine_path):
+def test_a_verified_download_lands_in_data_dir_and_is_not_fetched_again(
+    tmp_path, monkeypatch, time_machine_path):
   payload = time_machine_path.read_bytes()
   calls = []
 
@@ -278,20 +335,20 @@ def test_download_verified_and_used(tmp_path, monkeypatch, time_machine_path):
     return io.BytesIO(payload)
 
   monkeypatch.chdir(tmp_path)
-  monkeypatch.delenv(corpora.DATA_ENV, raising=False)
+  monkeypatch.delenv(DATA_ENV, raising=False)
   monkeypatch.setattr(urllib.request, "urlopen", urlopen)
   path = data.resolve_corpus(TM)
   assert path.resolve() == (tmp_path / "data" / TM).resolve()
   assert (tmp_path / "data" / TM).read_bytes() == payload
   assert files_in(tmp_path / "data") == [tmp_path / "data" / TM]
-  assert calls == [corpora.DATASETS[TM].url]
+  assert calls == [TM_URL]
   # Now it is found locally: no second download, and it is the corpus.
   corpus, vocab = data.load_corpus_time_machine()
-  assert calls == [corpora.DATASETS[TM].url]
+  assert calls == [TM_URL]
   assert len(corpus) == 170_580 and len(vocab) == 28
 
 
-def test_unreadable_corpora(tmp_path):
+def test_missing_empty_cleaned_away_or_non_utf8_corpora_fail_naming_the_file(tmp_path):
   missing = tmp_path / "missing.txt"
   with pytest.raises(DataError) as info:
     data.load_corpus(missing)
@@ -420,7 +477,7 @@ def test_shift_and_continuity_on_time_machine(time_machine_corpus):
 
 
 @pytest.mark.parametrize("fn", [data.sequential_epoch, data.random_epoch])
-def test_epoch_arrays_and_seeds(fn):
+def test_epochs_are_int32_arrays_that_a_seed_or_generator_reproduces(fn):
   corpus = np.random.default_rng(0).integers(0, 28, 500).astype(np.int32)
   Xs, Ys = fn(corpus, 4, 6, seed=7)
   assert Xs.dtype == Ys.dtype == np.int32
@@ -432,7 +489,7 @@ def test_epoch_arrays_and_seeds(fn):
 
 
 @pytest.mark.parametrize("use_random_iter", [False, True])
-def test_loader_epochs_and_rng_state(use_random_iter):
+def test_loader_draws_a_new_offset_each_epoch_and_its_rng_state_replays_the_next(use_random_iter):
   n, batch_size, num_steps = 400, 3, 5
   positions_corpus = np.arange(n, dtype=np.int32)
   loader = data.SeqDataLoader(positions_corpus, batch_size, num_steps, use_random_iter, seed=3)
@@ -463,7 +520,8 @@ def test_loader_epochs_and_rng_state(use_random_iter):
 
 
 @pytest.mark.parametrize("use_random_iter", [False, True])
-def test_load_data_time_machine(use_random_iter, time_machine_corpus):
+def test_load_data_time_machine_gives_shifted_32x35_minibatches_of_the_first_10000_tokens(
+    use_random_iter, time_machine_corpus):
   loader, vocab = data.load_data_time_machine(32, 35, use_random_iter=use_random_iter)
   assert isinstance(loader, data.SeqDataLoader) and isinstance(vocab, data.Vocab)
   assert len(vocab) == 28
@@ -478,7 +536,7 @@ def test_load_data_time_machine(use_random_iter, time_machine_corpus):
   assert len(full.corpus) == 170_580
 
 
-def test_split_corpus():
+def test_split_corpus_holds_out_the_last_fraction_and_refuses_fractions_outside_0_1():
   corpus = np.arange(100, dtype=np.int32)
   train, valid = data.split_corpus(corpus, 0.1)
   np.testing.assert_array_equal(train, np.arange(90))
@@ -495,28 +553,55 @@ def test_split_corpus():
       data.split_corpus(corpus, fraction)
 
 
-def test_too_short_corpus():
+# Batch 4, 6 steps. Sequential: at d2l's largest offset, 6, each of the 4 rows holds
+# (n - 6 - 1) // 4 tokens and needs 6: n >= 4 * 6 + 6 + 1 = 31. Random: at the largest offset, 5,
+# there are (n - 5 - 1) // 6 subsequences and a minibatch needs 4: n >= 4 * 6 + 6 = 30.
+@pytest.mark.parametrize("use_random_iter,fn,it,need", [
+    (False, data.sequential_epoch, data.seq_data_iter_sequential, 31),
+    (True, data.random_epoch, data.seq_data_iter_random, 30),
+], ids=["sequential", "random"])
+def test_a_corpus_one_token_short_of_a_minibatch_at_every_offset_is_refused_naming_the_minimum(
+    use_random_iter, fn, it, need):
   batch_size, num_steps = 4, 6
-  for use_random_iter, fn, it in ((False, data.sequential_epoch, data.seq_data_iter_sequential),
-                                  (True, data.random_epoch, data.seq_data_iter_random)):
-    need = data.min_corpus_tokens(batch_size, num_steps, use_random_iter)
-    short = np.zeros(need - 1, np.int32)
-    for call in (lambda: fn(short, batch_size, num_steps, 0),
-                 lambda: list(it(short, batch_size, num_steps, 0)),
-                 lambda: data.SeqDataLoader(short, batch_size, num_steps, use_random_iter)):
-      with pytest.raises(ValueError) as info:
-        call()
-      assert isinstance(info.value, DataError)
-      assert mentions(str(info.value), need), str(info.value)
-    # Exactly enough is enough, whatever the offset.
-    for seed in range(10):
-      assert len(fn(np.zeros(need, np.int32), batch_size, num_steps, seed)[0]) >= 1
+  # The minimum is d2l's own: its iterator gives a minibatch at every offset from `need` tokens,
+  # and none at some offset from one fewer.
+  offsets = reference_offsets(num_steps, use_random_iter)
+  assert all(reference_batches(need, batch_size, num_steps, o, use_random_iter) >= 1
+             for o in offsets)
+  assert any(reference_batches(need - 1, batch_size, num_steps, o, use_random_iter) == 0
+             for o in offsets)
+  assert data.min_corpus_tokens(batch_size, num_steps, use_random_iter) == need
+
+  short = np.zeros(need - 1, np.int32)
+  for call in (lambda: fn(short, batch_size, num_steps, 0),
+               lambda: list(it(short, batch_size, num_steps, 0)),
+               lambda: data.SeqDataLoader(short, batch_size, num_steps, use_random_iter)):
+    with pytest.raises(ValueError) as info:
+      call()
+    assert isinstance(info.value, DataError)
+    assert mentions(str(info.value), need), str(info.value)
+  # Exactly enough is enough, whatever the offset.
+  for seed in range(10):
+    assert len(fn(np.zeros(need, np.int32), batch_size, num_steps, seed)[0]) >= 1
 
 
-def test_too_short_time_machine(time_machine_path):
-  with pytest.raises(DataError) as info:
-    data.load_data_time_machine(32, 35, max_tokens=100)
-  assert mentions(str(info.value), data.min_corpus_tokens(32, 35))
+# Batch 32, 35 steps. Sequential: at d2l's largest offset, 35, each of the 32 rows holds
+# (n - 35 - 1) // 32 tokens and needs 35: n >= 32 * 35 + 35 + 1 = 1156. Random: at offset 34,
+# (n - 34 - 1) // 35 subsequences must fill a minibatch of 32: n >= 32 * 35 + 35 = 1155.
+@pytest.mark.parametrize("use_random_iter,need", [(False, 1156), (True, 1155)],
+                         ids=["sequential", "random"])
+def test_the_time_machine_cut_below_the_minimum_for_batch_32_and_35_steps_is_refused(
+    use_random_iter, need, time_machine_path):
+  offsets = reference_offsets(35, use_random_iter)
+  assert all(reference_batches(need, 32, 35, o, use_random_iter) >= 1 for o in offsets)
+  assert any(reference_batches(need - 1, 32, 35, o, use_random_iter) == 0 for o in offsets)
+
+  for max_tokens in (100, need - 1):
+    with pytest.raises(DataError) as info:
+      data.load_data_time_machine(32, 35, use_random_iter, max_tokens=max_tokens)
+    assert mentions(str(info.value), need), str(info.value)
+  loader, _ = data.load_data_time_machine(32, 35, use_random_iter, max_tokens=need)
+  assert len(loader.corpus) == need
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,14 +612,19 @@ def test_too_short_time_machine(time_machine_path):
 @given(n=st.integers(1, 150), batch_size=st.integers(1, 6), num_steps=st.integers(1, 8),
        vocab_size=st.integers(1, 30), seed=st.integers(0, 2**32 - 1),
        use_random_iter=st.booleans())
-def test_iterator_properties(n, batch_size, num_steps, vocab_size, seed, use_random_iter):
+def test_epochs_are_shifted_windows_of_the_corpus_and_refuse_corpora_too_short_for_one(
+    n, batch_size, num_steps, vocab_size, seed, use_random_iter):
   fn = data.random_epoch if use_random_iter else data.sequential_epoch
   corpus = np.random.default_rng(seed).integers(0, vocab_size, n).astype(np.int32)
   need = data.min_corpus_tokens(batch_size, num_steps, use_random_iter)
-  max_offset = num_steps - 1 if use_random_iter else num_steps
-  # min_corpus_tokens is exactly the length at which every offset gives a minibatch.
-  worst = min(d2l.num_batches(n, batch_size, num_steps, o, use_random_iter)
-              for o in range(max_offset + 1))
+  offsets = reference_offsets(num_steps, use_random_iter)
+  # min_corpus_tokens is exactly the length at which d2l's own iterator gives a minibatch at
+  # every offset: it does from `need` tokens, and from `need - 1` it gives none at some offset.
+  assert all(reference_batches(need, batch_size, num_steps, o, use_random_iter) >= 1
+             for o in offsets)
+  assert any(reference_batches(need - 1, batch_size, num_steps, o, use_random_iter) == 0
+             for o in offsets)
+  worst = min(reference_batches(n, batch_size, num_steps, o, use_random_iter) for o in offsets)
   assert (worst >= 1) == (n >= need)
 
   if n < need:
@@ -563,7 +653,7 @@ def test_iterator_properties(n, batch_size, num_steps, vocab_size, seed, use_ran
     offset = int(starts.min()) % num_steps
     assert len(set(starts.tolist())) == num_batches * batch_size  # Each at most once.
     assert np.all((starts - offset) % num_steps == 0)  # Non-overlapping, on one grid.
-    assert num_batches == d2l.num_batches(n, batch_size, num_steps, offset, True)
+    assert num_batches == reference_batches(n, batch_size, num_steps, offset, True)
   else:
     offset = int(Px[0, 0, 0])
     assert 0 <= offset <= num_steps
@@ -573,7 +663,7 @@ def test_iterator_properties(n, batch_size, num_steps, vocab_size, seed, use_ran
     # Rows are consecutive chunks of the corpus.
     row_len = (n - offset - 1) // batch_size
     np.testing.assert_array_equal(Px[0, :, 0], offset + row_len * np.arange(batch_size))
-    assert num_batches == d2l.num_batches(n, batch_size, num_steps, offset, False)
+    assert num_batches == reference_batches(n, batch_size, num_steps, offset, False)
 
 
 @pytest.mark.parametrize("use_random_iter", [False, True])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -17,21 +18,45 @@ def test_positive_int_accepts_whole_numbers(value):
   assert type(validate.positive_int("layers", value)) is int
 
 
-@pytest.mark.parametrize("value", [0, -1, 2.5, True, "3", None, math.nan, math.inf])
-def test_positive_int_refuses_the_rest_naming_the_setting(value):
-  with pytest.raises(UsageError, match=rf"^layers must be a positive integer, got {value}$"):
+@pytest.mark.parametrize("value,message", [
+    (0, "layers must be a positive integer, got 0"),
+    (-1, "layers must be a positive integer, got -1"),
+    (2.5, "layers must be a positive integer, got 2.5"),
+    (True, "layers must be a positive integer, got True"),
+    ("3", "layers must be a positive integer, got 3"),
+    (None, "layers must be a positive integer, got None"),
+    (math.nan, "layers must be a positive integer, got nan"),
+    (math.inf, "layers must be a positive integer, got inf"),
+])
+def test_positive_int_refuses_the_rest_naming_the_setting_and_the_value(value, message):
+  with pytest.raises(UsageError, match="^" + re.escape(message) + "$"):
     validate.positive_int("layers", value)
 
 
-@pytest.mark.parametrize("value", [math.inf, 1e39, -1.0, 0.0, math.nan, "2"])
-def test_learning_rates_and_norms_must_be_finite_in_float32(value):
-  for name in ("learning rate", "clipping norm"):
-    with pytest.raises(UsageError, match=f"^{name} must be a finite number > 0"):
-      validate.positive_finite(name, value)
+@pytest.mark.parametrize("name,value,message", [
+    ("learning rate", math.inf, "learning rate must be a finite number > 0, got inf"),
+    ("learning rate", 1e39, "learning rate must be a finite number > 0, got 1e+39"),
+    ("learning rate", -1.0, "learning rate must be a finite number > 0, got -1.0"),
+    ("learning rate", 0.0, "learning rate must be a finite number > 0, got 0.0"),
+    ("learning rate", math.nan, "learning rate must be a finite number > 0, got nan"),
+    ("learning rate", "2", "learning rate must be a finite number > 0, got 2"),
+    ("clipping norm", math.inf, "clipping norm must be a finite number > 0, got inf"),
+    ("clipping norm", 1e39, "clipping norm must be a finite number > 0, got 1e+39"),
+    ("clipping norm", -1.0, "clipping norm must be a finite number > 0, got -1.0"),
+    ("clipping norm", 0.0, "clipping norm must be a finite number > 0, got 0.0"),
+    ("clipping norm", math.nan, "clipping norm must be a finite number > 0, got nan"),
+    ("clipping norm", "2", "clipping norm must be a finite number > 0, got 2"),
+])
+def test_learning_rates_and_norms_must_be_positive_and_finite_in_float32(name, value, message):
+  with pytest.raises(UsageError, match="^" + re.escape(message) + "$"):
+    validate.positive_finite(name, value)
+
+
+def test_learning_rates_up_to_the_float32_maximum_are_accepted():
   assert validate.positive_finite("learning rate", 3e38) == 3e38
 
 
-def test_one_of_lists_the_choices():
+def test_unknown_cells_and_impls_are_refused_listing_the_choices():
   assert validate.cell("gru") == "gru"
   with pytest.raises(UsageError,
                      match=r"^unknown cell 'transformer'; choose one of rnn, gru, lstm$"):
@@ -52,12 +77,12 @@ def test_one_of_lists_the_choices():
     ("warmup_epochs", 1.5, "warmup epochs must be an integer"),
     ("lr_min_factor", -0.1, "lr min factor"),
 ])
-def test_config_refuses_impossible_settings(field, value, message):
+def test_config_validate_refuses_each_impossible_setting_naming_it(field, value, message):
   with pytest.raises(UsageError, match=message):
     TrainConfig(**{field: value}).validate()
 
 
-def test_the_defaults_are_valid_and_literals_name_the_choices():
+def test_the_default_config_is_valid_and_the_cells_and_precisions_are_the_documented_ones():
   assert TrainConfig().validate() == TrainConfig()
   assert validate.CELLS == ("rnn", "gru", "lstm") and "layerwise" in validate.IMPLS
   assert validate.PRECISIONS == ("float32", "bfloat16")
@@ -72,7 +97,7 @@ def test_unroll_reaches_the_model_from_the_command_line():
   assert models.from_config(TrainConfig(), 28).unroll is None  # the backend's default
 
 
-def test_every_setting_has_a_flag():
+def test_every_config_field_has_a_flag_and_the_schedule_flags_round_trip_through_json():
   from deeprnn_jax import train
   args = train.parser().parse_args([])
   assert set(train.config_fields(args)) == {f.name for f in dataclasses.fields(TrainConfig)}
