@@ -28,9 +28,9 @@ if str(ROOT) not in sys.path:  # benchmarks/machine.py names the machine; it is 
 
 from benchmarks import machine  # noqa: E402
 from deeprnn_jax import cli  # noqa: E402
-from deeprnn_jax.base.config import TrainConfig  # noqa: E402
+from deeprnn_jax.base.config import Sweep, TrainConfig  # noqa: E402
 from deeprnn_jax.base.errors import UsageError  # noqa: E402
-from deeprnn_jax.run import runs  # noqa: E402
+from deeprnn_jax.run import runs, sweeps  # noqa: E402
 
 
 def parser(doc: str, seeds: bool = True, run_folders: bool = True) -> argparse.ArgumentParser:
@@ -96,6 +96,27 @@ def run_config(config: TrainConfig, run_dir: Path, log_every: int = 1,
            if isinstance(r.get("valid_perplexity"), (int, float))]
   best = min(valid) if valid else (math.nan, 0)
   return dict(summary, rows=rows, best_valid=best[0], best_epoch=best[1], run_dir=str(run_dir))
+
+
+def run_sweep(config: TrainConfig, sweep: Sweep, run_dir: Path, log_every: int = 1) -> dict:
+  """:func:`run_config` for the models of ``sweep``, trained in one program: the summary with
+  ``rows`` (one per model and epoch). A folder holding that finished sweep is read, not
+  trained again."""
+  run_dir = Path(run_dir)
+  same = sweeps.saved_sweep(run_dir) == sweep
+  if same and finished(run_dir, config):
+    REUSED.append(json.loads((run_dir / "summary.json").read_text())["wall_seconds"])
+  else:
+    if (run_dir / "config.json").exists():
+      for f in run_dir.iterdir():
+        if f.is_file():
+          f.unlink()
+    options = runs.RunOptions(log_every=log_every, checkpoint_every=10**6, quiet=True,
+                              progress=False)
+    sweeps.sweep_run(config, sweep, run_dir, options=options, out=io.StringIO())
+  summary = json.loads((run_dir / "summary.json").read_text())
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return dict(summary, rows=rows, run_dir=str(run_dir))
 
 
 def mean_std(values: Sequence[float], fmt: str = "{:.2f}") -> str:

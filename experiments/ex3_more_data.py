@@ -9,7 +9,9 @@ against three goals: the first 10,000 characters' validation perplexity <= 8.0, 
 <= 4.0, and Tiny Shakespeare's validation loss <= 1.43 nats per character with one LSTM. The
 recipe is AWD-LSTM's regularisers (locked dropout, weight drop on ``W_hh``, an embedding with
 embedding dropout, decoupled weight decay), scored as the run keeps its best model
-(``best.msgpack``); dynamic evaluation of that model is reported beside it, labelled.
+(``best.msgpack``); dynamic evaluation of that model is reported beside it, labelled, and the
+whole book's recipe is trained once more as one program of two seeds whose best models are scored
+as an ensemble (their probabilities averaged), in a section of its own.
 
   python experiments/ex3_more_data.py --quick          # seconds: tiny models, 2 epochs each
   python experiments/ex3_more_data.py                  # the budget recipe, about an hour on 2 cores
@@ -18,19 +20,23 @@ embedding dropout, decoupled weight decay), scored as the run keeps its best mod
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import time
 from pathlib import Path
 
 import _common
 
-from deeprnn_jax.base.config import TrainConfig
+from deeprnn_jax.base.config import Sweep, TrainConfig
 from deeprnn_jax.base.errors import UsageError
 
 GOALS = {"timemachine-10k": ("valid perplexity", 8.0),
          "timemachine-full": ("valid perplexity", 4.0),
          "tinyshakespeare": ("valid nats/char", 1.43)}
 DYNAMIC_LR = 0.3  # dynamic evaluation's SGD rate, segments of the run's num_steps
+ENSEMBLE = ("timemachine-full", 2)  # this corpus's recipe again, as one program of 2 seeds
 
 
 def recipes(quick: bool, scale: float) -> list[tuple[str, TrainConfig]]:
@@ -90,6 +96,23 @@ def dynamic_nats(run_dir: str, config: TrainConfig) -> float:
   return scoring.summary(nll)["nats"]
 
 
+def ensemble(config: TrainConfig, run_dir: Path) -> dict:
+  """The recipe trained as one program of ``ENSEMBLE[1]`` seeds (``--num-seeds``), each model's
+  best kept: each one's best validation perplexity, and that of the ensemble of those best
+  models (their next-character probabilities averaged), as ``deeprnn-evaluate --best
+  --ensemble`` scores it."""
+  import deeprnn_jax.evaluate as evaluate_command
+
+  r = _common.run_sweep(config, Sweep(num_seeds=ENSEMBLE[1]), run_dir)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    code = evaluate_command.main(["--checkpoint", str(run_dir), "--best", "--ensemble", "--json"])
+  if code != 0:
+    raise SystemExit(code)
+  scored = json.loads(printed.getvalue())
+  return dict(r, ensemble=scored["static"]["perplexity"], ensembled=scored["models"])
+
+
 def plot(results: list[dict], path: Path) -> None:
   import matplotlib
 
@@ -134,6 +157,15 @@ def main(argv=None) -> int:
           f"{r['best_valid']:.2f} (epoch {r['best_epoch']}), "
           f"{math.log(r['best_valid']):.3f} nats/char, {r['wall_seconds']:.0f} s", flush=True)
 
+  combined = None
+  if ENSEMBLE[0] in [r["name"] for r in results]:
+    config = next(r["config"] for r in results if r["name"] == ENSEMBLE[0])
+    combined = ensemble(config, folder / f"{ENSEMBLE[0]}-seeds")
+    print(f"{ENSEMBLE[0]}, {ENSEMBLE[1]} seeds: best valid perplexity "
+          + ", ".join(f"{p:.3f}" for p in combined["best_valid_perplexity"])
+          + f"; their ensemble {combined['ensemble']:.3f}, {combined['wall_seconds']:.0f} s",
+          flush=True)
+
   rows, goals = [], []
   for r in results:
     from deeprnn_jax.text import editions
@@ -158,9 +190,24 @@ def main(argv=None) -> int:
       ["corpus", "train chars", "valid chars", "vocab", "train ppl (last)",
        "best valid ppl (epoch)", "valid ppl (last)", "best valid nats/char",
        "dynamic eval ppl (nats/char)", "epochs run", "minutes"], rows)
+  seeds = ""
+  if combined is not None:
+    members = [[f"seed {m['seed']}",
+                f"{p:.3f} ({e})", f"{math.log(p):.4f}"]
+               for m, p, e in zip(combined["models"], combined["best_valid_perplexity"],
+                                  combined["best_epoch"])]
+    ensembled = ", ".join(str(combined["models"][k]["seed"]) for k in combined["ensembled"])
+    members.append([f"ensemble of seeds {ensembled}",
+                    f"{combined['ensemble']:.3f}", f"{math.log(combined['ensemble']):.4f}"])
+    seeds = (f"\n\n## An ensemble on the whole book\n\n{ENSEMBLE[0]}'s recipe trained once more "
+             f"as one program of {ENSEMBLE[1]} seeds (`--num-seeds {ENSEMBLE[1]}`, "
+             f"{combined['wall_seconds'] / 60:.1f} min), each model's best kept; the ensemble "
+             f"averages those best models' next-character probabilities (`deeprnn-evaluate "
+             f"--checkpoint RUN --best --ensemble`). Static evaluation throughout.\n\n"
+             + _common.table(["model", "best valid ppl (epoch)", "nats/char"], members))
   recipe = "\n".join(f"- {r['name']}: {describe(r['config'])}" for r in results)
   print(report)
-  print("\n".join(goals))
+  print("\n".join(goals) + seeds)
   out = _common.results_path(args, "ex3_more_data")
   if out is not None:
     png = out.with_name(out.stem + ".png")
@@ -176,7 +223,8 @@ def main(argv=None) -> int:
             f"so it is an optimistic figure.\n\n## Recipes\n\n{recipe}\n\nAll: sequential "
             f"partitioning, AdamW whose learning rate falls along half a cosine from its peak to 0 "
             f"at the last epoch (`--lr-schedule cosine`), gradients clipped to global norm 1, "
-            f"seed 0.\n\n## Goals\n\n" + "\n".join(goals) + f"\n\n![curves]({png.name})\n")
+            f"seed 0.\n\n## Goals\n\n" + "\n".join(goals) + seeds
+            + f"\n\n![curves]({png.name})\n")
     _common.write_results(out, "Exercise 3: more data", body, time.perf_counter() - t0)
   return 0
 

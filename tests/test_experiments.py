@@ -104,13 +104,21 @@ def test_ex3_more_data_rows_and_results_page(tmp_path):
   page = tmp_path / "ex3.md"
   out = run("ex3_more_data", "--quick", "--runs", str(tmp_path / "runs"), "--results",
             str(page)).stdout
-  rows = table_rows(out)
+  single, ensemble = out.split("## An ensemble on the whole book")
+  rows = table_rows(single)
   assert [r[0] for r in rows] == ["timemachine-10k", "timemachine-full", "tinyshakespeare"]
   assert [r[3] for r in rows] == ["28", "28", "66"]  # vocabularies: d2l cleaning, then none
   assert all(math.isfinite(value(r[5])) for r in rows)
   assert all(math.isfinite(value(r[8])) for r in rows)  # dynamic evaluation of the best model
   assert ("valid perplexity ≤ 8.0" in out and "valid perplexity ≤ 4.0" in out
           and "valid nats/char ≤ 1.43" in out)
+  # The whole book's recipe again as 2 seeds in one program: seed 0 is the single run, and the
+  # ensemble of the two is a figure of its own.
+  seeds = table_rows(ensemble)
+  assert [r[0] for r in seeds] == ["seed 0", "seed 1", "ensemble of seeds 0, 1"]
+  assert f"{value(seeds[0][1]):.2f}" == f"{value(rows[1][5]):.2f}"
+  assert all(math.isfinite(value(r[1])) for r in seeds) and seeds[2][1] not in (seeds[0][1],
+                                                                                 seeds[1][1])
   text = page.read_text()
   for field in ("command", "device", "libraries", "date", "wall time"):
     assert f"- {field}: " in text
