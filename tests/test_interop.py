@@ -6,6 +6,7 @@ The PyTorch side is d2l's own code (classic edition, ``d2l/torch.py``), in ``ref
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -13,7 +14,6 @@ import subprocess
 import sys
 
 import chex
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,17 +22,16 @@ import pytest
 import torch
 from helpers import cell_cases, cell_names
 from references import d2l_en
-from references.d2l import RNNModel, predict_ch8, train_ch8
+from references.d2l import RNNModel, load_corpus_time_machine, predict_ch8, train_ch8
 from torch import nn
 
 from deeprnn_jax import convert, predict
-from deeprnn_jax.base import presets
 from deeprnn_jax.base.config import TrainConfig
 from deeprnn_jax.base.errors import UsageError
 from deeprnn_jax.fit import training
 from deeprnn_jax.model import cells, interop, models
 from deeprnn_jax.run import checkpoint
-from deeprnn_jax.text import data, windows
+from deeprnn_jax.text import data
 
 # The cells with a PyTorch layer (that the default impl runs), with each φ they take.
 CASES = cell_cases(fast=True, torch=True)
@@ -54,10 +53,13 @@ def one_torch_thread():
   torch.set_num_threads(before)
 
 
+# PyTorch's three recurrent layers, written out: the cells that have one are these.
+TORCH_LAYERS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+
 def torch_layer(cell, activation, vocab_size, num_hiddens, num_layers):
-  spec = cells.CELLS[cell]
-  layer = getattr(nn, spec.torch_module.removeprefix("nn."))
-  nonlinearity = dict(nonlinearity=activation) if spec.takes_activation else {}
+  layer = TORCH_LAYERS[cell]
+  nonlinearity = dict(nonlinearity=activation) if layer is nn.RNN else {}  # only nn.RNN takes φ
   return layer(vocab_size, num_hiddens, num_layers, **nonlinearity)
 
 
@@ -91,6 +93,41 @@ def lstm_state_dict(num_layers=2):
   return d2l_model("lstm", num_layers=num_layers).state_dict()
 
 
+# The layout, written out here rather than taken from interop (whose conversions these tests
+# check): for each layer k, W_xh is PyTorch's weight_ih_l{k} transposed, W_hh is weight_hh_l{k}
+# transposed, b_xh and b_hh are bias_ih_l{k} and bias_hh_l{k}; W_hq is linear.weight transposed
+# and b_q is linear.bias. No gate block moves: our cells keep PyTorch's gate order (RNN: h; GRU:
+# r, z, n; LSTM: i, f, g, o), so a cell whose order differed would fail here.
+
+
+def expected_params(state_dict, num_layers, rnn_prefix="rnn."):
+  """Our params from a PyTorch state dict of tensors (``rnn_prefix``: d2l 1.0's ``rnn.rnn.``),
+  copied: PyTorch may go on to change its tensors in place (clipping its gradients, a step)."""
+  t = lambda key: state_dict[key].detach().numpy().copy()
+  return {
+      "rnn": {f"layer_{k}": {"W_xh": t(f"{rnn_prefix}weight_ih_l{k}").T,
+                             "W_hh": t(f"{rnn_prefix}weight_hh_l{k}").T,
+                             "b_xh": t(f"{rnn_prefix}bias_ih_l{k}"),
+                             "b_hh": t(f"{rnn_prefix}bias_hh_l{k}")}
+              for k in range(num_layers)},
+      "W_hq": t("linear.weight").T,
+      "b_q": t("linear.bias"),
+  }
+
+
+def expected_state_dict(params, num_layers):
+  """A d2l ``RNNModel`` state dict (NumPy) from our params."""
+  a = lambda x: np.array(x)
+  state_dict = {}
+  for k in range(num_layers):
+    layer = params["rnn"][f"layer_{k}"]
+    state_dict.update({f"rnn.weight_ih_l{k}": a(layer["W_xh"]).T,
+                       f"rnn.weight_hh_l{k}": a(layer["W_hh"]).T,
+                       f"rnn.bias_ih_l{k}": a(layer["b_xh"]),
+                       f"rnn.bias_hh_l{k}": a(layer["b_hh"])})
+  return {**state_dict, "linear.weight": a(params["W_hq"]).T, "linear.bias": a(params["b_q"])}
+
+
 # --------------------------------------------------------------------------------------------
 # Same outputs, same gradients, same update.
 
@@ -111,8 +148,7 @@ def test_forward_gradients_and_clipped_sgd_step_match_pytorch(cell, activation, 
   loss = nn.CrossEntropyLoss()(out, torch.from_numpy(Y).T.reshape(-1).long())
   sgd.zero_grad()
   loss.backward()
-  torch_grads = interop.params_from_torch(
-      {name: p.grad for name, p in net.named_parameters()}, cell, num_layers)
+  torch_grads = expected_params({name: p.grad for name, p in net.named_parameters()}, num_layers)
   norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
   assert norm > 2 * clip  # The clip really clips.
   sgd.step()
@@ -137,12 +173,11 @@ def test_forward_gradients_and_clipped_sgd_step_match_pytorch(cell, activation, 
   assert_trees_close(our_state, to_jax_state(state), 1e-5)
   np.testing.assert_allclose(our_loss, loss.item(), rtol=0, atol=1e-5)
   assert_trees_close(grads, torch_grads, 1e-4)
-  assert_trees_close(new_params, interop.params_from_torch(net.state_dict(), cell, num_layers),
-                     1e-5)
+  assert_trees_close(new_params, expected_params(net.state_dict(), num_layers), 1e-5)
 
 
 @pytest.mark.parametrize("cell,activation", CASES)
-def test_scan_impl_matches_pytorch(cell, activation):
+def test_scan_impl_logits_and_final_state_match_pytorch(cell, activation):
   net = d2l_model(cell, activation, 2)
   X = tokens(2)
   state0 = random_state(cell, 2)
@@ -160,7 +195,8 @@ def test_scan_impl_matches_pytorch(cell, activation):
 
 @pytest.mark.parametrize("num_layers", LAYERS)
 @pytest.mark.parametrize("cell,activation", CASES)
-def test_round_trip_is_exact(cell, activation, num_layers):
+def test_params_from_torch_then_params_to_torch_gives_back_the_state_dict_exactly(
+    cell, activation, num_layers):
   sd = d2l_model(cell, activation, num_layers).state_dict()
   back = interop.params_to_torch(interop.params_from_torch(sd, cell, num_layers), cell, num_layers)
   assert list(back) == list(sd) == interop.state_dict_keys(num_layers)
@@ -169,13 +205,14 @@ def test_round_trip_is_exact(cell, activation, num_layers):
     np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
-def test_bare_lstm_and_linear_via_prefix_helpers():
+def test_prefix_helpers_convert_a_bare_lstm_and_linear_both_ways_exactly():
   lstm, linear = nn.LSTM(V, H, 2), nn.Linear(H, V)
   sd = {**interop.with_prefix(lstm.state_dict(), "rnn."),
         **interop.with_prefix(linear.state_dict(), "linear.")}
   params = interop.params_from_torch(sd, "lstm", 2)
   np.testing.assert_array_equal(params["rnn"]["layer_1"]["W_hh"], lstm.weight_hh_l1.detach().T)
   np.testing.assert_array_equal(params["W_hq"], linear.weight.detach().T)
+  assert_trees_close(params, expected_params(sd, 2), 0.0)
 
   back = interop.params_to_torch(params, "lstm", 2)
   lstm2, linear2 = nn.LSTM(V, H, 2), nn.Linear(H, V)
@@ -188,20 +225,22 @@ def test_bare_lstm_and_linear_via_prefix_helpers():
   assert torch.equal(linear.weight, linear2.weight)
 
 
-def test_numpy_float64_and_bfloat16_inputs():
+def test_numpy_float64_and_bfloat16_state_dicts_convert_to_float32_params():
   sd = lstm_state_dict()
+  expected = expected_params(sd, 2)
   from_tensors = interop.params_from_torch(sd, "lstm", 2)
+  assert_trees_close(from_tensors, expected, 0.0)
   from_numpy = interop.params_from_torch({k: v.numpy() for k, v in sd.items()}, "lstm", 2)
-  assert_trees_close(from_numpy, from_tensors, 0.0)
+  assert_trees_close(from_numpy, expected, 0.0)
   from_f64 = interop.params_from_torch({k: v.double().numpy() for k, v in sd.items()}, "lstm", 2)
   assert all(a.dtype == np.float32 for a in jax.tree_util.tree_leaves(from_f64))
-  assert_trees_close(from_f64, from_tensors, 0.0)
+  assert_trees_close(from_f64, expected, 0.0)
   from_bf16 = interop.params_from_torch({k: v.bfloat16() for k, v in sd.items()}, "lstm", 2)
   assert all(a.dtype == np.float32 for a in jax.tree_util.tree_leaves(from_bf16))
-  assert_trees_close(from_bf16, from_tensors, 1e-2)
+  assert_trees_close(from_bf16, expected, 1e-2)
 
 
-def test_import_does_not_need_torch():
+def test_importing_interop_and_convert_does_not_import_torch():
   code = ("import sys; import deeprnn_jax.model.interop, deeprnn_jax.convert; "
           "assert 'torch' not in sys.modules, 'torch was imported'")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -217,7 +256,7 @@ def test_import_does_not_need_torch():
     ("rnn", r"rnn\.weight_hh_l0 has shape \[32, 8\].*1 gate.*fits lstm"),
     ("transformer", r"unknown cell 'transformer'"),
 ])
-def test_wrong_cell(cell, pattern):
+def test_a_state_dict_of_another_or_unknown_cell_is_refused_naming_the_cell_it_fits(cell, pattern):
   with pytest.raises(UsageError, match=pattern):
     interop.params_from_torch(lstm_state_dict(), cell, 2)
 
@@ -227,7 +266,7 @@ def test_wrong_cell(cell, pattern):
     (1, r"unexpected key rnn\.weight_ih_l1 .*; the state dict has 2 layers, not 1"),
     (0, r"positive integer, got 0"),
 ])
-def test_wrong_layer_count(num_layers, pattern):
+def test_a_wrong_layer_count_is_refused_naming_the_layers_the_state_dict_has(num_layers, pattern):
   with pytest.raises(UsageError, match=pattern):
     interop.params_from_torch(lstm_state_dict(), "lstm", num_layers)
 
@@ -242,14 +281,15 @@ def test_wrong_layer_count(num_layers, pattern):
     ("rnn.weight_hh_l0", np.zeros((4 * H, H, 1), np.float32), r"rnn\.weight_hh_l0 has shape"),
     ("linear.bias", np.zeros(V, np.int64), r"linear\.bias has dtype int64"),
 ])
-def test_bad_shape_or_dtype(key, value, pattern):
+def test_a_misshapen_or_integer_tensor_is_refused_with_its_key_and_the_shape_needed(
+    key, value, pattern):
   sd = dict(lstm_state_dict())
   sd[key] = value
   with pytest.raises(UsageError, match=pattern):
     interop.params_from_torch(sd, "lstm", 2)
 
 
-def test_missing_key():
+def test_a_state_dict_missing_a_key_is_refused_with_the_key_named():
   sd = dict(lstm_state_dict())
   del sd["linear.bias"]
   with pytest.raises(UsageError, match=r"state dict has no linear\.bias$"):
@@ -261,19 +301,19 @@ def test_missing_key():
     ("rnn.weight_hr_l0", r"unexpected key rnn\.weight_hr_l0 .*proj_size"),
     ("encoder.weight", r"unexpected key encoder\.weight in state dict$"),
 ])
-def test_unexpected_key(key, pattern):
+def test_an_unexpected_key_is_refused_with_the_key_named_and_the_likely_cause(key, pattern):
   sd = dict(lstm_state_dict())
   sd[key] = np.zeros(3, np.float32)
   with pytest.raises(UsageError, match=pattern):
     interop.params_from_torch(sd, "lstm", 2)
 
 
-def test_bare_rnn_state_dict_gets_a_hint():
+def test_a_bare_nn_lstm_state_dict_is_refused_with_a_hint_to_add_the_prefixes():
   with pytest.raises(UsageError, match=r"no rnn\.weight_ih_l0 .*bare nn\.RNN/GRU/LSTM"):
     interop.params_from_torch(nn.LSTM(V, H, 2).state_dict(), "lstm", 2)
 
 
-def test_params_to_torch_errors():
+def test_params_to_torch_refuses_params_of_another_cell_or_layer_count_or_missing_a_leaf():
   params = interop.params_from_torch(lstm_state_dict(), "lstm", 2)
   with pytest.raises(UsageError, match=r"do not fit a 2-layer gru.*fits lstm"):
     interop.params_to_torch(params, "gru", 2)
@@ -307,7 +347,9 @@ def tm_vocab(time_machine_corpus):
   return time_machine_corpus[1]
 
 
-def test_from_torch_writes_a_run_folder(tmp_path, capsys, tm_vocab):
+def test_from_torch_writes_a_run_folder_that_predicts_as_d2l_predict_ch8(
+    tmp_path, capsys, time_machine_path):
+  _, d2l_vocab = load_corpus_time_machine(time_machine_path)  # d2l's own, from the whole text
   net = d2l_model("lstm", num_layers=2, vocab_size=TM_VOCAB, num_hiddens=16)
   pt = save_torch(net, tmp_path / "model.pt")
   run = tmp_path / "run"
@@ -321,23 +363,29 @@ def test_from_torch_writes_a_run_folder(tmp_path, capsys, tm_vocab):
   want = TrainConfig(cell="lstm", num_layers=2, num_hiddens=16, max_tokens=2000, batch_size=8,
                      num_steps=10)
   assert saved.config == want and saved.epoch == 0
-  assert json.loads((run / "config.json").read_text()) == want.to_json()
-  assert saved.vocab.idx_to_token == tm_vocab.idx_to_token
-  assert_trees_close(saved.params, interop.params_from_torch(net.state_dict(), "lstm", 2), 0.0)
-  optimizer = training.make_optimizer(want.lr, want.clip, want.optimizer)
-  template = optimizer.init(saved.params)
-  restored = flax.serialization.from_state_dict(template, saved.opt_state)
-  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(template)
+  # config.json holds every TrainConfig field: the flags given and, for the rest, the declared
+  # defaults (those that shape the model or its training also written out here).
+  given = dict(cell="lstm", num_layers=2, num_hiddens=16, max_tokens=2000, batch_size=8,
+               num_steps=10, activation="tanh", dropout=0.0, optimizer="sgd", lr=2.0, clip=1.0,
+               corpus="timemachine.txt", clean="d2l", pipeline="classic")
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  assert json.loads((run / "config.json").read_text()) == {**defaults, **given}
+  assert saved.vocab.idx_to_token == d2l_vocab.idx_to_token
+  assert_trees_close(saved.params, expected_params(net.state_dict(), 2), 0.0)
+  # d2l's optimizer is clipping then plain SGD (optax.sgd: identity, then the rate): no state,
+  # an empty entry for each.
+  assert saved.opt_state == {"0": {}, "1": {"0": {}, "1": {}}}
 
   # The run folder predicts what d2l's predict_ch8 predicts with the PyTorch model.
   from deeprnn_jax import predict
   assert predict.main(["--checkpoint", str(run), "--prefix", "time traveller",
                        "--num-preds", "30"]) == 0
   ours = capsys.readouterr().out.strip()
-  assert ours == predict_ch8("time traveller", 30, net, tm_vocab, "cpu")
+  assert ours == predict_ch8("time traveller", 30, net, d2l_vocab, "cpu")
 
 
-def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys, time_machine_path):
+def test_from_torch_run_folder_resumes_with_its_weights_and_a_fresh_adam_state(
+    tmp_path, capsys, time_machine_path):
   # What `deeprnn_jax.train --out RUN --resume` does with a run folder (runs.train_run).
   net = d2l_model("gru", num_layers=1, vocab_size=TM_VOCAB, num_hiddens=H)
   run = tmp_path / "run"
@@ -360,15 +408,21 @@ def test_from_torch_run_folder_fits_a_resumed_run(tmp_path, capsys, time_machine
                          jax.random.PRNGKey(0))
   params = checkpoint.restore(fresh.params, saved.params)
   opt_state = checkpoint.restore(fresh.opt_state, saved.opt_state)
-  assert_trees_close(params, interop.params_from_torch(net.state_dict(), "gru", 1), 0.0)
-  assert_trees_close(opt_state, optimizer.init(params), 0.0)  # Adam's zero moments, count 0.
+  assert_trees_close(params, expected_params(net.state_dict(), 1), 0.0)
+  # Clipping (no state), then Adam's (count 0, zero moments shaped as the params), then the rate.
+  clip_state, (adam_state, rate_state) = opt_state
+  assert clip_state == optax.EmptyState() and rate_state == optax.EmptyState()
+  assert adam_state.count.dtype == jnp.int32 and int(adam_state.count) == 0
+  zeros = jax.tree_util.tree_map(np.zeros_like, expected_params(net.state_dict(), 1))
+  assert_trees_close(adam_state.mu, zeros, 0.0)
+  assert_trees_close(adam_state.nu, zeros, 0.0)
 
 
 @pytest.mark.parametrize("cell,activation,num_layers", [  # relu where the cell takes φ
     (cell, "relu" if cells.CELLS[cell].takes_activation else "tanh", 1 + k % 3)
     for k, cell in enumerate(cell_names(fast=True, torch=True))])
-def test_our_init_to_torch_loads_into_d2l_model(tmp_path, capsys, tm_vocab, cell, activation,
-                                                num_layers):
+def test_to_torch_of_our_init_loads_into_d2l_model_and_gives_the_same_logits(
+    tmp_path, capsys, tm_vocab, cell, activation, num_layers):
   cfg = TrainConfig(cell=cell, num_layers=num_layers, num_hiddens=H, activation=activation)
   model = models.from_config(cfg, TM_VOCAB)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -378,14 +432,14 @@ def test_our_init_to_torch_loads_into_d2l_model(tmp_path, capsys, tm_vocab, cell
   pt = tmp_path / "model.pt"
   code, out, err = run_convert(capsys, "--to-torch", tmp_path / "run", "--out", pt)
   assert (code, err) == (0, ""), err
-  spec = cells.CELLS[cell]
-  assert f"{spec.torch_module}({TM_VOCAB}, {H}, num_layers={num_layers}" in out
-  assert (f"nonlinearity='{activation}'" in out) == spec.takes_activation
+  module = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}[cell]
+  assert f"{module}({TM_VOCAB}, {H}, num_layers={num_layers}" in out
+  assert (f"nonlinearity='{activation}'" in out) == (cell == "rnn")
 
   net = d2l_model(cell, activation, num_layers, TM_VOCAB, H, seed=7)
   result = net.load_state_dict(torch.load(pt, weights_only=True), strict=True)
   assert not result.missing_keys and not result.unexpected_keys
-  expected = interop.params_to_torch(params, cell, num_layers)
+  expected = expected_state_dict(params, num_layers)
   for key, value in net.state_dict().items():
     np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)
   # Our init is PyTorch's: U(-1/sqrt(H), 1/sqrt(H)) for every parameter.
@@ -410,7 +464,8 @@ def test_from_torch_then_to_torch_is_exact(tmp_path, capsys, time_machine_path):
     assert torch.equal(back[key], value), key
 
 
-def test_refuses_to_overwrite_without_force(tmp_path, capsys, time_machine_path):
+def test_convert_refuses_to_overwrite_a_run_folder_or_file_without_force(
+    tmp_path, capsys, time_machine_path):
   pt = save_torch(d2l_model("lstm", num_layers=1, vocab_size=TM_VOCAB), tmp_path / "m.pt")
   args = ["--from-torch", pt, "--cell", "lstm", "--num-layers", 1, "--out", tmp_path / "run"]
   assert run_convert(capsys, *args)[0] == 0
@@ -426,10 +481,12 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys, time_machine_path)
   assert code == 2 and "exists; pass --force" in err
   assert out.read_bytes() == b"keep me"
   assert run_convert(capsys, "--to-torch", tmp_path / "run", "--out", out, "--force")[0] == 0
-  assert set(torch.load(out, weights_only=True)) == set(interop.state_dict_keys(1))
+  assert list(torch.load(out, weights_only=True)) == [
+      "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0", "linear.weight",
+      "linear.bias"]
 
 
-def test_missing_file_exits_2_with_one_line(tmp_path):
+def test_a_missing_torch_file_exits_2_with_one_line_and_no_run_folder(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "deeprnn_jax.convert", "--from-torch", str(tmp_path / "nope.pt"),
        "--cell", "lstm", "--num-layers", "2", "--out", str(tmp_path / "run")],
@@ -466,7 +523,7 @@ def write_nested(path):
     (write_module, r"cannot read a PyTorch state dict from .*bad\.pt: .*[Ww]eights"),
     (write_nested, r"holds a mapping with keys model, not a state dict of tensors"),
 ])
-def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
+def test_an_unreadable_torch_file_exits_2_with_one_line_saying_why(tmp_path, capsys, make, pattern):
   pt = make(tmp_path / "bad.pt")
   code, _, err = run_convert(capsys, "--from-torch", pt, "--cell", "lstm", "--num-layers", 2,
                              "--out", tmp_path / "run")
@@ -487,7 +544,8 @@ def test_unreadable_torch_files(tmp_path, capsys, make, pattern):
     (["--cell", "lstm", "--num-layers", "2", "--out", "{tmp}/run/checkpoint.msgpack"],
      r"give the run folder, not its checkpoint file"),
 ])
-def test_from_torch_usage_errors(tmp_path, capsys, argv, pattern):
+def test_from_torch_usage_errors_exit_2_with_one_line_and_no_run_folder(
+    tmp_path, capsys, argv, pattern):
   _assert_from_torch_usage_error(tmp_path, capsys, argv, pattern)
 
 
@@ -508,7 +566,7 @@ def _assert_from_torch_usage_error(tmp_path, capsys, argv, pattern):
   assert not (tmp_path / "run").exists()
 
 
-def test_to_torch_usage_errors(tmp_path, capsys):
+def test_to_torch_usage_errors_exit_2_with_one_line_and_no_file(tmp_path, capsys):
   code, _, err = run_convert(capsys, "--to-torch", tmp_path / "nope", "--out", tmp_path / "m.pt")
   assert code == 2 and "no checkpoint at" in err and err.count("\n") == 1
   code, _, err = run_convert(capsys, "--to-torch", tmp_path, "--cell", "lstm",
@@ -523,7 +581,8 @@ def test_to_torch_usage_errors(tmp_path, capsys):
   assert code == 2 and "is a folder; give a file name" in err
 
 
-def test_missing_torch_is_a_usage_error(tmp_path, capsys, monkeypatch):
+def test_converting_without_torch_installed_exits_2_asking_to_install_it(
+    tmp_path, capsys, monkeypatch):
   pt = save_torch(d2l_model("lstm", num_layers=2, vocab_size=TM_VOCAB), tmp_path / "m.pt")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError.
   code, _, err = run_convert(capsys, "--from-torch", pt, "--cell", "lstm", "--num-layers", 2,
@@ -554,16 +613,20 @@ def test_d2l_en_checkpoint_converts_both_ways_exactly(tmp_path, capsys, time_mac
                                "--preset", "d2l-en", "--out", run)
   assert (code, err) == (0, ""), err
   saved = checkpoint.load_checkpoint(run)
-  assert saved.config == presets.preset("d2l-en", num_hiddens=H)
-  _, vocab = windows.load_corpus("timemachine.txt")
-  assert saved.vocab.idx_to_token == vocab.idx_to_token and vocab.idx_to_token[:2] == [" ", "<unk>"]
-  assert_trees_close(saved.params, interop.params_from_torch(interop.from_d2l_en(sd), "gru", 2),
-                     0.0)
+  # d2l 1.0's section: TimeMachine(batch_size=1024, num_steps=32) (10000 training windows, 5000
+  # validation ones), a 2-layer GRU, RNNLM(lr=2), Trainer(max_epochs=100, gradient_clip_val=1);
+  # the width is the file's.
+  assert saved.config == TrainConfig(pipeline="windows", cell="gru", num_layers=2, num_hiddens=H,
+                                     batch_size=1024, num_steps=32, lr=2.0, clip=1.0,
+                                     num_epochs=100, max_tokens=-1, num_train=10000, num_val=5000)
+  reference = d2l_en.TimeMachine(time_machine_path.read_text(), 1024, 32)  # d2l 1.0's own
+  assert saved.vocab.idx_to_token == reference.vocab.idx_to_token
+  assert saved.vocab.idx_to_token[:2] == [" ", "<unk>"]
+  assert_trees_close(saved.params, expected_params(sd, 2, rnn_prefix="rnn.rnn."), 0.0)
 
   # The run folder predicts what d2l 1.0's RNNLM.predict predicts with the PyTorch model.
   assert predict.main(["--checkpoint", str(run), "--prefix", "it has", "--num-preds", "20"]) == 0
   ours = capsys.readouterr().out.rstrip("\n")
-  reference = d2l_en.TimeMachine(time_machine_path.read_text(), 1024, 32)
   assert ours == net.predict("it has", 20, reference.vocab)
   assert predict.main(["--checkpoint", str(run), "--num-preds", "20"]) == 0  # d2l 1.0's prefix
   assert capsys.readouterr().out.rstrip("\n") == ours
@@ -579,7 +642,8 @@ def test_d2l_en_checkpoint_converts_both_ways_exactly(tmp_path, capsys, time_mac
   assert not fresh.load_state_dict(back, strict=True).missing_keys  # into an unshaped LazyLinear
 
 
-def test_d2l_en_layout_and_preset_must_agree(tmp_path, capsys, time_machine_path):
+def test_d2l_en_layout_without_its_preset_or_the_preset_without_its_layout_is_refused(
+    tmp_path, capsys, time_machine_path):
   pt = save_torch(d2l_en_model(), tmp_path / "en.pt")
   code, _, err = run_convert(capsys, "--from-torch", pt, "--cell", "gru", "--num-layers", 2,
                              "--out", tmp_path / "run")
@@ -599,7 +663,8 @@ def test_d2l_en_layout_and_preset_must_agree(tmp_path, capsys, time_machine_path
 
 
 @pytest.mark.parametrize("cell,use_random_iter", [("lstm", False), ("gru", True)])
-def test_training_matches_d2l_train_ch8(cell, use_random_iter, time_machine_path):
+def test_training_reports_d2l_train_ch8_perplexity_every_epoch_and_ends_at_its_weights(
+    cell, use_random_iter, time_machine_path):
   num_layers, num_hiddens, batch_size, num_steps, lr, num_epochs = 2, 32, 8, 10, 2.0, 5
   corpus, vocab = data.load_corpus_time_machine(max_tokens=2000)
   epoch_fn = data.random_epoch if use_random_iter else data.sequential_epoch
@@ -623,10 +688,9 @@ def test_training_matches_d2l_train_ch8(cell, use_random_iter, time_machine_path
 
   # It learned something (uniform guessing scores len(vocab) = 28), so agreeing means something.
   assert torch_ppl[-1] < min(torch_ppl[0], 0.75 * len(vocab))
-  start = interop.params_from_torch(d2l_model(cell, "tanh", num_layers, len(vocab),
-                                              num_hiddens, seed=0).state_dict(), cell, num_layers)
+  start = expected_params(d2l_model(cell, "tanh", num_layers, len(vocab), num_hiddens,
+                                     seed=0).state_dict(), num_layers)
   assert max(float(np.abs(np.asarray(a) - b).max()) for a, b in
              zip(jax.tree_util.tree_leaves(ts.params), jax.tree_util.tree_leaves(start))) > 0.1
   np.testing.assert_allclose(our_ppl, torch_ppl, rtol=1e-3)
-  assert_trees_close(ts.params, interop.params_from_torch(net.state_dict(), cell, num_layers),
-                     1e-3)
+  assert_trees_close(ts.params, expected_params(net.state_dict(), num_layers), 1e-3)
