@@ -101,6 +101,12 @@ XLA_FLAG_SETS = {
     "autotune0": "--xla_gpu_autotune_level=0",
     # Loops captured whole in CUDA graphs (conditional nodes), not launched step by step.
     "graphs": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",
+    # XLA:CPU's products: without YNNPACK's dot fusions (XNNPACK and Eigen take them), through
+    # oneDNN, or through XNNPACK's dot fusions.
+    "noynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "onednn-noynn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=",
+    "xnn": "--xla_cpu_experimental_xnn_fusion_type=dot",
 }
 
 

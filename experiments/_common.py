@@ -74,24 +74,32 @@ def finished(run_dir: Path, config: TrainConfig) -> bool:
                                         or summary.get("stopped_early", False))
 
 
-def run_config(config: TrainConfig, run_dir: Path, log_every: int = 1,
-               reuse: bool = True) -> dict:
-  """Trains ``config`` into ``run_dir`` and returns its summary with ``rows`` (one per epoch),
-  ``best_valid`` and ``best_epoch`` added. A folder that already holds a finished run of the
-  same configuration is read, not trained again (``reuse``); any other is trained afresh."""
-  run_dir = Path(run_dir)
-  if reuse and finished(run_dir, config):
+def _train_or_reuse(run_dir: Path, reuse: bool, log_every: int, train) -> tuple[dict, list]:
+  """``(summary, rows)`` of the finished run in ``run_dir`` where ``reuse`` (it holds the run
+  asked for); otherwise the folder's files are removed and ``train(options)`` trains afresh."""
+  if reuse:
     REUSED.append(json.loads((run_dir / "summary.json").read_text())["wall_seconds"])
   else:
     if (run_dir / "config.json").exists():
       for f in run_dir.iterdir():
         if f.is_file():
           f.unlink()
-    options = runs.RunOptions(log_every=log_every, checkpoint_every=10**6, quiet=True,
-                              progress=False)
-    runs.train_run(config, run_dir, options=options, out=io.StringIO())
+    train(runs.RunOptions(log_every=log_every, checkpoint_every=10**6, quiet=True,
+                          progress=False))
   summary = json.loads((run_dir / "summary.json").read_text())
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return summary, rows
+
+
+def run_config(config: TrainConfig, run_dir: Path, log_every: int = 1,
+               reuse: bool = True) -> dict:
+  """Trains ``config`` into ``run_dir`` and returns its summary with ``rows`` (one per epoch),
+  ``best_valid`` and ``best_epoch`` added. A folder that already holds a finished run of the
+  same configuration is read, not trained again (``reuse``); any other is trained afresh."""
+  run_dir = Path(run_dir)
+  summary, rows = _train_or_reuse(
+      run_dir, reuse and finished(run_dir, config), log_every,
+      lambda options: runs.train_run(config, run_dir, options=options, out=io.StringIO()))
   valid = [(r["valid_perplexity"], r["epoch"]) for r in rows
            if isinstance(r.get("valid_perplexity"), (int, float))]
   best = min(valid) if valid else (math.nan, 0)
@@ -103,19 +111,10 @@ def run_sweep(config: TrainConfig, sweep: Sweep, run_dir: Path, log_every: int =
   ``rows`` (one per model and epoch). A folder holding that finished sweep is read, not
   trained again."""
   run_dir = Path(run_dir)
-  same = sweeps.saved_sweep(run_dir) == sweep
-  if same and finished(run_dir, config):
-    REUSED.append(json.loads((run_dir / "summary.json").read_text())["wall_seconds"])
-  else:
-    if (run_dir / "config.json").exists():
-      for f in run_dir.iterdir():
-        if f.is_file():
-          f.unlink()
-    options = runs.RunOptions(log_every=log_every, checkpoint_every=10**6, quiet=True,
-                              progress=False)
-    sweeps.sweep_run(config, sweep, run_dir, options=options, out=io.StringIO())
-  summary = json.loads((run_dir / "summary.json").read_text())
-  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  summary, rows = _train_or_reuse(
+      run_dir, sweeps.saved_sweep(run_dir) == sweep and finished(run_dir, config), log_every,
+      lambda options: sweeps.sweep_run(config, sweep, run_dir, options=options,
+                                       out=io.StringIO()))
   return dict(summary, rows=rows, run_dir=str(run_dir))
 
 

@@ -33,20 +33,14 @@ def test_positive_int_refuses_the_rest_naming_the_setting_and_the_value(value, m
     validate.positive_int("layers", value)
 
 
+# Each refused value and how the message shows it, for both settings.
+REFUSED = [(math.inf, "inf"), (1e39, "1e+39"), (-1.0, "-1.0"), (0.0, "0.0"), (math.nan, "nan"),
+           ("2", "2")]
+
+
 @pytest.mark.parametrize("name,value,message", [
-    ("learning rate", math.inf, "learning rate must be a finite number > 0, got inf"),
-    ("learning rate", 1e39, "learning rate must be a finite number > 0, got 1e+39"),
-    ("learning rate", -1.0, "learning rate must be a finite number > 0, got -1.0"),
-    ("learning rate", 0.0, "learning rate must be a finite number > 0, got 0.0"),
-    ("learning rate", math.nan, "learning rate must be a finite number > 0, got nan"),
-    ("learning rate", "2", "learning rate must be a finite number > 0, got 2"),
-    ("clipping norm", math.inf, "clipping norm must be a finite number > 0, got inf"),
-    ("clipping norm", 1e39, "clipping norm must be a finite number > 0, got 1e+39"),
-    ("clipping norm", -1.0, "clipping norm must be a finite number > 0, got -1.0"),
-    ("clipping norm", 0.0, "clipping norm must be a finite number > 0, got 0.0"),
-    ("clipping norm", math.nan, "clipping norm must be a finite number > 0, got nan"),
-    ("clipping norm", "2", "clipping norm must be a finite number > 0, got 2"),
-])
+    (name, value, f"{name} must be a finite number > 0, got {shown}")
+    for name in ("learning rate", "clipping norm") for value, shown in REFUSED])
 def test_learning_rates_and_norms_must_be_positive_and_finite_in_float32(name, value, message):
   with pytest.raises(UsageError, match="^" + re.escape(message) + "$"):
     validate.positive_finite(name, value)
