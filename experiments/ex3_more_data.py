@@ -14,7 +14,7 @@ whole book's recipe is trained once more as one program of two seeds whose best 
 as an ensemble (their probabilities averaged), in a section of its own.
 
   python experiments/ex3_more_data.py --quick          # seconds: tiny models, 2 epochs each
-  python experiments/ex3_more_data.py                  # the budget recipe, about an hour on 2 cores
+  python experiments/ex3_more_data.py                  # the recipes: about two hours on 2 cores
   python experiments/ex3_more_data.py --epochs-scale 4 # the same recipe trained 4x longer
 """
 
@@ -60,7 +60,7 @@ def recipes(quick: bool, scale: float) -> list[tuple[str, TrainConfig]]:
       ("timemachine-10k", TrainConfig(**strong, batch_size=32, num_steps=35,
                                       num_epochs=epochs(40), patience=10, max_tokens=10_000)),
       ("timemachine-full", TrainConfig(**strong, batch_size=32, num_steps=64,
-                                       num_epochs=epochs(60), ema=0.999, max_tokens=-1)),
+                                       num_epochs=epochs(80), ema=0.999, max_tokens=-1)),
       ("tinyshakespeare", TrainConfig(**lstm, dropout=0.25, weight_drop=0.25, weight_decay=0.05,
                                       batch_size=64, num_steps=64, num_epochs=epochs(14),
                                       max_tokens=-1, corpus="tinyshakespeare.txt",
