@@ -192,6 +192,7 @@ def main(argv=None) -> int:
        "dynamic eval ppl (nats/char)", "epochs run", "minutes"], rows)
   seeds = ""
   if combined is not None:
+    single = next(r for r in results if r["name"] == ENSEMBLE[0])
     members = [[f"seed {m['seed']}",
                 f"{p:.3f} ({e})", f"{math.log(p):.4f}"]
                for m, p, e in zip(combined["models"], combined["best_valid_perplexity"],
@@ -203,7 +204,11 @@ def main(argv=None) -> int:
              f"as one program of {ENSEMBLE[1]} seeds (`--num-seeds {ENSEMBLE[1]}`, "
              f"{combined['wall_seconds'] / 60:.1f} min), each model's best kept; the ensemble "
              f"averages those best models' next-character probabilities (`deeprnn-evaluate "
-             f"--checkpoint RUN --best --ensemble`). Static evaluation throughout.\n\n"
+             f"--checkpoint RUN --best --ensemble`). Static evaluation throughout. Seed 0 is "
+             f"the single run's seed, but a program of {ENSEMBLE[1]} models sums its products in "
+             f"another order, and over {single['epochs']} epochs training drifts apart: its best "
+             f"is {combined['best_valid_perplexity'][0]:.3f}, the single run's "
+             f"{single['best_valid']:.3f}.\n\n"
              + _common.table(["model", "best valid ppl (epoch)", "nats/char"], members))
   recipe = "\n".join(f"- {r['name']}: {describe(r['config'])}" for r in results)
   print(report)
