@@ -42,6 +42,9 @@ _MICROARCHITECTURES = [
 ]
 # The CPU features that decide this library's speed (bfloat16 products need AVX512-BF16 or AMX).
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# Microarchitectures with AMX: a virtual machine may hide it, and bfloat16 products then run on
+# AVX512-BF16 alone, a different machine for this library's purposes.
+_HAS_AMX = ("Sapphire Rapids", "Emerald Rapids", "Granite Rapids")
 PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax", "numpy",
             "torch")
 
@@ -107,7 +110,9 @@ def _slug(text: str) -> str:
 
 def device_slug(info: dict) -> str:
   """``cpu-<model>-<microarchitecture>-<cores>c`` or ``gpu-<model>``: ``AMD EPYC`` with 2 cores
-  of Zen 4 is ``cpu-epyc-zen4-2c``; ``NVIDIA H100 80GB HBM3`` is ``gpu-h100``."""
+  of Zen 4 is ``cpu-epyc-zen4-2c``; ``NVIDIA H100 80GB HBM3`` is ``gpu-h100``. A CPU whose
+  microarchitecture has AMX but whose flags lack it (a virtual machine that hides it) is named
+  with ``-noamx`` after the microarchitecture: ``cpu-xeon-emerald-rapids-noamx-2c``."""
   if info["kind"] == "gpu":
     if not info.get("gpu"):
       raise RuntimeError("no GPU found (nvidia-smi): name the device with --device-name")
@@ -118,7 +123,8 @@ def device_slug(info: dict) -> str:
   name = re.sub(r"\((R|TM)\)|\b(AMD|Intel|Processor|CPU|\d+-Core)\b|@.*$", " ", cpu["model"],
                 flags=re.I)
   uarch = re.sub(r" (?=\d)", "", cpu.get("microarchitecture") or "")  # Zen 4 -> zen4
-  return "-".join(p for p in ("cpu", _slug(name), _slug(uarch), f"{cpu['cores']}c") if p)
+  hidden = "noamx" if uarch in _HAS_AMX and "amx_bf16" not in cpu.get("flags", []) else ""
+  return "-".join(p for p in ("cpu", _slug(name), _slug(uarch), hidden, f"{cpu['cores']}c") if p)
 
 
 def versions() -> dict:

@@ -68,9 +68,14 @@ def test_a_device_is_named_after_its_hardware():
   assert (cpu["microarchitecture"], cpu["virtual_machine"]) == ("Zen 4", True)
   assert cpu["flags"] == ["avx2", "avx512f", "avx512_bf16"]
   assert machine.device_slug({"kind": "cpu", "cpu": cpu}) == "cpu-epyc-zen4-2c"
-  xeon = machine.cpu_info("vendor_id : GenuineIntel\ncpu family : 6\nmodel : 207\n"
-                          "model name : Intel(R) Xeon(R) Processor\n", cores=16)
-  assert machine.device_slug({"kind": "cpu", "cpu": xeon}) == "cpu-xeon-emerald-rapids-16c"
+  xeon = lambda flags: machine.cpu_info(
+      "vendor_id : GenuineIntel\ncpu family : 6\nmodel : 207\n"
+      f"model name : Intel(R) Xeon(R) Processor\nflags : {flags}\n", cores=16)
+  assert (machine.device_slug({"kind": "cpu", "cpu": xeon("avx512f avx512_bf16 amx_bf16")})
+          == "cpu-xeon-emerald-rapids-16c")
+  # A virtual machine that hides AMX from an Emerald Rapids is a machine of its own.
+  assert (machine.device_slug({"kind": "cpu", "cpu": xeon("avx512f avx512_bf16")})
+          == "cpu-xeon-emerald-rapids-noamx-16c")
   gpu = lambda name: machine.device_slug({"kind": "gpu", "gpu": {"name": name}})
   assert gpu("NVIDIA H100 80GB HBM3") == "gpu-h100"
   assert gpu("NVIDIA A100-SXM4-40GB") == "gpu-a100"
