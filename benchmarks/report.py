@@ -159,8 +159,13 @@ def render_throughput(doc: dict) -> list[str]:
   impls = list(dict.fromkeys(r["impl"] for r in rows_in))
   configs = list(dict.fromkeys(r["config"] for r in rows_in))
   by = {(r["config"], r["impl"]): r for r in rows_in}
+  # With the product limit: the float32 products alone, and each float32 impl's share of it.
+  limited = [i for i in impls if ":" not in i.partition("@")[0]] \
+      if any("limit" in r for r in rows_in) else []
   header = ["config", "model", *(impl_name(i) for i in impls), torch_name(doc),
-            *(f"{impl_name(i)} / PyTorch" for i in impls)]
+            *(f"{impl_name(i)} / PyTorch" for i in impls),
+            *(["float32 products alone"] if limited else []),
+            *(f"{impl_name(i)} / products alone" for i in limited)]
   rows = []
   for c in configs:
     first = next(by[(c, i)] for i in impls if (c, i) in by)
@@ -168,13 +173,18 @@ def render_throughput(doc: dict) -> list[str]:
     rows.append([f"`{c}`", model(c) + (f"; split over {shards} cores" if shards > 1 else ""),
                  *(_n(by[(c, i)]["jax"]["tokens_per_s"]) if (c, i) in by else "—" for i in impls),
                  _n(first["torch"]["tokens_per_s"]),
-                 *(_x(by[(c, i)]["ratio"]) if (c, i) in by else "—" for i in impls)])
+                 *(_x(by[(c, i)]["ratio"]) if (c, i) in by else "—" for i in impls),
+                 *([_n(first["limit"]["tokens_per_s"])] if limited else []),
+                 *(f"{by[(c, i)]['ratio_limit']:.0%}" if (c, i) in by else "—"
+                   for i in limited)])
   repeats = sorted({r["repeats"] for r in rows_in})
   title = f"### `{doc['device']}`: against {torch_name(doc)}"
   out = [title, "", *command_block(doc["command"]), "",
          *table(header, rows, "ll" + "r" * (len(header) - 2)), "",
          f"Tokens/s of training, medians of {'/'.join(map(str, repeats))} interleaved repeats. "
-         + source_line(doc)]
+         + ("\"float32 products alone\" is the faster of XLA and PyTorch running only the matrix "
+            "products of a training minibatch, as tokens/s (`--product-limit`). " if limited
+            else "") + source_line(doc)]
   if not doc.get("complete", True):
     out[-1] += " The run stopped before every config was measured."
   return out + [""]

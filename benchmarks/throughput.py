@@ -7,8 +7,9 @@
 Each measurement is written to ``benchmarks/results/<device>/<measurement>.json`` (``machine.py``:
 ``<device>`` names the hardware, ``--device-name`` overrides it), with the command, the date, the
 commit and the library versions: ``throughput`` (``throughput_autocast`` with
-``--torch-precision bfloat16``), ``generation``, ``full_run`` (``full_run_bfloat16`` with
-``--full-run-precision bfloat16``). ``--out FILE`` writes everything to one file instead.
+``--torch-precision bfloat16``, ``throughput_product_limit`` with ``--product-limit``),
+``generation``, ``full_run`` (``full_run_bfloat16`` with ``--full-run-precision bfloat16``).
+``--out FILE`` writes everything to one file instead.
 ``python benchmarks/report.py`` renders BENCHMARKS.md from the results folder.
 
 Each framework runs in its own worker process (so its peak RSS is its own) that builds the model
@@ -265,6 +266,140 @@ class TorchRunner:
             "device": torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"}
 
 
+# The float32 product limit: the matrix products one training minibatch of ours runs, and nothing
+# else. A config's limit in tokens/s is the faster of XLA and PyTorch (MKL / oneDNN) running them.
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # G: W_hh is [H, G*H]
+VOCAB = 28  # The Time Machine's, d2l-cleaned
+
+
+def products(config: str, rows: int) -> list[tuple[int, int, int, int]]:
+  """``(count, M, K, N)`` of every ``[M, K] x [K, N]`` product of one training minibatch of
+  ``config`` on ``rows`` rows (a shard's): per time step and layer the recurrent product and its
+  backward ``dG W_hhᵀ``; per layer ``dW_hh`` over all steps; per layer above the first the input
+  product, its ``dX`` and ``dW_xh`` (the first layer's one-hot input is a gather); the output
+  layer's three (``recurrence``'s module docstring)."""
+  cell, L, H, _, T, _, _ = CONFIGS[config]
+  GH, TB = GATES[cell] * H, T * rows
+  out = [(L * T, rows, H, GH), (L * T, rows, GH, H), (2 * L - 1, H, TB, GH)]
+  if L > 1:
+    out += [(L - 1, TB, H, GH), (L - 1, TB, GH, H)]
+  return out + [(1, TB, H, VOCAB), (1, TB, VOCAB, H), (1, H, TB, VOCAB)]
+
+
+def product_flops(config: str) -> float:
+  """FLOPs (2 per multiply-add) of one minibatch's products, all rows."""
+  batch = CONFIGS[config][3]
+  return sum(2.0 * c * m * k * n for c, m, k, n in products(config, batch))
+
+
+class _ProductsRunner:
+  """Runs one minibatch's :func:`products` as many times as an epoch has minibatches."""
+
+  def __init__(self, cfg):
+    from deeprnn_jax.text import data
+    _, _, hiddens, batch, steps, max_tokens, _ = cfg
+    self.loader, _ = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
+    self.config = next(k for k, v in CONFIGS.items() if v == cfg)
+    self.ppl = float("nan")
+
+  def run(self, epochs: int) -> int:
+    tokens = 0
+    for _ in range(epochs):
+      Xs, _ = self.loader.epoch()
+      for _ in range(Xs.shape[0]):
+        self.minibatch()
+      tokens += Xs.size
+    self.sync()
+    return tokens
+
+  def sync(self):
+    pass
+
+  def memory(self) -> dict:
+    return {"peak_rss_mb": _maxrss_mb()}
+
+
+class XlaProductsRunner(_ProductsRunner):
+  """The products in one jitted program, each kind in a ``lax.scan`` over its count (``c + A_i B``,
+  so that no product is dead), the batch split over the CPU cores as the train CLI splits it:
+  each device runs its shard's products."""
+
+  def __init__(self, cfg, device, impl=None):
+    import jax
+    if device == "cpu":
+      jax.config.update("jax_platforms", "cpu")
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from deeprnn_jax.fit import parallel
+    parallel.use_cpu_cores()
+    super().__init__(cfg)
+    self.jax = jax
+    devices = parallel.batch_devices(cfg[3], cfg[2])
+    S = len(devices)
+    mesh = Mesh(np.array(devices), (parallel.BATCH_AXIS,))
+    spec = P(parallel.BATCH_AXIS)
+    rng = np.random.default_rng(0)
+    put = lambda shape: jax.device_put(rng.standard_normal(shape, np.float32),
+                                       NamedSharding(mesh, spec))
+    self.ops = [(put((S, c, m, k)), put((S, k, n))) for c, m, k, n in
+                products(self.config, cfg[3] // S)]
+
+    def shard(ops):
+      def one(A, B):
+        A, B = A[0], B[0]
+        c, _ = jax.lax.scan(lambda c, a: (c + a @ B, None), A[0] @ B, A[1:])
+        return c[None]
+      return [one(A, B) for A, B in ops]
+
+    self.fn = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(spec,), out_specs=spec))
+    self.out = None
+
+  def minibatch(self):
+    self.out = self.fn(self.ops)
+
+  def sync(self):
+    self.jax.block_until_ready(self.out)
+
+  def info(self) -> dict:
+    return {"jax": self.jax.__version__, "shards": self.ops[0][0].shape[0]}
+
+
+class TorchProductsRunner(_ProductsRunner):
+  """The products by PyTorch (``torch.mm`` into a buffer, MKL / oneDNN), one shard's on one
+  thread where the train CLI splits the batch over the cores (the other cores run the other shards
+  in parallel, a bound that assumes they scale perfectly), all rows on every thread otherwise."""
+
+  def __init__(self, cfg, device, impl=None):
+    import torch
+
+    from deeprnn_jax.fit import parallel
+    super().__init__(cfg)
+    self.torch = torch
+    shards = parallel.auto_shards(cfg[3], cfg[2], parallel.usable_cores())
+    if shards > 1:
+      torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    self.ops = [(torch.randn(c, m, k, generator=g), torch.randn(k, n, generator=g),
+                 torch.empty(m, n)) for c, m, k, n in products(self.config, cfg[3] // shards)]
+    self.shards = shards
+
+  def minibatch(self):
+    for A, B, out in self.ops:
+      for a in A:
+        self.torch.mm(a, B, out=out)
+
+  def info(self) -> dict:
+    return {"torch": self.torch.__version__, "torch_threads": self.torch.get_num_threads(),
+            "shards": self.shards}
+
+
+RUNNERS = {"jax": JaxRunner, "torch": TorchRunner, "xla-products": XlaProductsRunner,
+           "torch-products": TorchProductsRunner}
+
+
 def _sync(runner):
   if isinstance(runner, TorchRunner) and runner.dev.type == "cuda":
     runner.torch.cuda.synchronize()
@@ -273,7 +408,7 @@ def _sync(runner):
 def worker(framework: str, config: str, device: str, impl: str) -> None:
   _data_env()
   t0 = time.perf_counter()
-  runner = (JaxRunner if framework == "jax" else TorchRunner)(CONFIGS[config], device, impl)
+  runner = RUNNERS[framework](CONFIGS[config], device, impl)
   setup = time.perf_counter() - t0
   t = time.perf_counter()
   runner.run(1)  # compiles (jax) / warms up (torch)
@@ -349,8 +484,9 @@ def runnable(name: str, impl: str) -> bool:
   return True
 
 
-def bench_config(name, device, repeats, epochs, impls=("layerwise",)) -> list[dict]:
-  """One row per impl of ours, each against the same PyTorch worker's runs."""
+def bench_config(name, device, repeats, epochs, impls=("layerwise",), limit=False) -> list[dict]:
+  """One row per impl of ours, each against the same PyTorch worker's runs; with ``limit``, also
+  the float32 products alone (:func:`products`, by XLA and by PyTorch), interleaved with them."""
   epochs = epochs or (GPU_EPOCHS[name] if device == "gpu" else CONFIGS[name][-1])
   impls = [impl for impl in impls if runnable(name, impl)]
   # On a GPU the workers start and compile at once, as its host has cores to spare; on a CPU one
@@ -361,12 +497,14 @@ def bench_config(name, device, repeats, epochs, impls=("layerwise",)) -> list[di
     for impl in impls:
       workers[impl] = start(Worker("jax", name, device, impl))
     workers["torch"] = start(Worker("torch", name, device))
+    for key in ("xla-products", "torch-products") if limit else ():
+      workers[key] = start(Worker(key, name, device))
     for key, w in list(workers.items()):
       if w.ready is None:
         try:
           w.wait_ready()
         except RuntimeError as e:  # one of ours that cannot start (a flag this XLA lacks)
-          if key == "torch":
+          if key not in impls:
             raise
           print(f"{name} ({key}): {e}", file=sys.stderr, flush=True)
           del workers[key]
@@ -393,6 +531,12 @@ def bench_config(name, device, repeats, epochs, impls=("layerwise",)) -> list[di
     rows.append({"config": name, "impl": impl, "epochs_per_repeat": epochs, "repeats": repeats,
                  "jax": j, "torch": t, "ratio": j["tokens_per_s"] / t["tokens_per_s"],
                  "ratio_cpu_time": j["tokens_per_cpu_s"] / t["tokens_per_cpu_s"]})
+    if limit:
+      best = max(stats["xla-products"]["tokens_per_s"], stats["torch-products"]["tokens_per_s"])
+      rows[-1]["limit"] = {"xla": stats["xla-products"], "torch": stats["torch-products"],
+                           "tokens_per_s": best, "gflops_per_token": product_flops(name)
+                           / (CONFIGS[name][3] * CONFIGS[name][4]) / 1e9}
+      rows[-1]["ratio_limit"] = j["tokens_per_s"] / best
   return rows
 
 
@@ -506,6 +650,8 @@ def measurement_names(args) -> dict[str, str]:
     suffix += "_autocast"
   if args.torch_threads:
     suffix += f"_torch_threads_{args.torch_threads}"
+  if args.product_limit:
+    suffix += "_product_limit"
   names = {}
   if args.repeats > 0:
     names["throughput"] = "throughput" + suffix
@@ -544,6 +690,9 @@ def parser() -> argparse.ArgumentParser:
                       "each with an optional :precision (layerwise:bfloat16) and @flags, a named "
                       f"set of XLA flags ({', '.join(XLA_FLAG_SETS)}); one that a config cannot "
                       "run, cudnn for a GRU say, is skipped for it")
+  p.add_argument("--product-limit", action="store_true",
+                 help="also time the float32 matrix products of a minibatch alone, by XLA and by "
+                      "PyTorch, interleaved with the rest: each config's limit, and ours / limit")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return p
 
@@ -579,6 +728,7 @@ def main(argv=None) -> int:
   base = machine.provenance(command, args.device)
   device_name = args.device_name or machine.device_slug(base["machine"])
   settings = {"configs": names, "impls": impls, "repeats": args.repeats, "epochs": args.epochs,
+              "product_limit": args.product_limit,
               "torch_threads": args.torch_threads or None,
               "torch_precision": args.torch_precision}
   collected = {}
@@ -600,7 +750,8 @@ def main(argv=None) -> int:
   rows = []
   for name in names if args.repeats > 0 else []:
     try:
-      new = bench_config(name, args.device, args.repeats, args.epochs, impls)
+      new = bench_config(name, args.device, args.repeats, args.epochs, impls,
+                         args.product_limit)
     except RuntimeError as e:  # a worker died (its traceback is on stderr): go on
       print(f"{name}: {e}", file=sys.stderr, flush=True)
       continue
@@ -608,7 +759,9 @@ def main(argv=None) -> int:
       print(f"{r['config'] + ' (' + r['impl'] + ')':22s} ours {r['jax']['tokens_per_s']:>12,.0f} "
             f"tok/s   torch {r['torch']['tokens_per_s']:>12,.0f} tok/s   ratio {r['ratio']:.2f}x "
             f"(CPU time {r['ratio_cpu_time']:.2f}x)   compile {r['jax']['compile_s']:.1f}s   ppl "
-            f"{r['jax']['final_ppl']:.1f} / {r['torch']['final_ppl']:.1f}", flush=True)
+            f"{r['jax']['final_ppl']:.1f} / {r['torch']['final_ppl']:.1f}"
+            + (f"   products alone {r['limit']['tokens_per_s']:,.0f} tok/s (ours "
+               f"{r['ratio_limit']:.0%})" if "limit" in r else ""), flush=True)
     rows += new
     save("throughput", rows, complete=False)
   status = 0

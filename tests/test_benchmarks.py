@@ -53,6 +53,7 @@ def test_each_measurement_has_its_results_file():
   names = lambda argv: tb.measurement_names(tb.parser().parse_args(argv))
   assert names([]) == {"throughput": "throughput"}
   assert names(["--torch-precision", "bfloat16"]) == {"throughput": "throughput_autocast"}
+  assert names(["--product-limit"]) == {"throughput": "throughput_product_limit"}
   assert names(["--repeats", "0", "--generation"]) == {"generation": "generation"}
   assert names(["--repeats", "0", "--full-run", "--full-run-precision", "bfloat16"]) == {
       "full_run": "full_run_bfloat16"}
@@ -79,3 +80,27 @@ def test_a_device_is_named_after_its_hardware():
   gpu = lambda name: machine.device_slug({"kind": "gpu", "gpu": {"name": name}})
   assert gpu("NVIDIA H100 80GB HBM3") == "gpu-h100"
   assert gpu("NVIDIA A100-SXM4-40GB") == "gpu-a100"
+
+
+def test_the_product_limit_runs_a_minibatch_s_products_and_nothing_else():
+  import numpy as np
+  tb = _throughput()
+  # The chapter's LSTM on one core's 16 rows: per layer and step [16, 256] x [256, 1024] and
+  # back; dW_hh of both layers and dW_xh of the second over all 35 x 16 rows; the second layer's
+  # input product and its dX; the output layer's three (28 characters).
+  assert tb.products("seed", 16) == [
+      (70, 16, 256, 1024), (70, 16, 1024, 256), (3, 256, 560, 1024), (1, 560, 256, 1024),
+      (1, 560, 1024, 256), (1, 560, 256, 28), (1, 560, 28, 256), (1, 256, 560, 28)]
+  assert tb.products("rnn", 32)[:3] == [(70, 32, 256, 256), (70, 32, 256, 256),
+                                        (3, 256, 1120, 256)]
+  assert tb.product_flops("seed") == 2 * sum(c * m * k * n for c, m, k, n in
+                                             tb.products("seed", 32))
+  xla = tb.XlaProductsRunner(tb.CONFIGS["seed"], "cpu")
+  xla.minibatch()
+  xla.sync()
+  for (A, B), c in zip(xla.ops, xla.out):  # every product computed: Σ_i A_i B per kind
+    expected = np.einsum("sikm,smn->skn", np.asarray(A), np.asarray(B))
+    np.testing.assert_allclose(np.asarray(c), expected, rtol=1e-4, atol=1e-2)
+  torch = tb.TorchProductsRunner(tb.CONFIGS["seed"], "cpu")
+  Xs, _ = tb._ProductsRunner(tb.CONFIGS["seed"]).loader.epoch()
+  assert torch.run(1) == Xs.size  # an epoch's tokens, as the training workers count them
