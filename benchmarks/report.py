@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import CONFIGS  # noqa: E402  (a module that imports neither JAX nor PyTorch)
+from throughput import CONFIGS, split_impl  # noqa: E402  (a module that imports neither JAX nor PyTorch)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -160,7 +160,7 @@ def render_throughput(doc: dict) -> list[str]:
   configs = list(dict.fromkeys(r["config"] for r in rows_in))
   by = {(r["config"], r["impl"]): r for r in rows_in}
   # With the product limit: the float32 products alone, and each float32 impl's share of it.
-  limited = [i for i in impls if ":" not in i.partition("@")[0]] \
+  limited = [i for i in impls if split_impl(i)[1] == "float32"] \
       if any("limit" in r for r in rows_in) else []
   header = ["config", "model", *(impl_name(i) for i in impls), torch_name(doc),
             *(f"{impl_name(i)} / PyTorch" for i in impls),

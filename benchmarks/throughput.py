@@ -279,7 +279,11 @@ def products(config: str, rows: int) -> list[tuple[int, int, int, int]]:
   backward ``dG W_hhᵀ``; per layer ``dW_hh`` over all steps; per layer above the first the input
   product, its ``dX`` and ``dW_xh`` (the first layer's one-hot input is a gather); the output
   layer's three (``recurrence``'s module docstring)."""
-  cell, L, H, _, T, _, _ = CONFIGS[config]
+  return _products(CONFIGS[config], rows)
+
+
+def _products(cfg: tuple, rows: int) -> list[tuple[int, int, int, int]]:
+  cell, L, H, _, T, _, _ = cfg
   GH, TB = GATES[cell] * H, T * rows
   out = [(L * T, rows, H, GH), (L * T, rows, GH, H), (2 * L - 1, H, TB, GH)]
   if L > 1:
@@ -298,10 +302,9 @@ class _ProductsRunner:
 
   def __init__(self, cfg):
     from deeprnn_jax.text import data
-    _, _, hiddens, batch, steps, max_tokens, _ = cfg
+    _, _, _, batch, steps, max_tokens, _ = cfg
     self.loader, _ = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
-    self.config = next(k for k, v in CONFIGS.items() if v == cfg)
-    self.ppl = float("nan")
+    self.cfg, self.ppl = cfg, float("nan")
 
   def run(self, epochs: int) -> int:
     tokens = 0
@@ -345,7 +348,7 @@ class XlaProductsRunner(_ProductsRunner):
     put = lambda shape: jax.device_put(rng.standard_normal(shape, np.float32),
                                        NamedSharding(mesh, spec))
     self.ops = [(put((S, c, m, k)), put((S, k, n))) for c, m, k, n in
-                products(self.config, cfg[3] // S)]
+                _products(cfg, cfg[3] // S)]
 
     def shard(ops):
       def one(A, B):
@@ -383,7 +386,7 @@ class TorchProductsRunner(_ProductsRunner):
       torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     self.ops = [(torch.randn(c, m, k, generator=g), torch.randn(k, n, generator=g),
-                 torch.empty(m, n)) for c, m, k, n in products(self.config, cfg[3] // shards)]
+                 torch.empty(m, n)) for c, m, k, n in _products(cfg, cfg[3] // shards)]
     self.shards = shards
 
   def minibatch(self):
