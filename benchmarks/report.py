@@ -137,20 +137,23 @@ def _versions(v: dict) -> str:
 
 
 def render_machines(docs: list[dict]) -> list[str]:
-  entries = {}  # device -> [(machine, versions, measurement)]
+  entries = {}  # device -> [(date, machine, versions, measurement)]
   for doc in docs:
     for run in doc.get("runs", [doc]):
-      entries.setdefault(doc["device"], []).append((run["machine"], run["versions"],
+      entries.setdefault(doc["device"], []).append((run.get("date", doc.get("date", "")),
+                                                    run["machine"], run["versions"],
                                                     doc["measurement"]))
   rows = []
   for device, items in entries.items():
-    hardware = sorted({_hardware(m) for m, _, _ in items})
+    # One device name is one kind of hardware (machine.py derives it from the hardware); where
+    # records describe it differently, an older one detected fewer of its features.
+    hardware = _hardware(max(items, key=lambda item: item[0])[1])
     software = {}
-    for _, v, meas in items:
+    for _, _, v, meas in items:
       software.setdefault(_versions(v), []).append(meas)
     soft = "; ".join(text + (f" ({', '.join(sorted(set(ms)))})" if len(software) > 1 else "")
                      for text, ms in software.items())
-    rows.append([f"`{device}`", "; ".join(hardware), soft])
+    rows.append([f"`{device}`", hardware, soft])
   return table(["device", "hardware", "software"], rows)
 
 
@@ -178,7 +181,8 @@ def render_throughput(doc: dict) -> list[str]:
                  *(f"{by[(c, i)]['ratio_limit']:.0%}" if (c, i) in by else "—"
                    for i in limited)])
   repeats = sorted({r["repeats"] for r in rows_in})
-  title = f"### `{doc['device']}`: against {torch_name(doc)}"
+  title = f"### `{doc['device']}`: against {torch_name(doc)}" + \
+      (" and the float32 product limit" if limited else "")
   out = [title, "", *command_block(doc["command"]), "",
          *table(header, rows, "ll" + "r" * (len(header) - 2)), "",
          f"Tokens/s of training, medians of {'/'.join(map(str, repeats))} interleaved repeats. "

@@ -39,3 +39,18 @@ def test_every_results_file_says_where_it_comes_from():
     for run in doc.get("runs", [doc]) if doc["kind"] == "variants" else [doc]:
       assert run["command"] and run["date"] and run["versions"]["jax"], path
       assert len(run["commit"]) == 40 and run["machine"]["kind"] in ("cpu", "gpu"), path
+
+
+def test_a_device_is_described_by_its_newest_record():
+  report = _report()
+  cpu = {"model": "AMD EPYC", "vendor": "AuthenticAMD", "family": 25, "model_number": 17,
+         "microarchitecture": "Zen 4", "cores": 2, "virtual_machine": True}
+  old = {"device": "cpu-epyc-zen4-2c", "measurement": "full_run", "date": "2026-11-27",
+         "machine": {"kind": "cpu", "cpu": dict(cpu, flags=["avx512f"]), "gpu": None},
+         "versions": {"python": "3.11.7", "jax": "0.10.2"}}
+  new = dict(old, measurement="throughput", date="2026-12-05",
+             machine={"kind": "cpu", "cpu": dict(cpu, flags=["avx2", "avx512f"]), "gpu": None})
+  for docs in ([old, new], [new, old]):
+    rows = [line for line in report.render_machines(docs) if "cpu-epyc-zen4-2c" in line]
+    assert len(rows) == 1
+    assert rows[0].count("AMD EPYC") == 1 and "; AVX2, AVX-512 |" in rows[0], rows[0]
