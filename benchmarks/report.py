@@ -247,7 +247,8 @@ VARIANT_KINDS = {
     "scan": "`nn.scan` reference", "auto": "layerwise, XLA's autodiff of the scan",
     "res": "layerwise, custom VJP", "sliced": "custom VJP, gates on column slices",
     "wave": "wavefront", "cudnn": "cuDNN", "split": "custom VJP, batch split over the cores",
-    "t2d": "custom VJP, plain 2-D transposes"}
+    "t2d": "custom VJP, plain 2-D transposes",
+    "noreduce": "batch split, no all-reduce of the gradients (timing only)"}
 
 
 def describe_variant(spec: str) -> str:

@@ -17,6 +17,9 @@ Each variant is ``kind:unroll[:hi|:bf16]``:
 * ``split``: ``res`` with every minibatch's rows split over the CPU cores, one JAX CPU device
   each (``parallel.batch_devices``; the train CLI's default where ``parallel.auto_shards`` says
   so); ``split`` followed by a number (``split2``) asks for that many shards;
+* ``noreduce``: ``split`` without the all-reduce of the gradients (``jax.lax.pmean`` as the
+  identity): each shard trains on its own rows, which is not d2l's training; it times what the
+  all-reduce, and the shards waiting for each other there, cost the split;
 * ``t2d``: ``res`` with the backward's transposed operands as plain 2-D transposes (``a.T``
   behind an optimization barrier, then cast) instead of ``recurrence._t``'s: with ``:bf16``,
   XLA:CPU silently runs those products in float32;
@@ -76,6 +79,8 @@ def patched(kind: str):
     if kind == "t2d":
       stack.enter_context(mock.patch.object(recurrence, "_t", lambda a, precision="float32": (
           jax.lax.optimization_barrier(a.T).astype(recurrence.PRECISIONS[precision]))))
+    if kind == "noreduce":
+      stack.enter_context(mock.patch.object(jax.lax, "pmean", lambda x, axis_name: x))
     yield
 
 
@@ -104,8 +109,9 @@ def main():
       # matter while tracing, which the first call does.
       with patched(kind), context():
         devices = jax.devices()[:1]
-        if kind.startswith("split"):
-          devices = parallel.batch_devices(B, H, int(kind[5:]) if kind[5:] else None)
+        if kind.startswith("split") or kind == "noreduce":
+          shards = kind[5:] if kind.startswith("split") else ""
+          devices = parallel.batch_devices(B, H, int(shards) if shards else None)
         ts = parallel.replicate(training.init_train_state(model, opt, jax.random.PRNGKey(0)),
                                 devices)
         epoch = training.make_train_epoch(model, opt, devices=devices)

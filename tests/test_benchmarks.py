@@ -104,3 +104,24 @@ def test_the_product_limit_runs_a_minibatch_s_products_and_nothing_else():
   torch = tb.TorchProductsRunner(tb.CONFIGS["seed"], "cpu")
   Xs, _ = tb._ProductsRunner(tb.CONFIGS["seed"]).loader.epoch()
   assert torch.run(1) == Xs.size  # an epoch's tokens, as the training workers count them
+
+
+def test_variants_time_the_split_with_and_without_its_all_reduce(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  root = Path(__file__).resolve().parent.parent
+  out = tmp_path / "variants.json"
+  env = dict(os.environ, CELL="lstm", H="16", L="1", B="32", MAXTOK="4000", R="1", N="1",
+             JSON=str(out))
+  subprocess.run([sys.executable, "benchmarks/variants.py", "res:1,split:1,noreduce:1"], cwd=root,
+                 env=env, check=True, capture_output=True, timeout=300)
+  (run,) = json.loads(out.read_text())["runs"]
+  loss = {r["variant"]: r["loss"] for r in run["results"]}
+  assert set(loss) == {"res:1", "split:1", "noreduce:1"}
+  # The split trains as one device does; without the all-reduce each shard trains on its own
+  # rows, so the models part.
+  assert loss["split:1"] == pytest.approx(loss["res:1"], rel=1e-5)
+  if len(os.sched_getaffinity(0)) >= 2:  # the rows split over two devices (16 each)
+    assert loss["noreduce:1"] != pytest.approx(loss["res:1"], rel=1e-5)
