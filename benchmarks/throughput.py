@@ -690,9 +690,9 @@ def parser() -> argparse.ArgumentParser:
                  help="the train CLI's --precision in the full run (PyTorch's stays float32)")
   p.add_argument("--impl", default="layerwise",
                  help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn, "
-                      "each with an optional :precision (layerwise:bfloat16) and @flags, a named "
-                      f"set of XLA flags ({', '.join(XLA_FLAG_SETS)}); one that a config cannot "
-                      "run, cudnn for a GRU say, is skipped for it")
+                      "onednn, each with an optional :precision (layerwise:bfloat16) and @flags, "
+                      f"a named set of XLA flags ({', '.join(XLA_FLAG_SETS)}); one that a config "
+                      "cannot run, cudnn for a GRU say, is skipped for it")
   p.add_argument("--product-limit", action="store_true",
                  help="also time the float32 matrix products of a minibatch alone, by XLA and by "
                       "PyTorch, interleaved with the rest: each config's limit, and ours / limit")

@@ -2,9 +2,10 @@
 
 The package is layered, each layer importing only those below it (tests/test_layering.py)::
 
-    base/    settings, their checks, errors, crash-safe files    plain Python, no JAX
+    base/    settings, their checks, errors, crash-safe files,    plain Python, no JAX
+             the usable cores
     text/    corpora, vocabulary, d2l's two editions              NumPy (editions: + model, fit)
-    model/   cell equations, recurrence, cuDNN, RNNLM,            JAX and Flax; no text
+    model/   cell equations, recurrence, cuDNN, oneDNN, RNNLM,    JAX and Flax; no text
              generation, PyTorch interop
     fit/     optimiser, step and epoch, epoch dispatch, devices   no text
     run/     runs, sweeps, reporting, run folder, checkpoints,

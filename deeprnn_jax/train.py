@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
                       "minibatch (DropConnect, AWD-LSTM)")
   m.add_argument("--impl", default=_D.impl,
                  help="layerwise (fast), scan (the chapter's reference), wavefront (GPU, large "
-                      "batches) or cudnn (LSTM on a CUDA GPU, wide layers)")
+                      "batches), cudnn (LSTM on a CUDA GPU, wide layers) or onednn (LSTM on "
+                      "the CPU, oneDNN's fused kernel: the onednn extra)")
   m.add_argument("--precision", default=_D.precision,
                  help="operand type of the recurrent layers' matrix products: float32 or "
                       "bfloat16 (float32 accumulation; faster on CPUs with AVX512-BF16, see "

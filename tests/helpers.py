@@ -19,7 +19,7 @@ import numpy as np
 from references.numpy_model import NUM_GATES
 
 from deeprnn_jax.base import validate
-from deeprnn_jax.model import cells
+from deeprnn_jax.model import cells, onednn
 from deeprnn_jax.model.models import RNNLM
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 agreement of two computations of the same numbers
@@ -43,10 +43,12 @@ def cell_cases(fast: bool = False, torch: bool = False) -> list[tuple[str, str]]
 
 def impls_for(cell: str) -> tuple[str, ...]:
   """The implementations that run ``cell``: ``scan`` always, the fast ones where it fits their
-  kernels, ``cudnn`` where cuDNN has its kernel (the LSTM's)."""
+  kernels, ``cudnn`` and ``onednn`` where the vendors have its fused kernel (the LSTM's; oneDNN's
+  on Linux x86-64, where its wheels exist)."""
   spec = cells.CELLS[cell]
+  fused = [i for i in validate.FUSED_IMPLS if i != "onednn" or onednn.SUPPORTED]
   return ("scan",) + (("layerwise", "wavefront") if spec.fits_kernels else ()) + (
-      ("cudnn",) if spec.fits_kernels and spec.cudnn else ())
+      tuple(fused) if spec.fits_kernels and spec.fused else ())
 
 
 def random_state(key, cell: str, num_layers: int, batch: int, hiddens: int):

@@ -65,7 +65,7 @@ def twice_numpy(p, x, h):
 GATED = cells.CellSpec("gated", ("f", "n"), gated_step)
 TWICE = cells.CellSpec("twice", ("h",), twice_step, fits_kernels=False)
 NUMPY = {"gated": gated_numpy, "twice": twice_numpy}
-FAST_IMPLS = ("layerwise", "wavefront", "cudnn")
+FAST_IMPLS = ("layerwise", "wavefront", "cudnn", "onednn")
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """Every implementation computes the chapter's function, in float32.
 
-``RNNLM(impl=...)`` has four implementations of the recurrent stack: ``"scan"`` (the chapter's
+``RNNLM(impl=...)`` has five implementations of the recurrent stack: ``"scan"`` (the chapter's
 ``nn.scan`` over stacked cells, the reference), ``"layerwise"`` (the default: one custom-VJP scan
-per layer, see ``deeprnn_jax.model.recurrence``), ``"wavefront"`` (all layers advance in one scan)
-and ``"cudnn"`` (cuDNN's LSTM on a CUDA GPU; elsewhere JAX's reference of that kernel, so the weight
-packing, state layout and gradients through them are checked on every machine).
+per layer, see ``deeprnn_jax.model.recurrence``), ``"wavefront"`` (all layers advance in one scan),
+``"cudnn"`` (cuDNN's LSTM on a CUDA GPU; elsewhere JAX's reference of that kernel, so the weight
+packing, state layout and gradients through them are checked on every machine) and ``"onednn"``
+(oneDNN's fused LSTM on the CPU, compiled on first use: the ``onednn`` extra, part of the test
+extra).
 
 Each is held to two references: the NumPy model in ``tests/references/numpy_model.py``, written
 from the equations (itself checked against PyTorch here), and ``impl="scan"``. Forward values
@@ -43,7 +45,7 @@ from deeprnn_jax.fit import training
 from deeprnn_jax.model import cells, cudnn, generate, recurrence
 from deeprnn_jax.model.models import RNNLM
 
-IMPLS = ("scan", "layerwise", "wavefront", "cudnn")
+IMPLS = impls_for("lstm")  # every implementation: the LSTM has them all
 TOL = dict(rtol=1e-5, atol=1e-5)
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 VOCAB, HIDDENS = 7, 5
@@ -239,9 +241,10 @@ def test_wavefront_edge_shapes_and_unrolls(cell, num_layers, batch, steps, unrol
   _check("wavefront", cell, "tanh", num_layers, batch, steps, seed=5, unroll=unroll)
 
 
+@pytest.mark.parametrize("impl", ["cudnn", "onednn"])
 @pytest.mark.parametrize("num_layers,batch,steps", [(1, 3, 6), (2, 3, 6), (3, 2, 4), (2, 1, 1)])
-def test_cudnn_matches_scan_and_numpy(num_layers, batch, steps):
-  _check("cudnn", "lstm", "tanh", num_layers, batch, steps, seed=num_layers)
+def test_fused_kernels_match_scan_and_numpy(impl, num_layers, batch, steps):
+  _check(impl, "lstm", "tanh", num_layers, batch, steps, seed=num_layers)
 
 
 @pytest.mark.parametrize("cell,activation", [
@@ -358,7 +361,8 @@ def test_cudnn_packs_weights_in_its_documented_layout():
 
 
 @pytest.mark.parametrize("cell,impl", [("lstm", "layerwise"), ("rnn", "scan"),
-                                       ("gru", "layerwise"), ("gru", "wavefront")])
+                                       ("gru", "layerwise"), ("gru", "wavefront"),
+                                       ("lstm", "onednn")])
 def test_vmap_over_stacked_params_equals_loop(cell, impl):
   vocab, hiddens, L, batch, steps, n = 5, 4, 2, 2, 3, 3
   model = RNNLM(vocab, hiddens, L, cell, impl=impl)
@@ -377,7 +381,7 @@ def test_vmap_over_stacked_params_equals_loop(cell, impl):
   assert not np.allclose(logits_v[0], logits_v[1])
 
 
-@pytest.mark.parametrize("impl", ["wavefront", "cudnn"])
+@pytest.mark.parametrize("impl", ["wavefront", "cudnn", "onednn"])
 def test_forward_only_and_generation_match_scan(impl):
   """The paths taken without gradients: a jitted apply, and compiled generation (one step)."""
   scan, fast, params, state, X, _, _ = _case("lstm", "tanh", 2, batch=3, steps=6, seed=7,
@@ -423,8 +427,9 @@ def test_wavefront_refuses_dropout_between_layers():
   chex.assert_shape(logits, (1, 2, VOCAB))
 
 
-def test_cudnn_impl_refuses_what_it_cannot_run():
+@pytest.mark.parametrize("impl", ["cudnn", "onednn"])
+def test_fused_impls_refuse_what_they_cannot_run(impl):
+  with pytest.raises(UsageError, match=f"impl '{impl}' runs LSTMs without dropout"):
+    RNNLM(VOCAB, HIDDENS, 2, "gru", impl=impl)
   with pytest.raises(UsageError, match="LSTMs without dropout"):
-    RNNLM(VOCAB, HIDDENS, 2, "gru", impl="cudnn")
-  with pytest.raises(UsageError, match="LSTMs without dropout"):
-    RNNLM(VOCAB, HIDDENS, 2, "lstm", dropout=0.2, impl="cudnn")
+    RNNLM(VOCAB, HIDDENS, 2, "lstm", dropout=0.2, impl=impl)

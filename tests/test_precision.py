@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cell_names, projected_loss, random_like
+from helpers import cell_names, impls_for, projected_loss, random_like
 
 from deeprnn_jax import train
+from deeprnn_jax.base import validate
 from deeprnn_jax.base.config import TrainConfig
 from deeprnn_jax.base.errors import UsageError
 from deeprnn_jax.fit import parallel, training
@@ -43,8 +44,9 @@ def _outputs_and_grads(model, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["layerwise", "wavefront"])
-@pytest.mark.parametrize("cell", cell_names(fast=True))
+@pytest.mark.parametrize("cell,impl", [(cell, impl) for impl in validate.BFLOAT16_IMPLS
+                                       for cell in cell_names(fast=True)
+                                       if impl in impls_for(cell)])
 def test_bfloat16_products_stay_close_to_the_float32_reference(cell, impl):
   k = jax.random.split(jax.random.PRNGKey(3), 5)
   reference = RNNLM(VOCAB, HIDDENS, 2, cell, impl="scan")

@@ -37,7 +37,7 @@ def _tokens(batch: int, steps: int, seed: int = 0):
   return jax.random.randint(jax.random.PRNGKey(seed), (batch, steps), 0, V)
 
 
-@pytest.mark.parametrize("impl", ["scan", "layerwise", "wavefront", "cudnn"])
+@pytest.mark.parametrize("impl", impls_for("lstm"))
 def test_weight_drop_zeroes_the_same_entries_of_w_hh_at_every_step_of_a_minibatch(impl):
   model = RNNLM(V, H, 2, "lstm", impl=impl, weight_drop=0.5)
   params, X = _init(model), _tokens(3, 20)
@@ -54,14 +54,14 @@ def test_weight_drop_zeroes_the_same_entries_of_w_hh_at_every_step_of_a_minibatc
 def test_weight_drop_draws_a_new_mask_for_each_minibatch_and_the_same_one_on_every_impl():
   X = _tokens(2, 10)
   zeros = {}
-  for impl in ("scan", "layerwise", "wavefront", "cudnn"):
+  for impl in impls_for("lstm"):
     model = RNNLM(V, H, 2, "lstm", impl=impl, weight_drop=0.5)
     params = _init(model)
     for key in (1, 2):
       g = _grads(model, params, X, jax.random.PRNGKey(key))["rnn"]["layer_1"]["W_hh"]
       zeros[impl, key] = np.asarray(g) == 0.0
   assert (zeros["scan", 1] != zeros["scan", 2]).mean() > 0.3
-  for impl in ("layerwise", "wavefront", "cudnn"):
+  for impl in impls_for("lstm")[1:]:
     np.testing.assert_array_equal(zeros[impl, 1], zeros["scan", 1])
     np.testing.assert_array_equal(zeros[impl, 2], zeros["scan", 2])
 
@@ -103,7 +103,7 @@ def test_with_rate_0_and_at_evaluation_the_regularised_model_is_the_plain_one(ce
   got, _ = zero.apply({"params": params}, X, deterministic=False,
                       rngs={"dropout": jax.random.PRNGKey(1)})
   np.testing.assert_array_equal(got, want)
-  dropout = 0.0 if impl in ("wavefront", "cudnn") else 0.4
+  dropout = 0.0 if impl in ("wavefront", "cudnn", "onednn") else 0.4
   regularised = RNNLM(V, H, 2, cell, impl=impl, dropout=dropout, weight_drop=0.5,
                       locked_dropout=dropout > 0)
   evaluated, _ = regularised.apply({"params": params}, X)  # deterministic, as evaluation runs
@@ -118,7 +118,7 @@ def test_generation_uses_no_dropout_or_weight_drop():
                                 generate.generate_tokens(plain, params, prefix, 12))
 
 
-@pytest.mark.parametrize("impl", ["scan", "layerwise", "wavefront", "cudnn"])
+@pytest.mark.parametrize("impl", impls_for("lstm"))
 def test_an_embedding_feeds_layer_0_and_embedding_dropout_drops_whole_rows(impl):
   model = RNNLM(V, H, 2, "lstm", impl=impl, embed_dim=5, embed_dropout=0.5)
   params = _init(model)

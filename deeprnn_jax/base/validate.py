@@ -18,7 +18,7 @@ from deeprnn_jax.base.errors import UsageError
 
 Cell = str  # a name in deeprnn_jax.model.cells.CELLS (CELLS below)
 Activation = Literal["tanh", "relu"]
-Impl = Literal["layerwise", "scan", "wavefront", "cudnn"]
+Impl = Literal["layerwise", "scan", "wavefront", "cudnn", "onednn"]
 Precision = Literal["float32", "bfloat16"]
 Optimizer = Literal["sgd", "adam"]
 Schedule = Literal["constant", "cosine"]
@@ -27,6 +27,10 @@ Pipeline = Literal["classic", "windows"]
 
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 IMPLS: tuple[str, ...] = get_args(Impl)
+# The impls that run a vendor's fused kernel of a whole layer (``CellSpec.fused``).
+FUSED_IMPLS = ("cudnn", "onednn")
+# The impls whose products can take bfloat16 operands (``precision``).
+BFLOAT16_IMPLS = ("layerwise", "wavefront", "onednn")
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -140,17 +144,18 @@ def model(vocab_size: int, num_hiddens: int, num_layers: int, cell_name: str, ac
   fast_kernels(cell_name, impl)
   # one layer has nowhere to drop between layers; locked dropout drops its output too
   dropped = dropout > 0.0 and (num_layers > 1 or locked_dropout)
-  if impl == "cudnn" and (not spec.cudnn or dropped):
-    kinds = " or ".join(f"{name.upper()}s" for name, s in _cells().items() if s.cudnn)
-    raise UsageError(f"impl 'cudnn' runs {kinds} without dropout (got cell {cell_name!r}, "
+  if impl in FUSED_IMPLS and (not spec.fused or dropped):
+    kinds = " or ".join(f"{name.upper()}s" for name, s in _cells().items() if s.fused)
+    raise UsageError(f"impl {impl!r} runs {kinds} without dropout (got cell {cell_name!r}, "
                      f"dropout {dropout}); use impl 'layerwise'")
   if impl == "wavefront" and dropped:
     raise UsageError(f"impl 'wavefront' runs without dropout (got {dropout}); use impl "
                      "'layerwise'")
   one_of("precision", precision, PRECISIONS)
-  if precision != "float32" and impl not in ("layerwise", "wavefront"):
-    raise UsageError(f"precision {precision!r} is for impl 'layerwise' or 'wavefront' (got "
-                     f"{impl!r}: the reference and cuDNN run float32)")
+  if precision != "float32" and impl not in BFLOAT16_IMPLS:
+    raise UsageError(f"precision {precision!r} is for impl "
+                     f"{', '.join(repr(i) for i in BFLOAT16_IMPLS)} (got {impl!r}: the reference "
+                     "and cuDNN run float32)")
   if unroll is not None:
     positive_int("unroll", unroll)
 

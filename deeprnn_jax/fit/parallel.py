@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from deeprnn_jax.base import validate
+from deeprnn_jax.base.cores import usable_cores
 from deeprnn_jax.base.errors import UsageError
 
 BATCH_AXIS = "data"  # the mesh axis a minibatch's rows are split over
@@ -38,14 +39,6 @@ BATCH_AXIS = "data"  # the mesh axis a minibatch's rows are split over
 MAX_SHARD_WORK = 16 * 256 * 256
 MIN_SHARD_ROWS = 8
 MAX_AUTO_SHARDS = 2  # measured on 2 cores only; more shards are for the user to ask for
-
-
-def usable_cores() -> int:
-  """The cores this process may run on (its CPU affinity, not the machine's count)."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    return os.cpu_count() or 1
 
 
 def use_cpu_cores(n: int | None = None) -> bool:

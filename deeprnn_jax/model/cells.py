@@ -223,7 +223,8 @@ class CellSpec:
       converts to and from the parameters (``interop``); ``None``: the cell does not convert.
     torch_gates: the gates in PyTorch's order where it is not :attr:`gates`' (``interop``
       reorders the blocks); ``None``: PyTorch's order is :attr:`gates`.
-    cudnn: cuDNN has the cell's kernel (``jax.experimental.rnn``'s LSTM), for impl ``"cudnn"``.
+    fused: cuDNN and oneDNN have the cell's fused kernel (their LSTM), for impls ``"cudnn"``
+      (``jax.experimental.rnn``) and ``"onednn"``.
   """
 
   name: str
@@ -235,7 +236,7 @@ class CellSpec:
   fits_kernels: bool = True
   torch_module: str | None = None
   torch_gates: tuple[str, ...] | None = None
-  cudnn: bool = False
+  fused: bool = False
 
   @property
   def num_gates(self) -> int:
@@ -278,7 +279,7 @@ CELLS: dict[str, CellSpec] = {spec.name: spec for spec in (
     CellSpec("rnn", ("h",), rnn_step, takes_activation=True, torch_module="nn.RNN"),
     CellSpec("gru", ("r", "z", "n"), gru_step, adds_input=False, torch_module="nn.GRU"),
     CellSpec("lstm", ("i", "f", "g", "o"), lstm_step, pair=True, torch_module="nn.LSTM",
-             cudnn=True),
+             fused=True),
 )}
 
 

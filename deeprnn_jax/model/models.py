@@ -1,6 +1,6 @@
 """Deep (stacked) recurrent networks and the character language model built on them.
 
-Four ways to run the same parameters, chosen by ``impl``:
+Five ways to run the same parameters, chosen by ``impl``:
 
 * ``"scan"`` — the chapter, literally: ``nn.scan`` carries all L stacked cells through time, one
   time step at a time, with one-hot inputs. This is the reference.
@@ -15,6 +15,8 @@ Four ways to run the same parameters, chosen by ``impl``:
   latency, not arithmetic; no dropout.
 * ``"cudnn"`` — LSTM only, no dropout: the whole stack as one cuDNN call forward and one
   backward (``jax.experimental.rnn``; see ``cudnn``), on the same parameters.
+* ``"onednn"`` — LSTM only, no dropout, on the CPU: each layer as one call of oneDNN's fused LSTM
+  forward and one backward (PyTorch's CPU kernel; see ``onednn``), on the same parameters.
 
 Parameters (``params`` of :class:`RNNLM`)::
 
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 from deeprnn_jax.base import validate
 from deeprnn_jax.base.config import TrainConfig
 from deeprnn_jax.base.validate import Activation, Cell, Impl, Precision, layer_activations
-from deeprnn_jax.model import cells, cudnn, recurrence
+from deeprnn_jax.model import cells, cudnn, onednn, recurrence
 
 Array = jax.Array
 def _time_major(inputs: Array) -> Array:
@@ -194,6 +196,26 @@ class CudnnLSTM(_Stack):
     return tuple(spec.layer_carries((h_n, c_n))), hs
 
 
+class OnednnLSTM(_Stack):
+  """:data:`DeepRNN` for LSTMs without dropout on the CPU, one oneDNN call per layer and pass
+  (``onednn.lstm_stack``; ``precision="bfloat16"`` is oneDNN's bfloat16 LSTM).
+
+  The same parameters (``layer_{l}/…``, declared by ``cells.Cell``); ``inputs`` as for
+  :class:`LayerwiseRNN` (tokens are expanded to one-hot rows: oneDNN takes dense inputs).
+  """
+
+  @nn.compact
+  def __call__(self, carries, inputs: Array):
+    if inputs.ndim == 2:
+      inputs = jax.nn.one_hot(inputs, self.num_inputs, dtype=jnp.float32)
+    layers = [layer.weights for layer in self.layer_cells()]
+    spec = cells.cell_spec(self.cell)
+    h0, c0 = spec.stacked_state(carries)
+    hs, h_n, c_n = onednn.lstm_stack(layers, _time_major(inputs), h0, c0,
+                                     bf16=self.precision == "bfloat16")
+    return tuple(spec.layer_carries((h_n, c_n))), jnp.swapaxes(hs, 0, 1)
+
+
 class RNNLM(nn.Module):
   """A character (or word) language model: one-hot inputs, a deep RNN, a linear head.
 
@@ -216,12 +238,14 @@ class RNNLM(nn.Module):
     embed_dropout: drop probability of each token's whole embedding row for a minibatch
       (training only; the rest scaled by ``1 / (1 - p)``).
     impl: ``"layerwise"`` (fast, default), ``"scan"`` (the chapter's reference formulation),
-      ``"wavefront"`` (layers skewed in time, for GPUs; no dropout) or ``"cudnn"`` (LSTM without
-      dropout, one cuDNN call; JAX's reference of it off the GPU). A cell that does not fit the
+      ``"wavefront"`` (layers skewed in time, for GPUs; no dropout), ``"cudnn"`` (LSTM without
+      dropout, one cuDNN call; JAX's reference of it off the GPU) or ``"onednn"`` (LSTM without
+      dropout on the CPU, oneDNN's fused kernel per layer). A cell that does not fit the
       fast kernels (``cells.CellSpec.fits_kernels``) runs under ``"scan"`` only.
     precision: ``"float32"`` (default) or ``"bfloat16"``: the recurrent layers' products take
-      bfloat16 operands and accumulate in float32 (``layerwise`` and ``wavefront`` only; the
-      head, the state, the nonlinearities and the parameters stay float32).
+      bfloat16 operands and accumulate in float32 (``layerwise``, ``wavefront`` and ``onednn``;
+      the head, the cell state, the nonlinearities and the parameters stay float32; ``onednn``
+      also rounds ``H`` to bfloat16, as oneDNN's bfloat16 LSTM does).
     unroll: ``lax.scan`` unroll factor of the ``layerwise`` and ``wavefront`` recurrence; ``None``
       takes the backend's measured best (:data:`deeprnn_jax.model.recurrence.DEFAULT_UNROLL`). It
       changes speed and compile time, never the numbers.
@@ -287,7 +311,8 @@ class RNNLM(nn.Module):
       rnn = DeepRNNLocked if self.locked_dropout else DeepRNN
       inputs = jax.nn.one_hot(X, self.vocab_size, dtype=jnp.float32)
     else:
-      rnn = {"cudnn": CudnnLSTM, "wavefront": WavefrontRNN}.get(self.impl, LayerwiseRNN)
+      rnn = {"cudnn": CudnnLSTM, "onednn": OnednnLSTM,
+             "wavefront": WavefrontRNN}.get(self.impl, LayerwiseRNN)
       inputs = X
     if self.embed_dim is not None:
       inputs = self.embed(X, deterministic)
@@ -307,6 +332,13 @@ class RNNLM(nn.Module):
     W_hq = self.param("W_hq", init, (self.num_hiddens, self.vocab_size))
     b_q = self.param("b_q", init, (self.vocab_size,))
     return hs @ W_hq + b_q, spec.stacked_state(carries)
+
+
+def check_available(impl: str) -> None:
+  """Raises :class:`~deeprnn_jax.base.errors.UsageError` (one line) where ``impl`` cannot train on
+  this machine: ``"cudnn"`` without a GPU, ``"onednn"`` off the CPU or without oneDNN."""
+  cudnn.check_available(impl)
+  onednn.check_available(impl)
 
 
 def from_config(config: TrainConfig, vocab_size: int) -> RNNLM:

@@ -30,7 +30,7 @@ from deeprnn_jax.base.config import TrainConfig
 from deeprnn_jax.base.errors import Interrupted, UsageError
 from deeprnn_jax.fit import parallel, training
 from deeprnn_jax.fit.dispatch import EpochAbandoned, EpochPipeline
-from deeprnn_jax.model import cudnn, generate, models
+from deeprnn_jax.model import generate, models
 from deeprnn_jax.run import best, plots, sinks, stopping
 from deeprnn_jax.run import checkpoint as ckpt
 from deeprnn_jax.run.reporting import Report, device_name
@@ -463,7 +463,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, resume: bool = False,
   t_start = time.perf_counter()
   out, err = out or sys.stdout, err or sys.stderr
   config.validate()
-  cudnn.check_available(config.impl)
+  models.check_available(config.impl)
   options.validate()
   folder = RunDir(run_dir)
   if resume:

@@ -35,7 +35,7 @@ from deeprnn_jax.base.config import SWEPT, Sweep, TrainConfig
 from deeprnn_jax.base.errors import Diverged, Interrupted, UsageError
 from deeprnn_jax.fit import training
 from deeprnn_jax.fit.dispatch import FinishedEpoch
-from deeprnn_jax.model import cudnn, models
+from deeprnn_jax.model import models
 from deeprnn_jax.run import best, plots, stopping
 from deeprnn_jax.run.reporting import Measured, Report, device_name
 from deeprnn_jax.run.rundir import SWEEP, RunDir
@@ -287,7 +287,7 @@ def sweep_run(config: TrainConfig, sweep: Sweep, run_dir: str | Path, resume: bo
   options = options or RunOptions()
   config.validate()
   sweep.validate(config)
-  cudnn.check_available(config.impl)
+  models.check_available(config.impl)
   options.validate()
   members = sweep.members(config)
   folder = RunDir(run_dir)
