@@ -178,12 +178,16 @@ class WavefrontRNN(_Stack):
     return tuple(carries), jnp.swapaxes(xs, 0, 1)
 
 
-class CudnnLSTM(_Stack):
-  """:data:`DeepRNN` for LSTMs without dropout, as one cuDNN call (``cudnn.lstm_stack``).
+class _FusedLSTM(_Stack):
+  """:data:`DeepRNN` for LSTMs without dropout, as a vendor's fused kernel (:meth:`stack`).
 
   The same parameters (``layer_{l}/…``, declared by ``cells.Cell``); ``inputs`` as for
-  :class:`LayerwiseRNN` (tokens are expanded to one-hot rows: cuDNN takes dense inputs).
+  :class:`LayerwiseRNN` (tokens are expanded to one-hot rows: the kernels take dense inputs).
   """
+
+  def stack(self, layers, inputs: Array, h0: Array, c0: Array):
+    """``inputs <float32>[batch, steps, n]`` -> ``(hs <float32>[batch, steps, H], h_n, c_n)``."""
+    raise NotImplementedError
 
   @nn.compact
   def __call__(self, carries, inputs: Array):
@@ -192,28 +196,25 @@ class CudnnLSTM(_Stack):
     layers = [layer.weights for layer in self.layer_cells()]
     spec = cells.cell_spec(self.cell)
     h0, c0 = spec.stacked_state(carries)
-    hs, h_n, c_n = cudnn.lstm_stack(layers, inputs, h0, c0)
+    hs, h_n, c_n = self.stack(layers, inputs, h0, c0)
     return tuple(spec.layer_carries((h_n, c_n))), hs
 
 
-class OnednnLSTM(_Stack):
-  """:data:`DeepRNN` for LSTMs without dropout on the CPU, one oneDNN call per layer and pass
-  (``onednn.lstm_stack``; ``precision="bfloat16"`` is oneDNN's bfloat16 LSTM).
+class CudnnLSTM(_FusedLSTM):
+  """:class:`_FusedLSTM` as one cuDNN call per pass (``cudnn.lstm_stack``)."""
 
-  The same parameters (``layer_{l}/…``, declared by ``cells.Cell``); ``inputs`` as for
-  :class:`LayerwiseRNN` (tokens are expanded to one-hot rows: oneDNN takes dense inputs).
-  """
+  def stack(self, layers, inputs, h0, c0):
+    return cudnn.lstm_stack(layers, inputs, h0, c0)
 
-  @nn.compact
-  def __call__(self, carries, inputs: Array):
-    if inputs.ndim == 2:
-      inputs = jax.nn.one_hot(inputs, self.num_inputs, dtype=jnp.float32)
-    layers = [layer.weights for layer in self.layer_cells()]
-    spec = cells.cell_spec(self.cell)
-    h0, c0 = spec.stacked_state(carries)
+
+class OnednnLSTM(_FusedLSTM):
+  """:class:`_FusedLSTM` on the CPU, one oneDNN call per layer and pass (``onednn.lstm_stack``;
+  ``precision="bfloat16"`` is oneDNN's bfloat16 LSTM)."""
+
+  def stack(self, layers, inputs, h0, c0):
     hs, h_n, c_n = onednn.lstm_stack(layers, _time_major(inputs), h0, c0,
                                      bf16=self.precision == "bfloat16")
-    return tuple(spec.layer_carries((h_n, c_n))), jnp.swapaxes(hs, 0, 1)
+    return jnp.swapaxes(hs, 0, 1), h_n, c_n
 
 
 class RNNLM(nn.Module):
