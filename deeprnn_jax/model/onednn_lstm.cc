@@ -198,7 +198,8 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi:
                     ffi::Result<ffi::AnyBuffer> dw_xh, ffi::Result<ffi::AnyBuffer> dw_hh,
                     ffi::Result<ffi::AnyBuffer> db, int32_t bf16, int32_t threads) {
   Shape s = ShapeOf(x, h0, bf16, threads);
-  const auto& pd = Get(s).bwd_pd;
+  const Primitives& p = Get(s);
+  const auto& pd = p.bwd_pd;
   Descs u = UserDescs(s);
   dnnl::stream stream(Engine());
   Args a(stream);
@@ -223,7 +224,7 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi:
   a.Zeroed(DNNL_ARG_DIFF_WEIGHTS_ITER, pd.diff_weights_iter_desc(), u.w_iter,
            dw_hh->untyped_data());
   a.Zeroed(DNNL_ARG_DIFF_BIAS, pd.diff_bias_desc(), u.bias, db->untyped_data());
-  a.Run(Get(s).bwd, pd.scratchpad_desc());
+  a.Run(p.bwd, pd.scratchpad_desc());
   return ffi::Error::Success();
 }
 
