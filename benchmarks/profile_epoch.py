@@ -10,7 +10,8 @@ time per epoch, with how often each ran per epoch and, for XLA ops, the HLO line
 tracing itself; compare them with each other, not with the untraced epoch time it also prints.
 The batch is split over the CPU cores as the train CLI splits it (``parallel.batch_devices``;
 ``SHARDS=1`` for one device); with a split, the times are summed over the shards.
-``PRECISION=bfloat16`` profiles the model with bfloat16 products.
+``PRECISION=bfloat16`` profiles the model with bfloat16 products; ``IMPL=onednn`` (any ``impl``)
+another implementation than ``layerwise``.
 """
 
 import collections
@@ -44,7 +45,8 @@ def main():
   loader, vocab = data.load_data_time_machine(batch, steps, max_tokens=max_tokens, seed=0)
   Xs, Ys = loader.epoch()
   model = RNNLM(len(vocab), hiddens, layers, cell,
-                precision=os.environ.get("PRECISION", "float32"))
+                precision=os.environ.get("PRECISION", "float32"),
+                impl=os.environ.get("IMPL", "layerwise"))
   opt = training.make_optimizer(LR, CLIP)
   shards = int(os.environ["SHARDS"]) if os.environ.get("SHARDS") else None
   devices = parallel.batch_devices(batch, hiddens, shards)
