@@ -8,11 +8,15 @@
 // the conversions done here. The forward pass writes oneDNN's workspace, which the backward pass
 // reads.
 
+#include <sys/mman.h>
+
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
@@ -105,17 +109,48 @@ const Primitives& Get(const Shape& s) {
   return *cache.emplace(s, std::move(p)).first->second;
 }
 
-uint8_t* Scratch(size_t bytes) {
-  thread_local std::vector<uint8_t> buffer;
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return buffer.data();
-}
+// Memory a call needs besides XLA's buffers (oneDNN's scratchpad, converted copies), kept by
+// each thread from one call to the next: fresh memory is mapped and faulted in page by page on
+// every call, which costs as much as the conversions themselves at the wide layers' sizes. Blocks
+// are 2 MiB-aligned and advised into huge pages.
+class Arena {
+ public:
+  // Starts a call: its blocks are handed out again in the order they are asked for.
+  static Arena& ForCall() {
+    thread_local Arena arena;
+    arena.next_ = 0;
+    return arena;
+  }
+
+  void* Get(size_t bytes) {
+    if (next_ == blocks_.size()) blocks_.push_back({nullptr, 0});
+    Block& b = blocks_[next_++];
+    if (b.bytes < bytes) {
+      std::free(b.data);
+      size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+      b.data = std::aligned_alloc(kHuge, size);
+      if (b.data == nullptr) throw std::bad_alloc();
+      madvise(b.data, size, MADV_HUGEPAGE);
+      b.bytes = size;
+    }
+    return b.data;
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+  static constexpr size_t kHuge = size_t{2} << 20;
+  std::vector<Block> blocks_;
+  size_t next_ = 0;
+};
 
 // Hands a primitive its arguments in the layouts and types it asked for: an XLA buffer itself
 // where they agree, else a converted copy (inputs before the call, outputs after it).
 class Args {
  public:
-  explicit Args(dnnl::stream& stream) : stream_(stream) {}
+  explicit Args(dnnl::stream& stream) : stream_(stream), arena_(Arena::ForCall()) {}
 
   void In(int arg, const memory::desc& want, const memory::desc& have, const void* data) {
     memory user(have, Engine(), const_cast<void*>(data));
@@ -123,7 +158,7 @@ class Args {
       args_[arg] = user;
       return;
     }
-    memory copy(want, Engine());
+    memory copy(want, Engine(), arena_.Get(want.get_size()));
     dnnl::reorder(user, copy).execute(stream_, user, copy);
     args_[arg] = copy;
   }
@@ -134,7 +169,7 @@ class Args {
       args_[arg] = user;
       return;
     }
-    memory copy(want, Engine());
+    memory copy(want, Engine(), arena_.Get(want.get_size()));
     args_[arg] = copy;
     pending_.emplace_back(copy, user);
   }
@@ -146,7 +181,7 @@ class Args {
   }
 
   void Run(const dnnl::primitive& primitive, const memory::desc& scratchpad) {
-    args_[DNNL_ARG_SCRATCHPAD] = memory(scratchpad, Engine(), Scratch(scratchpad.get_size()));
+    args_[DNNL_ARG_SCRATCHPAD] = memory(scratchpad, Engine(), arena_.Get(scratchpad.get_size()));
     primitive.execute(stream_, args_);
     for (auto& [from, to] : pending_) dnnl::reorder(from, to).execute(stream_, from, to);
     stream_.wait();
@@ -154,6 +189,7 @@ class Args {
 
  private:
   dnnl::stream& stream_;
+  Arena& arena_;
   std::unordered_map<int, memory> args_;
   std::vector<std::pair<memory, memory>> pending_;
 };
