@@ -8,7 +8,8 @@ Each measurement is written to ``benchmarks/results/<device>/<measurement>.json`
 ``<device>`` names the hardware, ``--device-name`` overrides it), with the command, the date, the
 commit and the library versions: ``throughput`` (``throughput_autocast`` with
 ``--torch-precision bfloat16``, ``throughput_product_limit`` with ``--product-limit``),
-``generation``, ``full_run`` (``full_run_bfloat16`` with ``--full-run-precision bfloat16``).
+``generation``, ``full_run`` (``full_run_bfloat16`` with ``--full-run-precision bfloat16``,
+``full_run_onednn`` with ``--full-run-impl onednn``).
 ``--out FILE`` writes everything to one file instead.
 ``python benchmarks/report.py`` renders BENCHMARKS.md from the results folder.
 
@@ -617,14 +618,15 @@ print(f"perplexity {r.ppl:.1f}, wall {time.perf_counter() - t0:.1f} s")
 """
 
 
-def bench_full_run(device, out_dir=None, precision="float32") -> dict:
+def bench_full_run(device, out_dir=None, precision="float32", impl="layerwise") -> dict:
   """The train CLI as a user runs it (its predictions every 10 epochs included, compiling from
   scratch: no compilation cache) against TORCH_FULL_RUN, one after the other. Returns
   ``{"runs": [ours], "torch": theirs}``, each with its process wall time, exit code and output."""
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              DEEPRNN_JAX_CACHE="none")
   out_dir = out_dir or tempfile.mkdtemp(prefix="deeprnn_full_run_")
-  flags = ["--precision", precision] if precision != "float32" else []
+  flags = (["--impl", impl] if impl != "layerwise" else []) + \
+      (["--precision", precision] if precision != "float32" else [])
   t = time.perf_counter()
   p = subprocess.run([sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir), *flags],
                      env=env, cwd=ROOT, capture_output=True, text=True)
@@ -661,8 +663,9 @@ def measurement_names(args) -> dict[str, str]:
   if args.generation:
     names["generation"] = "generation"
   if args.full_run:
-    names["full_run"] = "full_run" + (
-        f"_{args.full_run_precision}" if args.full_run_precision != "float32" else "")
+    names["full_run"] = "full_run" + "".join(
+        f"_{v}" for v, default in ((args.full_run_impl, "layerwise"),
+                                   (args.full_run_precision, "float32")) if v != default)
   return names
 
 
@@ -688,6 +691,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--full-run-dir", default=None, help="the CLI run's folder (default: a new one)")
   p.add_argument("--full-run-precision", default="float32", choices=PRECISIONS,
                  help="the train CLI's --precision in the full run (PyTorch's stays float32)")
+  p.add_argument("--full-run-impl", default="layerwise",
+                 help="the train CLI's --impl in the full run")
   p.add_argument("--impl", default="layerwise",
                  help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn, "
                       "onednn, each with an optional :precision (layerwise:bfloat16) and @flags, "
@@ -781,7 +786,8 @@ def main(argv=None) -> int:
           f"{g['eager_loop_s']:.2f} s ({g['speedup_eager']:.0f}x)", flush=True)
     save("generation", g)
   if args.full_run:
-    f = bench_full_run(args.device, args.full_run_dir, args.full_run_precision)
+    f = bench_full_run(args.device, args.full_run_dir, args.full_run_precision,
+                       args.full_run_impl)
     ours, torch = f["runs"][0], f["torch"]
     print(f"full run: ours {ours['wall_s']:.1f}s (rc {ours['rc']}) torch {torch['wall_s']:.1f}s "
           f"(rc {torch['rc']})\n  ours: {ours['tail'][-3:]}\n  torch: {torch['tail']}", flush=True)

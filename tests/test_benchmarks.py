@@ -57,6 +57,10 @@ def test_each_measurement_has_its_results_file():
   assert names(["--repeats", "0", "--generation"]) == {"generation": "generation"}
   assert names(["--repeats", "0", "--full-run", "--full-run-precision", "bfloat16"]) == {
       "full_run": "full_run_bfloat16"}
+  assert names(["--repeats", "0", "--full-run", "--full-run-impl", "onednn"]) == {
+      "full_run": "full_run_onednn"}
+  assert names(["--repeats", "0", "--full-run", "--full-run-impl", "onednn",
+                "--full-run-precision", "bfloat16"]) == {"full_run": "full_run_onednn_bfloat16"}
   assert tb.machine.result_path("cpu-x-2c", "throughput", "r").as_posix() == \
       "r/cpu-x-2c/throughput.json"
 
