@@ -108,7 +108,8 @@ def torch_name(doc: dict) -> str:
   s = doc.get("settings", {})
   name = "PyTorch" + (f", autocast {s['torch_precision']}"
                       if s.get("torch_precision", "float32") != "float32" else "")
-  return name + (f" ({s['torch_threads']} threads)" if s.get("torch_threads") else "")
+  return name + (f" ({s['torch_threads']} threads)" if s.get("torch_threads") else "") + \
+      (", both in huge pages" if s.get("hugepages") else "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 Each measurement is written to ``benchmarks/results/<device>/<measurement>.json`` (``machine.py``:
 ``<device>`` names the hardware, ``--device-name`` overrides it), with the command, the date, the
 commit and the library versions: ``throughput`` (``throughput_autocast`` with
-``--torch-precision bfloat16``, ``throughput_product_limit`` with ``--product-limit``),
+``--torch-precision bfloat16``, ``throughput_product_limit`` with ``--product-limit``,
+``..._hugepages`` with ``--hugepages``),
 ``generation``, ``full_run`` (``full_run_bfloat16`` with ``--full-run-precision bfloat16``,
 ``full_run_onednn`` with ``--full-run-impl onednn``).
 ``--out FILE`` writes everything to one file instead.
@@ -110,6 +111,18 @@ XLA_FLAG_SETS = {
     "onednn-noynn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=",
     "xnn": "--xla_cpu_experimental_xnn_fusion_type=dot",
 }
+
+
+# glibc's tunable that backs malloc's memory with transparent huge pages (madvise), read when a
+# process starts: fewer page faults on memory mapped afresh, which both frameworks' allocations are.
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_hugepages(tunables: str) -> str:
+  """``GLIBC_TUNABLES``' value with :data:`HUGEPAGES_TUNABLE` in place of any other hugetlb
+  setting, the other tunables kept."""
+  kept = [t for t in tunables.split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+  return ":".join([*kept, HUGEPAGES_TUNABLE])
 
 
 def split_impl(impl: str) -> tuple[str, str]:
@@ -423,7 +436,9 @@ def worker(framework: str, config: str, device: str, impl: str) -> None:
   _sync(runner)
   second = time.perf_counter() - t
   print(json.dumps({"ready": True, "setup_s": setup, "first_epoch_s": first,
-                    "compile_s": max(first - second, 0.0), **runner.info()}), flush=True)
+                    "compile_s": max(first - second, 0.0),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), **runner.info()}),
+        flush=True)
   for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["op"] == "run":
@@ -657,6 +672,8 @@ def measurement_names(args) -> dict[str, str]:
     suffix += f"_torch_threads_{args.torch_threads}"
   if args.product_limit:
     suffix += "_product_limit"
+  if args.hugepages:
+    suffix += "_hugepages"
   names = {}
   if args.repeats > 0:
     names["throughput"] = "throughput" + suffix
@@ -701,6 +718,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--product-limit", action="store_true",
                  help="also time the float32 matrix products of a minibatch alone, by XLA and by "
                       "PyTorch, interleaved with the rest: each config's limit, and ours / limit")
+  p.add_argument("--hugepages", action="store_true",
+                 help="every worker, ours and PyTorch's, with glibc's allocations in transparent "
+                      f"huge pages ({HUGEPAGES_TUNABLE} added to GLIBC_TUNABLES; Linux, glibc 2.35 "
+                      "or later, where the kernel's THP mode is madvise or always)")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return p
 
@@ -715,6 +736,8 @@ def main(argv=None) -> int:
   if args.torch_threads:
     os.environ["TORCH_THREADS"] = str(args.torch_threads)
   os.environ["TORCH_PRECISION"] = args.torch_precision
+  if args.hugepages:  # the workers inherit it; this process has started without it
+    os.environ["GLIBC_TUNABLES"] = with_hugepages(os.environ.get("GLIBC_TUNABLES", ""))
   names = [c for c in args.configs.split(",") if c]
   unknown = [c for c in names if c not in CONFIGS]
   if unknown:
@@ -738,7 +761,7 @@ def main(argv=None) -> int:
   settings = {"configs": names, "impls": impls, "repeats": args.repeats, "epochs": args.epochs,
               "product_limit": args.product_limit,
               "torch_threads": args.torch_threads or None,
-              "torch_precision": args.torch_precision}
+              "torch_precision": args.torch_precision, "hugepages": args.hugepages}
   collected = {}
 
   def save(kind, results, complete=True):

@@ -54,6 +54,8 @@ def test_each_measurement_has_its_results_file():
   assert names([]) == {"throughput": "throughput"}
   assert names(["--torch-precision", "bfloat16"]) == {"throughput": "throughput_autocast"}
   assert names(["--product-limit"]) == {"throughput": "throughput_product_limit"}
+  assert names(["--hugepages", "--torch-precision", "bfloat16"]) == {
+      "throughput": "throughput_autocast_hugepages"}
   assert names(["--repeats", "0", "--generation"]) == {"generation": "generation"}
   assert names(["--repeats", "0", "--full-run", "--full-run-precision", "bfloat16"]) == {
       "full_run": "full_run_bfloat16"}
@@ -129,3 +131,10 @@ def test_variants_time_the_split_with_and_without_its_all_reduce(tmp_path):
   assert loss["split:1"] == pytest.approx(loss["res:1"], rel=1e-5)
   if len(os.sched_getaffinity(0)) >= 2:  # the rows split over two devices (16 each)
     assert loss["noreduce:1"] != pytest.approx(loss["res:1"], rel=1e-5)
+
+
+def test_huge_pages_join_the_glibc_tunables_a_user_set():
+  tb = _throughput()
+  assert tb.with_hugepages("") == "glibc.malloc.hugetlb=1"
+  assert tb.with_hugepages("glibc.malloc.trim_threshold=1:glibc.malloc.hugetlb=0") == \
+      "glibc.malloc.trim_threshold=1:glibc.malloc.hugetlb=1"
