@@ -108,8 +108,7 @@ def torch_name(doc: dict) -> str:
   s = doc.get("settings", {})
   name = "PyTorch" + (f", autocast {s['torch_precision']}"
                       if s.get("torch_precision", "float32") != "float32" else "")
-  return name + (f" ({s['torch_threads']} threads)" if s.get("torch_threads") else "") + \
-      (", both in huge pages" if s.get("hugepages") else "")
+  return name + (f" ({s['torch_threads']} threads)" if s.get("torch_threads") else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +182,7 @@ def render_throughput(doc: dict) -> list[str]:
                    for i in limited)])
   repeats = sorted({r["repeats"] for r in rows_in})
   title = f"### `{doc['device']}`: against {torch_name(doc)}" + \
+      (", both in huge pages" if doc.get("settings", {}).get("hugepages") else "") + \
       (" and the float32 product limit" if limited else "")
   out = [title, "", *command_block(doc["command"]), "",
          *table(header, rows, "ll" + "r" * (len(header) - 2)), "",
