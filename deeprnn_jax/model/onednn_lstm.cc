@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
@@ -122,16 +123,21 @@ class Arena {
     return arena;
   }
 
+  ~Arena() {
+    for (Block& b : blocks_) std::free(b.data);
+  }
+
   void* Get(size_t bytes) {
     if (next_ == blocks_.size()) blocks_.push_back({nullptr, 0});
     Block& b = blocks_[next_++];
     if (b.bytes < bytes) {
       std::free(b.data);
+      b = {nullptr, 0};
       size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-      b.data = std::aligned_alloc(kHuge, size);
-      if (b.data == nullptr) throw std::bad_alloc();
-      madvise(b.data, size, MADV_HUGEPAGE);
-      b.bytes = size;
+      void* data = std::aligned_alloc(kHuge, size);
+      if (data == nullptr) throw std::bad_alloc();
+      madvise(data, size, MADV_HUGEPAGE);
+      b = {data, size};
     }
     return b.data;
   }
@@ -174,6 +180,18 @@ class Args {
     pending_.emplace_back(copy, user);
   }
 
+  // The arguments both passes take: x, h0, c0, W_xh, W_hh, b.
+  template <typename PrimitiveDesc>
+  void Inputs(const PrimitiveDesc& pd, const Descs& u, ffi::AnyBuffer x, ffi::AnyBuffer h0,
+              ffi::AnyBuffer c0, ffi::AnyBuffer w_xh, ffi::AnyBuffer w_hh, ffi::AnyBuffer b) {
+    In(DNNL_ARG_SRC_LAYER, pd.src_layer_desc(), u.x, x.untyped_data());
+    In(DNNL_ARG_SRC_ITER, pd.src_iter_desc(), u.h, h0.untyped_data());
+    In(DNNL_ARG_SRC_ITER_C, pd.src_iter_c_desc(), u.c, c0.untyped_data());
+    In(DNNL_ARG_WEIGHTS_LAYER, pd.weights_layer_desc(), u.w_layer, w_xh.untyped_data());
+    In(DNNL_ARG_WEIGHTS_ITER, pd.weights_iter_desc(), u.w_iter, w_hh.untyped_data());
+    In(DNNL_ARG_BIAS, pd.bias_desc(), u.bias, b.untyped_data());
+  }
+
   // A zero-filled output (the backward primitive accumulates into its weight gradients).
   void Zeroed(int arg, const memory::desc& want, const memory::desc& have, void* data) {
     Out(arg, want, have, data);
@@ -194,6 +212,19 @@ class Args {
   std::vector<std::pair<memory, memory>> pending_;
 };
 
+// Runs a call's body (which returns the call's ffi::Error), turning oneDNN's errors and a failed allocation into the call's error (an
+// exception must not cross into XLA).
+template <typename Body>
+ffi::Error Guarded(Body body) {
+  try {
+    return body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn lstm: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("onednn lstm: out of memory");
+  }
+}
+
 Shape ShapeOf(ffi::AnyBuffer x, ffi::AnyBuffer h0, int32_t bf16, int32_t threads) {
   auto xd = x.dimensions();
   return {xd[0], xd[1], xd[2], h0.dimensions()[1], bf16 != 0, threads};
@@ -205,25 +236,22 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::
                    ffi::Result<ffi::AnyBuffer> workspace, int32_t bf16,
                    int32_t threads) {
   Shape s = ShapeOf(x, h0, bf16, threads);
-  const Primitives& p = Get(s);
-  const auto& pd = p.fwd_pd;
-  if (workspace->size_bytes() != pd.workspace_desc().get_size())
-    return ffi::Error::InvalidArgument("onednn lstm: workspace size mismatch");
-  Descs u = UserDescs(s);
-  dnnl::stream stream(Engine());
-  Args a(stream);
-  a.In(DNNL_ARG_SRC_LAYER, pd.src_layer_desc(), u.x, x.untyped_data());
-  a.In(DNNL_ARG_SRC_ITER, pd.src_iter_desc(), u.h, h0.untyped_data());
-  a.In(DNNL_ARG_SRC_ITER_C, pd.src_iter_c_desc(), u.c, c0.untyped_data());
-  a.In(DNNL_ARG_WEIGHTS_LAYER, pd.weights_layer_desc(), u.w_layer, w_xh.untyped_data());
-  a.In(DNNL_ARG_WEIGHTS_ITER, pd.weights_iter_desc(), u.w_iter, w_hh.untyped_data());
-  a.In(DNNL_ARG_BIAS, pd.bias_desc(), u.bias, b.untyped_data());
-  a.Out(DNNL_ARG_DST_LAYER, pd.dst_layer_desc(), u.y, y->untyped_data());
-  a.Out(DNNL_ARG_DST_ITER, pd.dst_iter_desc(), u.h, hT->untyped_data());
-  a.Out(DNNL_ARG_DST_ITER_C, pd.dst_iter_c_desc(), u.c, cT->untyped_data());
-  a.Out(DNNL_ARG_WORKSPACE, pd.workspace_desc(), pd.workspace_desc(), workspace->untyped_data());
-  a.Run(p.fwd, pd.scratchpad_desc());
-  return ffi::Error::Success();
+  return Guarded([&] {
+    const Primitives& p = Get(s);
+    const auto& pd = p.fwd_pd;
+    if (workspace->size_bytes() != pd.workspace_desc().get_size())
+      return ffi::Error::InvalidArgument("onednn lstm: workspace size mismatch");
+    Descs u = UserDescs(s);
+    dnnl::stream stream(Engine());
+    Args a(stream);
+    a.Inputs(pd, u, x, h0, c0, w_xh, w_hh, b);
+    a.Out(DNNL_ARG_DST_LAYER, pd.dst_layer_desc(), u.y, y->untyped_data());
+    a.Out(DNNL_ARG_DST_ITER, pd.dst_iter_desc(), u.h, hT->untyped_data());
+    a.Out(DNNL_ARG_DST_ITER_C, pd.dst_iter_c_desc(), u.c, cT->untyped_data());
+    a.Out(DNNL_ARG_WORKSPACE, pd.workspace_desc(), pd.workspace_desc(), workspace->untyped_data());
+    a.Run(p.fwd, pd.scratchpad_desc());
+    return ffi::Error::Success();
+  });
 }
 
 ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer w_xh,
@@ -234,34 +262,31 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi:
                     ffi::Result<ffi::AnyBuffer> dw_xh, ffi::Result<ffi::AnyBuffer> dw_hh,
                     ffi::Result<ffi::AnyBuffer> db, int32_t bf16, int32_t threads) {
   Shape s = ShapeOf(x, h0, bf16, threads);
-  const Primitives& p = Get(s);
-  const auto& pd = p.bwd_pd;
-  Descs u = UserDescs(s);
-  dnnl::stream stream(Engine());
-  Args a(stream);
-  a.In(DNNL_ARG_SRC_LAYER, pd.src_layer_desc(), u.x, x.untyped_data());
-  a.In(DNNL_ARG_SRC_ITER, pd.src_iter_desc(), u.h, h0.untyped_data());
-  a.In(DNNL_ARG_SRC_ITER_C, pd.src_iter_c_desc(), u.c, c0.untyped_data());
-  a.In(DNNL_ARG_WEIGHTS_LAYER, pd.weights_layer_desc(), u.w_layer, w_xh.untyped_data());
-  a.In(DNNL_ARG_WEIGHTS_ITER, pd.weights_iter_desc(), u.w_iter, w_hh.untyped_data());
-  a.In(DNNL_ARG_BIAS, pd.bias_desc(), u.bias, b.untyped_data());
-  a.In(DNNL_ARG_DST_LAYER, pd.dst_layer_desc(), u.y, y.untyped_data());
-  a.In(DNNL_ARG_DST_ITER, pd.dst_iter_desc(), u.h, hT.untyped_data());
-  a.In(DNNL_ARG_DST_ITER_C, pd.dst_iter_c_desc(), u.c, cT.untyped_data());
-  a.In(DNNL_ARG_WORKSPACE, pd.workspace_desc(), pd.workspace_desc(), workspace.untyped_data());
-  a.In(DNNL_ARG_DIFF_DST_LAYER, pd.diff_dst_layer_desc(), u.y, dy.untyped_data());
-  a.In(DNNL_ARG_DIFF_DST_ITER, pd.diff_dst_iter_desc(), u.h, dhT.untyped_data());
-  a.In(DNNL_ARG_DIFF_DST_ITER_C, pd.diff_dst_iter_c_desc(), u.c, dcT.untyped_data());
-  a.Out(DNNL_ARG_DIFF_SRC_LAYER, pd.diff_src_layer_desc(), u.x, dx->untyped_data());
-  a.Out(DNNL_ARG_DIFF_SRC_ITER, pd.diff_src_iter_desc(), u.h, dh0->untyped_data());
-  a.Out(DNNL_ARG_DIFF_SRC_ITER_C, pd.diff_src_iter_c_desc(), u.c, dc0->untyped_data());
-  a.Zeroed(DNNL_ARG_DIFF_WEIGHTS_LAYER, pd.diff_weights_layer_desc(), u.w_layer,
-           dw_xh->untyped_data());
-  a.Zeroed(DNNL_ARG_DIFF_WEIGHTS_ITER, pd.diff_weights_iter_desc(), u.w_iter,
-           dw_hh->untyped_data());
-  a.Zeroed(DNNL_ARG_DIFF_BIAS, pd.diff_bias_desc(), u.bias, db->untyped_data());
-  a.Run(p.bwd, pd.scratchpad_desc());
-  return ffi::Error::Success();
+  return Guarded([&] {
+    const Primitives& p = Get(s);
+    const auto& pd = p.bwd_pd;
+    Descs u = UserDescs(s);
+    dnnl::stream stream(Engine());
+    Args a(stream);
+    a.Inputs(pd, u, x, h0, c0, w_xh, w_hh, b);
+    a.In(DNNL_ARG_DST_LAYER, pd.dst_layer_desc(), u.y, y.untyped_data());
+    a.In(DNNL_ARG_DST_ITER, pd.dst_iter_desc(), u.h, hT.untyped_data());
+    a.In(DNNL_ARG_DST_ITER_C, pd.dst_iter_c_desc(), u.c, cT.untyped_data());
+    a.In(DNNL_ARG_WORKSPACE, pd.workspace_desc(), pd.workspace_desc(), workspace.untyped_data());
+    a.In(DNNL_ARG_DIFF_DST_LAYER, pd.diff_dst_layer_desc(), u.y, dy.untyped_data());
+    a.In(DNNL_ARG_DIFF_DST_ITER, pd.diff_dst_iter_desc(), u.h, dhT.untyped_data());
+    a.In(DNNL_ARG_DIFF_DST_ITER_C, pd.diff_dst_iter_c_desc(), u.c, dcT.untyped_data());
+    a.Out(DNNL_ARG_DIFF_SRC_LAYER, pd.diff_src_layer_desc(), u.x, dx->untyped_data());
+    a.Out(DNNL_ARG_DIFF_SRC_ITER, pd.diff_src_iter_desc(), u.h, dh0->untyped_data());
+    a.Out(DNNL_ARG_DIFF_SRC_ITER_C, pd.diff_src_iter_c_desc(), u.c, dc0->untyped_data());
+    a.Zeroed(DNNL_ARG_DIFF_WEIGHTS_LAYER, pd.diff_weights_layer_desc(), u.w_layer,
+             dw_xh->untyped_data());
+    a.Zeroed(DNNL_ARG_DIFF_WEIGHTS_ITER, pd.diff_weights_iter_desc(), u.w_iter,
+             dw_hh->untyped_data());
+    a.Zeroed(DNNL_ARG_DIFF_BIAS, pd.diff_bias_desc(), u.bias, db->untyped_data());
+    a.Run(p.bwd, pd.scratchpad_desc());
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
