@@ -73,6 +73,8 @@ GPU_EPOCHS = {"seed": 20, "gru": 20, "rnn": 20, "deep": 20, "wide": 2, "big-batc
 LR, CLIP = 2.0, 1.0
 LOG_EVERY = 10  # the train CLI's --log-every: where it reads the parameters back
 PRECISIONS = ("float32", "bfloat16")  # deeprnn_jax.model.recurrence.PRECISIONS
+# The train CLI's flags a full run may change, with their defaults (TrainConfig's).
+FULL_RUN_FLAGS = {"impl": "layerwise", "precision": "float32"}
 
 
 def _data_env():
@@ -640,8 +642,8 @@ def bench_full_run(device, out_dir=None, precision="float32", impl="layerwise") 
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              DEEPRNN_JAX_CACHE="none")
   out_dir = out_dir or tempfile.mkdtemp(prefix="deeprnn_full_run_")
-  flags = (["--impl", impl] if impl != "layerwise" else []) + \
-      (["--precision", precision] if precision != "float32" else [])
+  chosen = {"impl": impl, "precision": precision}
+  flags = [a for k, v in chosen.items() if v != FULL_RUN_FLAGS[k] for a in (f"--{k}", v)]
   t = time.perf_counter()
   p = subprocess.run([sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir), *flags],
                      env=env, cwd=ROOT, capture_output=True, text=True)
@@ -681,8 +683,8 @@ def measurement_names(args) -> dict[str, str]:
     names["generation"] = "generation"
   if args.full_run:
     names["full_run"] = "full_run" + "".join(
-        f"_{v}" for v, default in ((args.full_run_impl, "layerwise"),
-                                   (args.full_run_precision, "float32")) if v != default)
+        f"_{v}" for k, v in (("impl", args.full_run_impl), ("precision", args.full_run_precision))
+        if v != FULL_RUN_FLAGS[k])
   return names
 
 
@@ -706,9 +708,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--generation", action="store_true", help="also the generation benchmark")
   p.add_argument("--full-run", action="store_true", help="also the 500-epoch chapter run")
   p.add_argument("--full-run-dir", default=None, help="the CLI run's folder (default: a new one)")
-  p.add_argument("--full-run-precision", default="float32", choices=PRECISIONS,
+  p.add_argument("--full-run-precision", default=FULL_RUN_FLAGS["precision"], choices=PRECISIONS,
                  help="the train CLI's --precision in the full run (PyTorch's stays float32)")
-  p.add_argument("--full-run-impl", default="layerwise",
+  p.add_argument("--full-run-impl", default=FULL_RUN_FLAGS["impl"],
                  help="the train CLI's --impl in the full run")
   p.add_argument("--impl", default="layerwise",
                  help="our implementation(s), comma-separated: layerwise, scan, wavefront, cudnn, "

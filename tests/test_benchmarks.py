@@ -23,6 +23,7 @@ def _throughput():
 def test_throughput_benchmark_runs_the_cli_defaults():
   tb, d = _throughput(), TrainConfig()
   assert (tb.LR, tb.CLIP, tb.LOG_EVERY) == (d.lr, d.clip, RunOptions().log_every)
+  assert tb.FULL_RUN_FLAGS == {"impl": d.impl, "precision": d.precision}
   cell, layers, hiddens, batch, steps, max_tokens, _ = tb.CONFIGS["seed"]
   assert (cell, layers, hiddens, batch, steps, max_tokens) == (
       d.cell, d.num_layers, d.num_hiddens, d.batch_size, d.num_steps, d.max_tokens)

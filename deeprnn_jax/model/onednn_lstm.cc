@@ -212,8 +212,8 @@ class Args {
   std::vector<std::pair<memory, memory>> pending_;
 };
 
-// Runs a call's body (which returns the call's ffi::Error), turning oneDNN's errors and a failed allocation into the call's error (an
-// exception must not cross into XLA).
+// Runs a call's body (which returns the call's ffi::Error); oneDNN's errors and a failed
+// allocation become the call's error, since an exception must not cross into XLA.
 template <typename Body>
 ffi::Error Guarded(Body body) {
   try {
