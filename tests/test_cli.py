@@ -129,6 +129,7 @@ def test_divergence_exits_3_and_keeps_last_good_checkpoint_and_metrics(tmp_path,
                               "--checkpoint-every", "1"], capsys)
   assert code == 3
   assert "non-finite loss at epoch 3" in err and len(err.strip().splitlines()) == 1
+  assert f"metrics of the epochs before are in {run / 'metrics.jsonl'}" in err
   assert checkpoint.checkpoint_path(run).read_bytes() == before
   rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in rows] == [1, 2]

@@ -451,6 +451,7 @@ def test_an_overflowing_perplexity_is_divergence_and_the_folder_restarts(lr, tmp
   assert len(err.strip().splitlines()) == 1 and "diverged" in err and "--lr" in err
   assert not checkpoint.checkpoint_files(run)
   assert "no checkpoint had been saved" in err
+  assert "metrics of the epochs before" not in err  # it diverged in its first epoch
   assert_strict_json_files(run)
   # Not a dead end: --resume starts it again from epoch 0, here with a sane rate.
   code, _, err = in_process(["--resume", "--out", run, "--lr", "1", "--quiet"], capsys)

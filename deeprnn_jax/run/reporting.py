@@ -121,10 +121,11 @@ class Report:
 
   def failure(self, measured: Measured, saver: Saver) -> Exception:
     """The error that a divergence (``measured.problem``) ends the run with."""
+    earlier = (f"; metrics of the epochs before are in {saver.folder.metrics_path}"
+               if measured.epoch > 1 else "")
     return Diverged(f"{measured.problem}: the run diverged (try a lower --lr than "
                     f"{self.config.lr:g}, or a lower --clip than {self.config.clip:g}); "
-                    f"{saver.kept()}; metrics of the epochs before are in "
-                    f"{saver.folder.metrics_path}")
+                    f"{saver.kept()}{earlier}")
 
   def validation(self) -> tuple[list[float | None], object]:
     """The epoch's validation perplexity of each model (``None``: not validated), and the
