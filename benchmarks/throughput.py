@@ -77,6 +77,13 @@ PRECISIONS = ("float32", "bfloat16")  # deeprnn_jax.model.recurrence.PRECISIONS
 FULL_RUN_FLAGS = {"impl": "layerwise", "precision": "float32"}
 
 
+def full_run_changes(impl: str, precision: str) -> dict[str, str]:
+  """The full run's flags that differ from :data:`FULL_RUN_FLAGS`, in its order: both the CLI's
+  flags and the results file's name."""
+  chosen = {"impl": impl, "precision": precision}
+  return {k: chosen[k] for k, default in FULL_RUN_FLAGS.items() if chosen[k] != default}
+
+
 def _data_env():
   if "DEEPRNN_JAX_DATA" not in os.environ:
     for cand in (ROOT / "shared" / "data", ROOT.parent / "shared" / "data"):
@@ -642,8 +649,7 @@ def bench_full_run(device, out_dir=None, precision="float32", impl="layerwise") 
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              DEEPRNN_JAX_CACHE="none")
   out_dir = out_dir or tempfile.mkdtemp(prefix="deeprnn_full_run_")
-  chosen = {"impl": impl, "precision": precision}
-  flags = [a for k, v in chosen.items() if v != FULL_RUN_FLAGS[k] for a in (f"--{k}", v)]
+  flags = [a for k, v in full_run_changes(impl, precision).items() for a in (f"--{k}", v)]
   t = time.perf_counter()
   p = subprocess.run([sys.executable, "-m", "deeprnn_jax.train", "--out", str(out_dir), *flags],
                      env=env, cwd=ROOT, capture_output=True, text=True)
@@ -683,8 +689,7 @@ def measurement_names(args) -> dict[str, str]:
     names["generation"] = "generation"
   if args.full_run:
     names["full_run"] = "full_run" + "".join(
-        f"_{v}" for k, v in (("impl", args.full_run_impl), ("precision", args.full_run_precision))
-        if v != FULL_RUN_FLAGS[k])
+        f"_{v}" for v in full_run_changes(args.full_run_impl, args.full_run_precision).values())
   return names
 
 
