@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -212,16 +213,16 @@ class Args {
   std::vector<std::pair<memory, memory>> pending_;
 };
 
-// Runs a call's body (which returns the call's ffi::Error); oneDNN's errors and a failed
-// allocation become the call's error, since an exception must not cross into XLA.
+// Runs a call's body (which returns the call's ffi::Error); any exception (oneDNN's errors, a
+// failed allocation) becomes the call's error, since an exception must not cross into XLA.
 template <typename Body>
 ffi::Error Guarded(Body body) {
   try {
     return body();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("onednn lstm: ") + e.what());
   } catch (const std::bad_alloc&) {
     return ffi::Error::Internal("onednn lstm: out of memory");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn lstm: ") + e.what());
   }
 }
 
